@@ -1,0 +1,102 @@
+"""Build both stages from a config and load them from checkpoints (official or ours).
+
+Stage configs are the ``stage1`` / ``stage2`` sections of a config (see
+``dsrdmpd.config.DEFAULTS``). When a loader is given no config, the model sizes are read
+off the checkpoint itself.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from .checkpoints import (PROJECT_FORMAT, STAGE2_CHECKED_BUFFERS, STAGE2_DROPPED_BUFFERS, CheckpointError,
+                          PathLike, check_stage2_buffers, is_project_checkpoint, load_into, read_checkpoint,
+                          save_atomic, stage_state_dict)
+from .config import DEFAULTS
+from .diffusion import ResidualDiffusion
+from .models import MCESSUNet, ResidualDiffusionUNet
+
+
+def build_stage1(cfg: Optional[Dict[str, Any]] = None) -> MCESSUNet:
+    cfg = {**DEFAULTS["stage1"], **(cfg or {})}
+    return MCESSUNet(dim=int(cfg["dim"]))
+
+
+def build_stage2(cfg: Optional[Dict[str, Any]] = None) -> ResidualDiffusion:
+    cfg = {**DEFAULTS["stage2"], **(cfg or {})}
+    net = ResidualDiffusionUNet(int(cfg["dim"]), tuple(int(m) for m in cfg["dim_mults"]),
+                                bool(cfg["perceptual_decoder"]))
+    return ResidualDiffusion(net, int(cfg["timesteps"]), int(cfg["sampling_timesteps"]), cfg["objective"],
+                             float(cfg["sum_scale"]))
+
+
+def infer_stage1_config(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Read the stage-1 width off a project-key state dict."""
+    try:
+        return {"dim": int(sd["encoder.0.conv1.weight"].shape[0])}
+    except KeyError:
+        raise CheckpointError("cannot infer the stage-1 width: no 'Conv1.conv1.weight' / 'encoder.0.conv1.weight'") from None
+
+
+def infer_stage2_config(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Read dim, dim_mults, the decoder variant (and, for official files, T and sum_scale)
+    off a project-key state dict."""
+    try:
+        dim = int(sd["stem.weight"].shape[0])
+        levels = sorted({int(k.split(".")[1]) for k in sd if k.startswith("encoder.")})
+        mults = [int(sd[f"encoder.{i}.down.conv.weight"].shape[0]) // dim for i in levels]
+    except KeyError as exc:
+        raise CheckpointError(f"cannot infer the stage-2 sizes from the checkpoint (no {exc})") from None
+    cfg = {"dim": dim, "dim_mults": mults,
+           "perceptual_decoder": any(k.startswith("residual_decoder.fusions.") for k in sd)}
+    if "betas2" in sd:   # official file: T and sum_scale from its schedule (betas2 sums to sum_scale)
+        cfg["timesteps"] = int(sd["betas2"].shape[0])
+        cfg["sum_scale"] = round(float(sd["betas2"].double().sum()), 6)
+    return cfg
+
+
+def _split_buffers(sd: Dict[str, torch.Tensor]):
+    buffers = {k: sd[k] for k in STAGE2_CHECKED_BUFFERS + STAGE2_DROPPED_BUFFERS if k in sd}
+    weights = {k: v for k, v in sd.items() if k not in buffers}
+    return weights, buffers
+
+
+def load_stage1(path: PathLike, cfg: Optional[Dict[str, Any]] = None, weights: str = "model") -> MCESSUNet:
+    """Stage 1 from an official ``.pth`` (plain state dict, float16 allowed) or a project
+    checkpoint; returned in eval mode on the CPU."""
+    obj = read_checkpoint(path)
+    sd = stage_state_dict(obj, 1, path, weights)
+    if cfg is None:
+        cfg = obj["config"]["stage1"] if is_project_checkpoint(obj) else infer_stage1_config(sd)
+    model = build_stage1(cfg)
+    load_into(model, sd, str(path))
+    return model.eval()
+
+
+def load_stage2(path: PathLike, cfg: Optional[Dict[str, Any]] = None, weights: str = "model") -> ResidualDiffusion:
+    """Stage 2 from an official ``model-N.pt`` ({'model': ResidualDiffusion state, ...}) or
+    a project checkpoint; ``weights`` = 'model' (raw, as the paper's test script) or 'ema'."""
+    obj = read_checkpoint(path)
+    sd = stage_state_dict(obj, 2, path, weights)
+    net_sd, buffers = _split_buffers(sd)
+    if cfg is None:
+        cfg = obj["config"]["stage2"] if is_project_checkpoint(obj) else infer_stage2_config(sd)
+    model = build_stage2(cfg)
+    check_stage2_buffers(buffers, model.schedule, str(path))
+    load_into(model.net, net_sd, str(path))
+    return model.eval()
+
+
+def stage_checkpoint(stage: int, model_state: Dict[str, torch.Tensor], config: Dict[str, Any],
+                     ema_state: Optional[Dict[str, torch.Tensor]] = None, **extra) -> Dict[str, Any]:
+    """A project checkpoint: {'format', 'stage', 'config', 'model', 'ema', ...extra}."""
+    return {"format": PROJECT_FORMAT, "version": 1, "stage": stage, "config": config,
+            "model": model_state, "ema": ema_state, **extra}
+
+
+def save_stage(model: torch.nn.Module, path: PathLike, stage: int, config: Dict[str, Any], **extra) -> None:
+    """Save a model (stage 1: MCESSUNet; stage 2: ResidualDiffusion or its net) atomically."""
+    net = model.net if stage == 2 and hasattr(model, "net") else model
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    save_atomic(stage_checkpoint(stage, state, config, **extra), path)

@@ -1,0 +1,228 @@
+"""Loading the authors' checkpoints and saving / loading the project's own.
+
+Official files use the attribute names of the authors' classes (``U_Net``,
+``ResidualDiffusion(UnetRes)``); :func:`official_to_project_keys` maps them onto this
+package's module names with an ordered list of regular-expression rules, one table per
+stage. Official stage-2 files also carry coefficient buffers: those the sampler uses
+are checked against the configured schedule, the rest (posterior terms of the
+1000-step ancestral sampler, never used by the 5-step sampler) are dropped by name.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Tuple, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+Rule = Tuple[str, Union[str, Callable[[re.Match], str]]]
+
+# ---------------------------------------------------------------- stage 1 key rules
+STAGE1_RULES: List[Rule] = [
+    (r"^Conv(\d)\.", lambda m: f"encoder.{int(m[1]) - 1}."),
+    (r"^neck\.MLP_A\.", "bottleneck.mlp_a."),
+    (r"^neck\.MLP_T\.", "bottleneck.mlp_t."),
+    (r"^neck\.", "bottleneck."),
+    (r"^Up(\d)\.up\.1\.", lambda m: f"decoder.{5 - int(m[1])}.up.conv."),
+    (r"^Up(\d)\.up\.2\.", lambda m: f"decoder.{5 - int(m[1])}.up.bn."),
+    (r"^Up_conv(\d)\.", lambda m: f"decoder.{5 - int(m[1])}.block."),
+    (r"^eff(\d)\.", lambda m: f"decoder.{int(m[1]) - 1}.ess."),
+    (r"^adjust_channel(\d)\.", lambda m: f"decoder.{4 - int(m[1])}.skip_proj."),
+    (r"^Final_conv\.", "head."),
+    # inside MSCA blocks
+    (r"\.attention\.inc\.", ".attention.msm."),
+    (r"\.attention\.adjust_channel\.", ".attention.fuse."),
+    (r"\.attention\.cam\.module\.2\.", ".attention.channel_gate.fc1."),
+    (r"\.attention\.cam\.module\.4\.", ".attention.channel_gate.fc2."),
+    (r"\.residual_conv\.", ".shortcut."),
+    # inside ESS
+    (r"\.ess\.EAG\.grouped_conv_g\.", ".ess.gate.skip_branch."),
+    (r"\.ess\.EAG\.grouped_conv_x\.", ".ess.gate.up_branch."),
+    (r"\.ess\.EAG\.psi\.", ".ess.gate.psi."),
+    (r"\.ess\.ECA\.", ".ess.eca."),
+    (r"\.ess\.SE\.cSE\.", ".ess.scse.cse."),
+    (r"\.ess\.SE\.sSE\.", ".ess.scse.sse."),
+    (r"\.ess\.SE\.residual\.", ".ess.scse.residual."),
+    (r"\.ess\.SA\.", ".ess.spatial."),
+]
+
+# ---------------------------------------------------------------- stage 2 key rules
+STAGE2_RULES: List[Rule] = [
+    (r"^model\.", ""),
+    (r"^init_conv\.", "stem."),
+    (r"^time_mlp\.1\.", "time_embed.fc1."),
+    (r"^time_mlp\.3\.", "time_embed.fc2."),
+    (r"^mid_block1\.", "middle.res1."),
+    (r"^mid_block2\.", "middle.res2."),
+    (r"^mid_attn\.", "middle.attn."),
+    (r"^final_res_block_1\.", "residual_decoder.final_block."),
+    (r"^final_conv_1\.", "residual_decoder.head."),
+    (r"^final_res_block_2\.", "noise_decoder.final_block."),
+    (r"^final_conv_2\.", "noise_decoder.head."),
+    (r"^cff_layers_no_skip\.", "residual_decoder.fusions."),
+    (r"^cff_layers\.", "noise_decoder.fusions."),
+    (r"^downs\.(\d+)\.", r"encoder.\1.L"),
+    (r"^ups_no_skip\.(\d+)\.", r"residual_decoder.levels.\1.L"),
+    (r"^ups\.(\d+)\.", r"noise_decoder.levels.\1.L"),
+    # level members (marked with the 'L' prefix above)
+    (r"\.L0\.", ".res1."),
+    (r"\.L1\.", ".res2."),
+    (r"\.L2\.", ".attn."),
+    (r"\.L3\.(1\.)?", lambda m: ".down.conv." if m.string.startswith("encoder") else ".up.conv."),
+    # wrappers and block internals
+    (r"\.attn\.fn\.fn\.", ".attn.fn."),
+    (r"\.attn\.fn\.norm\.", ".attn.norm."),
+    (r"\.fn\.to_out\.0\.", ".fn.to_out."),
+    (r"\.fn\.to_out\.1\.", ".fn.out_norm."),
+    (r"\.mlp\.1\.", ".time_proj."),
+    (r"\.res_conv\.", ".shortcut."),
+    (r"\.feature_conv\.", ".coarse_encoder."),
+    (r"\.condition_conv\.", ".hazy_encoder."),
+    (r"\.mul_conv", ".gate_conv"),
+    (r"\.add_conv", ".shift_conv"),
+]
+
+# Official ResidualDiffusion buffers: checked against the schedule, then dropped.
+STAGE2_CHECKED_BUFFERS = ("alphas_cumsum", "betas2_cumsum", "betas_cumsum")
+# Official buffers the 5-step sampler never reads (posterior terms of the ancestral sampler).
+STAGE2_DROPPED_BUFFERS = ("alphas", "one_minus_alphas_cumsum", "betas2", "betas", "posterior_mean_coef1",
+                          "posterior_mean_coef2", "posterior_mean_coef3", "posterior_variance",
+                          "posterior_log_variance_clipped")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the file and keys."""
+
+
+def rename_key(key: str, rules: Iterable[Rule]) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def official_to_project_keys(state: Mapping[str, torch.Tensor], stage: int) -> Dict[str, torch.Tensor]:
+    """Map an official state dict (stage 1: ``U_Net``; stage 2: ``ResidualDiffusion``)
+    onto project key names. Stage-2 coefficient buffers are left under their own names."""
+    rules = STAGE1_RULES if stage == 1 else STAGE2_RULES
+    buffers = set(STAGE2_CHECKED_BUFFERS + STAGE2_DROPPED_BUFFERS) if stage == 2 else set()
+    out = {}
+    for k, v in state.items():
+        out[k if k in buffers else rename_key(k, rules)] = v
+    return out
+
+
+def _describe(keys: Iterable[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    text = ", ".join(keys[:limit])
+    return text + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "<state dict>") -> None:
+    """Strictly load ``state`` (project key names) into ``model``, casting floating tensors to
+    the model's dtype (float16 files are fine). Raises CheckpointError listing missing,
+    unexpected and wrong-shape keys."""
+    own = model.state_dict()
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    wrong = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+             for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"checkpoint {source} does not fit {type(model).__name__}:"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_describe(unexpected)}")
+        if wrong:
+            parts.append(f"wrong-shape keys ({len(wrong)}): {_describe(wrong)}")
+        parts.append("check the model size settings (dim, dim_mults, perceptual_decoder) against the file")
+        raise CheckpointError("\n  ".join(parts))
+    cast = {k: (v.to(own[k].dtype) if v.is_floating_point() or own[k].is_floating_point() else v)
+            for k, v in state.items()}
+    model.load_state_dict(cast, strict=True)
+
+
+def check_stage2_buffers(state: Mapping[str, torch.Tensor], schedule, source: str) -> None:
+    """Compare an official file's schedule buffers with ours (catches timesteps / sum_scale mismatches)."""
+    for name, ours in schedule.official_buffers().items():
+        if name not in state:
+            continue
+        theirs = state[name].float()
+        if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-5, atol=1e-7):
+            raise CheckpointError(
+                f"checkpoint {source}: buffer {name!r} does not match the configured schedule "
+                f"(timesteps={schedule.timesteps}, sum_scale={schedule.sum_scale}); check the stage-2 config")
+
+
+def read_checkpoint(path: PathLike) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+
+
+PROJECT_FORMAT = "dsrdmpd"
+
+
+def is_project_checkpoint(obj: object) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == PROJECT_FORMAT
+
+
+def save_atomic(obj: object, path: PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``:
+    a crash never leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def stage_state_dict(obj: object, stage: int, path: PathLike, weights: str = "model") -> Dict[str, torch.Tensor]:
+    """Extract a project-key state dict for ``stage`` from any supported checkpoint object.
+
+    Accepted: project checkpoints (``weights`` = 'model' or 'ema'), official stage-1 plain
+    state dicts, official stage-2 ``{'model': ..., 'ema': ...}`` files, and bare state dicts
+    of either naming.
+    """
+    if is_project_checkpoint(obj):
+        if obj.get("stage") != stage:
+            raise CheckpointError(f"checkpoint {path} holds stage {obj.get('stage')}, expected stage {stage}")
+        key = "ema" if weights == "ema" else "model"
+        if obj.get(key) is None:
+            raise CheckpointError(f"checkpoint {path} has no {key!r} weights")
+        return dict(obj[key])
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} is a {type(obj).__name__}, not a state dict")
+    if stage == 2 and "model" in obj and isinstance(obj["model"], dict):
+        if weights == "ema":
+            ema = obj.get("ema")
+            if not isinstance(ema, dict):
+                raise CheckpointError(f"checkpoint {path} has no 'ema' entry")
+            # ema-pytorch state: 'ema_model.<ResidualDiffusion keys>' (+ 'online_model.*', counters)
+            sd = {k[len("ema_model."):]: v for k, v in ema.items() if k.startswith("ema_model.")}
+        else:
+            sd = obj["model"]
+    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        sd = obj["state_dict"]
+    else:
+        sd = obj
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is not a state dict (non-tensor entries: {_describe(bad)})")
+    return official_to_project_keys(sd, stage)

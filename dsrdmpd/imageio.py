@@ -1,0 +1,126 @@
+"""Reading and writing images with clear errors.
+
+Images are returned as float32 tensors (3, H, W) in [0, 1]. Accepted: PNG, JPEG, TIFF,
+BMP; 8-bit or 16-bit; RGB, grayscale (replicated to 3 channels), RGBA / LA (alpha
+dropped), palette (converted to RGB). Every conversion is documented here and every
+failure names the file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class LoadedImage:
+    tensor: torch.Tensor     # (3, H, W) float32 in [0, 1]
+    bit_depth: int           # 8 or 16: what the file held, used to write results back alike
+    path: Path
+
+
+def _to_rgb_array(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] in (1, 2):          # gray / gray + alpha
+        arr = np.repeat(arr[:, :, :1], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 4:               # RGBA: alpha dropped
+        arr = arr[:, :, :3]
+    elif arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):   # planar TIFF
+        arr = np.moveaxis(arr[:3], 0, 2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageReadError(f"{path}: unsupported image layout {arr.shape} (need an RGB or grayscale image)")
+    return arr
+
+
+def _array_to_unit(arr: np.ndarray, path: Path) -> tuple:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0, 8
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0, 16
+    if arr.dtype in (np.int32, np.uint32, np.int16) and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0:
+        return arr.astype(np.float32) / 65535.0, 16
+    if arr.dtype.kind == "f":
+        if arr.size and (np.nanmin(arr) < 0 or np.nanmax(arr) > 1 or np.isnan(arr).any()):
+            raise ImageReadError(f"{path}: floating-point image with values outside [0, 1]")
+        return arr.astype(np.float32), 16
+    raise ImageReadError(f"{path}: unsupported pixel type {arr.dtype}")
+
+
+def read_image(path: Union[str, Path]) -> LoadedImage:
+    """Read an image file as (3, H, W) float32 in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if path.suffix.lower() in TIFF_EXTENSIONS:
+        try:
+            import tifffile
+            arr = tifffile.imread(str(path))
+        except Exception as exc:
+            raise ImageReadError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
+    else:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                if im.mode == "P":
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                    im = im.convert("RGB")
+                elif im.mode == "1":
+                    im = im.convert("L")
+                arr = np.array(im)
+        except UnidentifiedImageError:
+            raise ImageReadError(f"{path}: not a readable image file") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageReadError(f"{path}: cannot decode image (truncated or corrupt?): {exc}") from None
+    arr = _to_rgb_array(arr, path)
+    unit, depth = _array_to_unit(arr, path)
+    if unit.shape[0] < 1 or unit.shape[1] < 1:
+        raise ImageReadError(f"{path}: empty image")
+    return LoadedImage(torch.from_numpy(np.ascontiguousarray(unit.transpose(2, 0, 1))), depth, path)
+
+
+def to_uint(image: torch.Tensor, bit_depth: int = 8) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 / uint16, clamped and rounded."""
+    peak = 65535.0 if bit_depth == 16 else 255.0
+    arr = (image.detach().float().clamp(0, 1) * peak).round().cpu().numpy().transpose(1, 2, 0)
+    return arr.astype(np.uint16 if bit_depth == 16 else np.uint8)
+
+
+def write_image(image: torch.Tensor, path: Union[str, Path], bit_depth: int = 8) -> None:
+    """Write (3, H, W) in [0, 1]. 16-bit output is written for TIFF and PNG when asked;
+    JPEG is always 8-bit."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix in TIFF_EXTENSIONS:
+        import tifffile
+        tifffile.imwrite(str(path), to_uint(image, bit_depth), photometric="rgb")
+        return
+    if suffix in (".jpg", ".jpeg"):
+        Image.fromarray(to_uint(image, 8)).save(path, quality=95)
+        return
+    if bit_depth == 16 and suffix == ".png":
+        # PIL has no 16-bit RGB PNG writer; imageio (a scikit-image dependency) has one.
+        import imageio.v3 as iio
+        iio.imwrite(str(path), to_uint(image, 16))
+        return
+    Image.fromarray(to_uint(image, 8)).save(path)
+
+
+def list_images(folder: Union[str, Path]) -> list:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)

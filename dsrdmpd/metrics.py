@@ -1,0 +1,68 @@
+"""Image quality metrics under two named protocols.
+
+``paper``    the authors' evaluation code: float RGB in [0, 1] (both images clamped),
+             PSNR = 20 log10(1 / RMSE); SSIM with an 11x11 Gaussian window (sigma 1.5),
+             per channel, zero padding of 5 ("same" size, borders count), mean of the map.
+``standard`` BasicSR / scikit-image style: images rounded to uint8 RGB, PSNR on the
+             0-255 scale; SSIM with the same Gaussian window over the valid region only
+             (no padding), population covariance, computed in float64.
+Inputs: (3, H, W) or (B, 3, H, W) tensors in [0, 1]; outputs: per-image float lists.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+PROTOCOLS = {
+    "paper": "paper protocol: float RGB clamped to [0,1]; SSIM Gaussian 11x11 (sigma 1.5), zero padding, borders included",
+    "standard": "standard protocol: uint8 RGB; SSIM Gaussian 11x11 (sigma 1.5), valid region only (BasicSR / skimage)",
+}
+
+
+def _batch(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 3 else x
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).to(dtype)
+
+
+def _ssim_map(a: torch.Tensor, b: torch.Tensor, padding: int, data_range: float) -> torch.Tensor:
+    c = a.shape[1]
+    win = gaussian_window(dtype=a.dtype).to(a.device).expand(c, 1, 11, 11)
+    filt = lambda x: F.conv2d(x, win, padding=padding, groups=c)
+    mu_a, mu_b = filt(a), filt(b)
+    saa = filt(a * a) - mu_a ** 2
+    sbb = filt(b * b) - mu_b ** 2
+    sab = filt(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
+
+
+def psnr_ssim(pred: torch.Tensor, target: torch.Tensor, protocol: str = "paper") -> Dict[str, List[float]]:
+    """Per-image PSNR (dB) and SSIM of ``pred`` against ``target`` under ``protocol``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown metric protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
+    pred, target = _batch(pred).detach().float().cpu(), _batch(target).detach().float().cpu()
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(target.shape)} differ in shape")
+    if protocol == "paper":
+        a, b = pred.clamp(0, 1), target.clamp(0, 1)
+        mse = ((a - b) ** 2).flatten(1).mean(1)
+        psnr = [20 * math.log10(1.0 / math.sqrt(m)) if m > 0 else float("inf") for m in mse.tolist()]
+        ssim = _ssim_map(a, b, padding=5, data_range=1.0).flatten(1).mean(1).tolist()
+        return {"psnr": psnr, "ssim": ssim}
+    a = (pred.clamp(0, 1) * 255).round().double()
+    b = (target.clamp(0, 1) * 255).round().double()
+    if min(a.shape[-2:]) < 11:
+        raise ValueError(f"standard SSIM needs images of at least 11x11, got {tuple(a.shape[-2:])}")
+    mse = ((a - b) ** 2).flatten(1).mean(1)
+    psnr = [10 * math.log10(255.0 ** 2 / m) if m > 0 else float("inf") for m in mse.tolist()]
+    ssim = _ssim_map(a, b, padding=0, data_range=255.0).flatten(1).mean(1).tolist()
+    return {"psnr": psnr, "ssim": ssim}

@@ -1,0 +1,168 @@
+"""Building blocks of the stage-2 residual-diffusion U-Net (SPEC.md, "The network").
+
+Feature maps are (B, C, H, W) floats, time embeddings (B, 4*dim).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1e-3
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    """Conv2d whose weight is standardised per output channel (biased variance)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False, keepdim=True)
+        w = (w - mean) * (var + _eps(x.dtype)).rsqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over channels with a learnt gain only: (x - mean) / sqrt(var + eps) * g."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+        return (x - mean) * (var + _eps(x.dtype)).rsqrt() * self.g
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """Integer timesteps (B,) -> (B, dim): concat(sin, cos) of t * exp(-i ln(1e4) / (dim/2 - 1))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+        args = t[:, None] * freqs[None, :]
+        return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+class TimeMLP(nn.Module):
+    """Sinusoidal embedding of size dim -> Linear(dim, 4dim) -> GELU -> Linear(4dim, 4dim)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.embed = SinusoidalTimeEmbedding(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, 4 * dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.embed(t))))
+
+
+class ConvNormAct(nn.Module):
+    """WS-conv3x3 -> GroupNorm(8) -> optional h*(scale+1)+shift -> SiLU."""
+
+    def __init__(self, cin: int, cout: int, groups: int = 8):
+        super().__init__()
+        self.proj = WeightStandardizedConv2d(cin, cout, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, cout)
+
+    def forward(self, x, scale_shift=None):
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = x * (scale + 1) + shift
+        return F.silu(x)
+
+
+class ResBlock(nn.Module):
+    """Time-conditioned residual block (a -> b channels)."""
+
+    def __init__(self, cin: int, cout: int, time_dim: int, groups: int = 8):
+        super().__init__()
+        self.time_proj = nn.Linear(time_dim, 2 * cout)
+        self.block1 = ConvNormAct(cin, cout, groups)
+        self.block2 = ConvNormAct(cout, cout, groups)
+        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale_shift = self.time_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
+        h = self.block2(self.block1(x, scale_shift))
+        return h + self.shortcut(x)
+
+
+class LinearAttention(nn.Module):
+    """Linear attention, 4 heads of 32, followed by a 1x1 conv and a channel LayerNorm."""
+
+    def __init__(self, channels: int, heads: int = 4, dim_head: int = 32):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        hidden = heads * dim_head
+        self.to_qkv = nn.Conv2d(channels, 3 * hidden, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden, channels, 1)
+        self.out_norm = ChannelLayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
+        q = q.softmax(dim=-2) * self.scale
+        k = k.softmax(dim=-1)
+        v = v / (h * w)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)
+        out = torch.einsum("bhde,bhdn->bhen", context, q)
+        return self.out_norm(self.to_out(out.reshape(b, -1, h, w)))
+
+
+class Attention(nn.Module):
+    """Full softmax attention over positions, 4 heads of 32, 1x1 conv out."""
+
+    def __init__(self, channels: int, heads: int = 4, dim_head: int = 32):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        hidden = heads * dim_head
+        self.to_qkv = nn.Conv2d(channels, 3 * hidden, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
+        sim = torch.einsum("bhdi,bhdj->bhij", q * self.scale, k)
+        out = torch.einsum("bhij,bhdj->bhid", sim.softmax(dim=-1), v)
+        return self.to_out(out.permute(0, 1, 3, 2).reshape(b, -1, h, w))
+
+
+class PreNormResidual(nn.Module):
+    """x + fn(ChannelLayerNorm(x))."""
+
+    def __init__(self, channels: int, fn: nn.Module):
+        super().__init__()
+        self.norm = ChannelLayerNorm(channels)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x)) + x
+
+
+class Resample(nn.Module):
+    """Conv that changes width, optionally after a nearest x2 upsampling (decoder) or
+    as a 4x4 stride-2 conv (encoder downsampling)."""
+
+    def __init__(self, cin: int, cout: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode == "down":
+            self.conv = nn.Conv2d(cin, cout, 4, stride=2, padding=1)
+        elif mode in ("up", "same"):
+            self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "up":
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x)

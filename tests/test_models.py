@@ -1,0 +1,172 @@
+"""Shapes, size rules, fast path == straightforward path, checkpoints (tiny widths)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsrdmpd.builders import build_stage1, build_stage2, load_stage1, load_stage2, save_stage
+from dsrdmpd.checkpoints import CheckpointError, load_into
+from dsrdmpd.diffusion import start_noise
+from dsrdmpd.inference import Dehazer, padded_size
+from dsrdmpd.models import MCESSUNet, ResidualDiffusionUNet
+
+S2 = {"dim": 8, "dim_mults": [1, 2, 4, 8], "perceptual_decoder": True}
+
+
+def _randomize(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    s1 = build_stage1({"dim": 32}).eval()
+    s2 = build_stage2(S2).eval()
+    _randomize(s2.net)
+    return s1, s2
+
+
+@pytest.mark.parametrize("h,w", [(60, 64), (64, 72), (48, 48), (80, 100)])
+def test_stage1_size_rule_error(h, w):
+    model = MCESSUNet(32).eval()
+    with pytest.raises(ValueError, match="multiples of 16 and at least 64"):
+        model(torch.rand(1, 3, h, w))
+
+
+def test_stage1_width_rule():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        MCESSUNet(48)
+
+
+def test_stage2_size_rule_error(tiny):
+    _, s2 = tiny
+    with pytest.raises(ValueError, match="multiple of 8"):
+        s2.net(torch.rand(1, 9, 36, 40), torch.tensor([3]))
+
+
+@pytest.mark.parametrize("h,w", [(37, 50), (64, 64), (70, 129), (5, 9)])
+def test_api_pads_and_crops_back(tiny, h, w):
+    s1, s2 = tiny
+    out = Dehazer(s1, s2)(torch.rand(2, 3, h, w))
+    assert out.coarse.shape == out.restored.shape == (2, 3, h, w)
+    assert out.restored.min() >= 0 and out.restored.max() <= 1
+    assert padded_size(h, w)[0] % 16 == 0 and padded_size(h, w)[0] >= 64
+
+
+def test_fast_path_equals_straightforward(tiny):
+    _, s2 = tiny
+    c, x = torch.rand(2, 3, 32, 48), torch.rand(2, 3, 32, 48)
+    fast = s2.sample(c, x, seed=3, fast=True)
+    slow = s2.sample(c, x, seed=3, fast=False)
+    assert (fast - slow).abs().max() < 1e-5
+    other_seed = s2.sample(c, x, seed=4, fast=True)
+    assert (fast - other_seed).abs().max() > 1e-3, "seed has no effect"
+
+
+def test_fast_path_skips_noise_decoder_and_caches_fusion(tiny, monkeypatch):
+    _, s2 = tiny
+    calls = {"noise": 0, "fusion": 0}
+    noise_fwd = s2.net.noise_decoder.forward
+    fusion_fwd = type(s2.net.residual_decoder.fusions[0]).forward
+
+    def count_noise(*a, **k):
+        calls["noise"] += 1
+        return noise_fwd(*a, **k)
+
+    def count_fusion(self, *a, **k):
+        calls["fusion"] += 1
+        return fusion_fwd(self, *a, **k)
+
+    monkeypatch.setattr(s2.net.noise_decoder, "forward", count_noise)
+    monkeypatch.setattr(type(s2.net.residual_decoder.fusions[0]), "forward", count_fusion)
+    s2.sample(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32), steps=5, fast=True)
+    assert calls == {"noise": 0, "fusion": 4}       # 4 levels, once each for 5 steps
+    calls.update(noise=0, fusion=0)
+    s2.sample(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32), steps=5, fast=False)
+    assert calls == {"noise": 5, "fusion": 40}      # 2 decoders x 4 levels x 5 steps
+
+
+def test_start_noise_is_per_image_and_seeded():
+    n = start_noise((3, 3, 8, 8), seed=7)
+    ref = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(7))
+    for i in range(3):
+        assert torch.equal(n[i:i + 1], ref)
+
+
+def test_sampler_schedule_grid(tiny):
+    _, s2 = tiny
+    assert s2.schedule.sampling_times(5) == [999, 799, 599, 399, 199, -1]
+    assert abs(float(s2.schedule.alphas_cumsum[-1]) - 1) < 1e-6
+    assert abs(float(s2.schedule.betas2_cumsum[-1]) - 1) < 1e-6
+
+
+def test_eta_positive_adds_noise(tiny):
+    _, s2 = tiny
+    c, x = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    a = s2.sample(c, x, seed=0, eta=1.0, generator=torch.Generator().manual_seed(1))
+    b = s2.sample(c, x, seed=0, eta=0.0)
+    assert (a - b).abs().max() > 1e-4 and a.min() >= 0 and a.max() <= 1
+
+
+def test_project_checkpoint_round_trip(tiny, tmp_path):
+    s1, s2 = tiny
+    save_stage(s1, tmp_path / "s1.pt", 1, {"stage1": {"dim": 32}})
+    save_stage(s2, tmp_path / "s2.pt", 2, {"stage2": {**S2, "timesteps": 1000, "sampling_timesteps": 5,
+                                                      "objective": "pred_res", "sum_scale": 1.0}})
+    s1b, s2b = load_stage1(tmp_path / "s1.pt"), load_stage2(tmp_path / "s2.pt")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(s1(x), s1b(x))
+    c = torch.rand(1, 3, 32, 32)
+    assert torch.equal(s2.sample(c, c, seed=1), s2b.sample(c, c, seed=1))
+
+
+def test_float16_official_state_dict_loads(tiny, tmp_path):
+    s1, _ = tiny
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in s1.state_dict().items()}
+    torch.save(half, tmp_path / "half.pth")
+    loaded = load_stage1(tmp_path / "half.pth")
+    assert loaded.encoder[0].conv1.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.encoder[0].conv1.weight, s1.encoder[0].conv1.weight.half().float())
+
+
+def test_mismatch_lists_missing_unexpected_and_wrong_shape(tiny):
+    _, s2 = tiny
+    sd = dict(s2.net.state_dict())
+    sd.pop("stem.bias")
+    sd["bogus.weight"] = torch.zeros(1)
+    sd["head.weight"] = torch.zeros(1)
+    sd["stem.weight"] = torch.zeros(8, 9, 3, 3)
+    with pytest.raises(CheckpointError) as err:
+        load_into(s2.net, sd, "file.pt")
+    msg = str(err.value)
+    assert "file.pt" in msg and "missing keys (1): stem.bias" in msg
+    assert "unexpected keys (2)" in msg and "bogus.weight" in msg
+    assert "wrong-shape keys (1): stem.weight" in msg
+
+
+def test_wrong_variant_is_reported(tiny, tmp_path):
+    _, s2 = tiny
+    torch.save({"model": {f"model.{k}": v for k, v in s2.net.state_dict().items()}}, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(128\): noise_decoder\.fusions"):
+        load_stage2(tmp_path / "m.pt", cfg={**S2, "perceptual_decoder": False})
+
+
+def test_unreadable_checkpoint_names_file(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="broken.pth"):
+        load_stage1(bad)
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        load_stage1(tmp_path / "nothere.pth")
+
+
+def test_plain_variant_has_no_fusion():
+    net = ResidualDiffusionUNet(8, (1, 2, 4, 8), perceptual_decoder=False)
+    assert net.residual_decoder.fusions is None and net.noise_decoder.fusions is None
+    res, noise = net(torch.rand(1, 9, 16, 16), torch.tensor([10]))
+    assert res.shape == noise.shape == (1, 3, 16, 16)
