@@ -28,20 +28,22 @@ class LoadedImage:
     tensor: torch.Tensor     # (3, H, W) float32 in [0, 1]
     bit_depth: int           # 8 or 16: what the file held, used to write results back alike
     path: Path
+    conversion: str = ""     # what was done to make it RGB, if anything
 
 
-def _to_rgb_array(arr: np.ndarray, path: Path) -> np.ndarray:
+def _to_rgb_array(arr: np.ndarray, path: Path) -> tuple:
+    note = ""
     if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] in (1, 2):          # gray / gray + alpha
-        arr = np.repeat(arr[:, :, :1], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 4:               # RGBA: alpha dropped
-        arr = arr[:, :, :3]
+        arr, note = np.repeat(arr[:, :, None], 3, axis=2), "grayscale replicated to RGB"
+    elif arr.ndim == 3 and arr.shape[2] in (1, 2):
+        arr, note = np.repeat(arr[:, :, :1], 3, axis=2), "grayscale replicated to RGB (alpha dropped)"
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr, note = arr[:, :, :3], "alpha channel dropped"
     elif arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):   # planar TIFF
         arr = np.moveaxis(arr[:3], 0, 2)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageReadError(f"{path}: unsupported image layout {arr.shape} (need an RGB or grayscale image)")
-    return arr
+    return arr, note
 
 
 def _array_to_unit(arr: np.ndarray, path: Path) -> tuple:
@@ -63,6 +65,7 @@ def read_image(path: Union[str, Path]) -> LoadedImage:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
+    palette = False
     if path.suffix.lower() in TIFF_EXTENSIONS:
         try:
             import tifffile
@@ -74,6 +77,7 @@ def read_image(path: Union[str, Path]) -> LoadedImage:
             with Image.open(path) as im:
                 im.load()
                 if im.mode == "P":
+                    palette = True
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                     im = im.convert("RGB")
@@ -84,11 +88,13 @@ def read_image(path: Union[str, Path]) -> LoadedImage:
             raise ImageReadError(f"{path}: not a readable image file") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageReadError(f"{path}: cannot decode image (truncated or corrupt?): {exc}") from None
-    arr = _to_rgb_array(arr, path)
+    arr, note = _to_rgb_array(arr, path)
+    if palette:
+        note = "palette image expanded to RGB" + (f"; {note}" if note else "")
     unit, depth = _array_to_unit(arr, path)
     if unit.shape[0] < 1 or unit.shape[1] < 1:
         raise ImageReadError(f"{path}: empty image")
-    return LoadedImage(torch.from_numpy(np.ascontiguousarray(unit.transpose(2, 0, 1))), depth, path)
+    return LoadedImage(torch.from_numpy(np.ascontiguousarray(unit.transpose(2, 0, 1))), depth, path, note)
 
 
 def to_uint(image: torch.Tensor, bit_depth: int = 8) -> np.ndarray:
@@ -99,8 +105,8 @@ def to_uint(image: torch.Tensor, bit_depth: int = 8) -> np.ndarray:
 
 
 def write_image(image: torch.Tensor, path: Union[str, Path], bit_depth: int = 8) -> None:
-    """Write (3, H, W) in [0, 1]. 16-bit output is written for TIFF and PNG when asked;
-    JPEG is always 8-bit."""
+    """Write (3, H, W) in [0, 1]. TIFF is written with ``bit_depth`` (8 or 16); PNG, JPEG
+    and BMP are written 8-bit (Pillow has no 16-bit RGB writer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
@@ -110,11 +116,6 @@ def write_image(image: torch.Tensor, path: Union[str, Path], bit_depth: int = 8)
         return
     if suffix in (".jpg", ".jpeg"):
         Image.fromarray(to_uint(image, 8)).save(path, quality=95)
-        return
-    if bit_depth == 16 and suffix == ".png":
-        # PIL has no 16-bit RGB PNG writer; imageio (a scikit-image dependency) has one.
-        import imageio.v3 as iio
-        iio.imwrite(str(path), to_uint(image, 16))
         return
     Image.fromarray(to_uint(image, 8)).save(path)
 

@@ -87,6 +87,10 @@ class ResidualDiffusion(nn.Module):
         pred_res, _ = self.net(torch.cat((x_t, coarse, hazy), dim=1), t, need_noise_decoder=full_network)
         return F.l1_loss(pred_res, res, reduction="none").flatten(1).mean(1).mean()
 
+    def forward(self, gt, coarse, hazy, t=None, noise=None, generator=None):
+        """Training loss (so that DDP wrappers see it as the forward pass)."""
+        return self.training_loss(gt, coarse, hazy, t=t, noise=noise, generator=generator)
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, coarse: torch.Tensor, hazy: torch.Tensor, *, noise: Optional[torch.Tensor] = None,

@@ -1,0 +1,6 @@
+"""Paired datasets: pairing by name key, loading, augmentation, batch order."""
+from .dataset import DataError, PairedImageDataset, StepBatchSampler, collate
+from .pairing import PRESETS, ImagePair, PairingError, PairLayout, find_pairs, split_pairs
+
+__all__ = ["DataError", "PairedImageDataset", "StepBatchSampler", "collate", "PRESETS", "ImagePair",
+           "PairingError", "PairLayout", "find_pairs", "split_pairs"]

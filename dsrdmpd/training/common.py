@@ -1,0 +1,209 @@
+"""What both trainers share: run folders, RNG capture, CSV logs, resumable checkpoints,
+the step-indexed data loader, sharded validation, and the training loop skeleton.
+
+A run folder holds ``config.yaml`` (resolved), ``command.txt``, ``git_revision.txt``,
+``train_log.csv``, ``val_log.csv``, ``checkpoints/last.pt`` (resumable, written
+atomically) and ``checkpoints/best.pt`` (best validation PSNR), ``samples/``.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..checkpoints import PROJECT_FORMAT, read_checkpoint, save_atomic
+from ..config import dump_config
+from ..data import PairedImageDataset, StepBatchSampler, collate, split_pairs
+from ..inference import pad_to, padded_size
+from ..metrics import psnr_ssim
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "") if rev.returncode == 0 \
+            else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prepare_run_dir(run_dir: Path, cfg: Dict[str, Any], argv: Optional[List[str]] = None) -> Path:
+    run_dir = Path(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "command.txt").write_text(" ".join([sys.executable] + list(argv if argv is not None else sys.argv)) + "\n")
+    (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
+    return run_dir
+
+
+def capture_rng(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "generators": {k: g.get_state() for k, g in generators.items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any], generators: Dict[str, torch.Generator]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    for k, g in generators.items():
+        if k in state.get("generators", {}):
+            g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class CSVLog:
+    """Append-only CSV with a fixed header; on resume, rows past ``step`` are dropped first so
+    the log matches the checkpoint."""
+
+    def __init__(self, path: Path, fields: List[str], resume_step: Optional[int] = None):
+        self.path, self.fields = Path(path), fields
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(float(r.get("step", 0))) <= resume_step]
+            self._write(rows, "w")
+        elif not self.path.is_file() or resume_step is None:
+            self._write([], "w")
+
+    def _write(self, rows, mode):
+        with open(self.path, mode, newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if mode == "w":
+                w.writeheader()
+            w.writerows(rows)
+
+    def append(self, row: Dict[str, Any]) -> None:
+        self._write([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}], "a")
+
+
+def optional_tensorboard(run_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    """None/'' -> fresh run; 'auto' -> run_dir/checkpoints/last.pt if present; else a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        last = Path(run_dir) / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
+    return path
+
+
+def load_training_state(path: Path, stage: int) -> Dict[str, Any]:
+    state = read_checkpoint(path)
+    if not (isinstance(state, dict) and state.get("format") == PROJECT_FORMAT and "optimizer" in state):
+        raise ValueError(f"{path} is not a resumable dsrdmpd training checkpoint")
+    if state.get("stage") != stage:
+        raise ValueError(f"{path} is a stage-{state.get('stage')} checkpoint, this is the stage-{stage} trainer")
+    return state
+
+
+def make_loader(pairs, data_cfg: Dict[str, Any], batch_size: int, seed: int, start_micro: int, total_micro: int,
+                rank: int, world: int, multiple: int) -> DataLoader:
+    dataset = PairedImageDataset(pairs, crop=data_cfg.get("crop"), flip=bool(data_cfg.get("flip")),
+                                 resize=data_cfg.get("resize"), seed=seed, multiple=multiple)
+    sampler = StepBatchSampler(len(dataset), batch_size, seed=seed, start_step=start_micro, total_steps=total_micro,
+                               rank=rank, world=world)
+    workers = int(data_cfg.get("num_workers", 0))
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def validation_pairs(data_cfg: Dict[str, Any]):
+    split = data_cfg.get("val_split")
+    if not split:
+        return []
+    pairs = split_pairs(data_cfg, split)
+    limit = data_cfg.get("val_limit")
+    return pairs[:int(limit)] if limit else pairs
+
+
+@torch.no_grad()
+def sharded_validation(pairs, restore_fn, accelerator, protocol: str = "paper", panel_fn=None) -> Dict[str, float]:
+    """Run ``restore_fn(hazy) -> dict of named outputs`` over the pairs, this process taking
+    every world-th pair, and gather mean PSNR / SSIM of each output against GT."""
+    from ..imageio import read_image
+    rank, world = accelerator.process_index, accelerator.num_processes
+    local = []
+    names = None
+    for i in range(rank, len(pairs), world):
+        hazy, gt = read_image(pairs[i].hazy).tensor[None], read_image(pairs[i].gt).tensor[None]
+        outs = restore_fn(hazy.to(accelerator.device))
+        names = names or list(outs)
+        row = []
+        for n in names:
+            m = psnr_ssim(outs[n].float().cpu(), gt, protocol)
+            row += [m["psnr"][0], m["ssim"][0]]
+        local.append(row)
+        if panel_fn is not None and i < 4:
+            panel_fn(pairs[i].key, hazy, outs, gt)
+    width = 2 * len(names or [0])
+    per_rank = math.ceil(len(pairs) / world)
+    t = torch.full((per_rank, width), float("nan"), device=accelerator.device)
+    if local:
+        t[:len(local)] = torch.tensor(local, device=accelerator.device)
+    allrows = accelerator.gather(t).reshape(-1, width).cpu()
+    allrows = allrows[~torch.isnan(allrows).any(1)]
+    result = {}
+    for j, n in enumerate(names or []):
+        result[f"psnr_{n}"] = float(allrows[:, 2 * j].mean())
+        result[f"ssim_{n}"] = float(allrows[:, 2 * j + 1].mean())
+    return result
+
+
+def padded_forward(fn, hazy: torch.Tensor) -> torch.Tensor:
+    """Apply a size-constrained network to any size by padding and cropping back."""
+    h, w = hazy.shape[-2:]
+    return fn(pad_to(hazy, padded_size(h, w)))[..., :h, :w]
+
+
+class Throughput:
+    def __init__(self):
+        self.t0, self.n = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self.n += 1
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self.t0
+        return self.n / dt if dt > 0 else float("nan")
+
+
+def save_training_checkpoint(path: Path, **state) -> None:
+    save_atomic({"format": PROJECT_FORMAT, "version": 1, **state}, path)
+
+
+def progress(total: int, initial: int, desc: str, disable: bool):
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)

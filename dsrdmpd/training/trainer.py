@@ -1,0 +1,226 @@
+"""Training loop skeleton shared by both stages (accelerate: one CPU/GPU, multi-GPU,
+mixed precision, gradient accumulation; exact resume).
+
+A subclass builds its model and optimizer in ``build()`` and defines ``compute_loss``,
+``validate`` and what its checkpoints hold. The batch order is a function of the step
+(``StepBatchSampler``) and every random draw comes from generators saved in the
+checkpoint, so a resumed run continues bit for bit (on CPU) where it stopped.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from accelerate import Accelerator
+
+from ..data import split_pairs
+from ..visualize import save_panel
+from .common import (CSVLog, Throughput, capture_rng, load_training_state, make_loader, optional_tensorboard,
+                     prepare_run_dir, progress, resolve_resume, restore_rng, save_training_checkpoint,
+                     seed_everything, validation_pairs)
+
+
+class BaseTrainer:
+    stage: int = 0
+    size_multiple: int = 1
+    train_defaults: Dict[str, Any] = {}
+
+    def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None):
+        cfg["train"] = {**self.train_defaults, **(cfg.get("train") or {})}
+        self.cfg = cfg
+        self.tcfg = cfg["train"]
+        self.run_dir = Path(run_dir)
+        device = str(self.tcfg.get("device", "auto"))
+        self.accelerator = Accelerator(mixed_precision=self.tcfg.get("mixed_precision", "no"),
+                                       gradient_accumulation_steps=int(self.tcfg.get("grad_accum", 1)),
+                                       cpu=device == "cpu")
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            prepare_run_dir(self.run_dir, cfg, argv)
+        self.accelerator.wait_for_everyone()
+        self.seed = int(self.tcfg.get("seed", 0))
+        seed_everything(self.seed)
+        data_cfg = cfg["data"]
+        self.train_pairs = split_pairs(data_cfg, data_cfg.get("train_split", "train"))
+        self.val_pairs = validation_pairs(data_cfg)
+        self.batch_size = int(self.tcfg["batch_size"])
+        world, accum = self.accelerator.num_processes, self.accelerator.gradient_accumulation_steps
+        self.micro_per_step = world * accum
+        self.steps_per_epoch = len(self.train_pairs) // (self.batch_size * self.micro_per_step)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(self.train_pairs)} training pairs are fewer than one optimizer step "
+                             f"(batch {self.batch_size} x accumulation {accum} x {world} processes)")
+        self.generators: Dict[str, torch.Generator] = {}
+        self.step = 0
+        self.best: Dict[str, Any] = {"psnr": -math.inf, "step": None}
+        self.build()
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        path = resolve_resume(resume, self.run_dir)
+        if path is not None:
+            self.load_state(load_training_state(path, self.stage))
+            self.accelerator.print(f"resumed from {path} at step {self.step}")
+        resume_step = self.step if path is not None else None
+        self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
+                                resume_step) if self.is_main else None
+        self.val_fields = ["step", "epoch"] + self.val_metric_names()
+        self.val_log = CSVLog(self.run_dir / "val_log.csv", self.val_fields, resume_step) if self.is_main else None
+        self.tb = optional_tensorboard(self.run_dir, bool(self.tcfg.get("tensorboard", False))) if self.is_main else None
+
+    # ---- subclass interface
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def total_steps(self) -> int:
+        raise NotImplementedError
+
+    def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def restore_outputs(self, hazy: torch.Tensor) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def val_metric_names(self) -> List[str]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def end_of_epoch(self) -> None:
+        pass
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def weights_for_inference(self) -> Dict[str, Any]:
+        return {"model": self.unwrapped_state(), "ema": None}
+
+    # ---- shared machinery
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def unwrapped_state(self) -> Dict[str, torch.Tensor]:
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "net") and self.stage == 2:
+            model = model.net
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def state(self) -> Dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {"stage": self.stage, "config": self.cfg, "step": self.step, "epoch": self.epoch,
+                **self.weights_for_inference(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": capture_rng(self.generators), "best": self.best, **self.extra_state()}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        target = model.net if self.stage == 2 and hasattr(model, "net") else model
+        target.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"], self.generators)
+        self.step, self.best = int(state["step"]), state.get("best", self.best)
+        self.load_extra_state(state)
+
+    def save(self, name: str = "last.pt") -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_training_checkpoint(self.run_dir / "checkpoints" / name, **self.state())
+
+    def save_best(self) -> None:
+        if self.is_main:
+            save_training_checkpoint(self.run_dir / "checkpoints" / "best.pt", stage=self.stage, config=self.cfg,
+                                     step=self.step, **self.weights_for_inference())
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def validate(self) -> Optional[Dict[str, float]]:
+        if not self.val_pairs:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        panel_dir = self.run_dir / "samples" / f"step_{self.step:07d}"
+
+        def panel(key, hazy, outs, gt):
+            if self.is_main:
+                save_panel([("hazy", hazy)] + [(n, o.clamp(0, 1)) for n, o in outs.items()] + [("GT", gt)],
+                           panel_dir / f"{key}.png")
+
+        from .common import sharded_validation
+        metrics = sharded_validation(self.val_pairs, self.restore_outputs, self.accelerator,
+                                     self.tcfg.get("val_protocol", "paper"), panel)
+        self.model.train(was_training)
+        return metrics
+
+    def _log_val(self, metrics: Dict[str, float]) -> None:
+        key = self.val_metric_names()[0]
+        if metrics[key] > self.best["psnr"]:
+            self.best = {"psnr": metrics[key], "step": self.step, "metric": key}
+            self.save_best()
+        if self.is_main:
+            self.val_log.append({"step": self.step, "epoch": self.epoch, **metrics})
+            if self.tb:
+                for k, v in metrics.items():
+                    self.tb.add_scalar(f"val/{k}", v, self.step)
+            self.accelerator.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def train(self, max_steps: Optional[int] = None) -> Dict[str, Any]:
+        """Train until the configured length (or ``max_steps``, as if interrupted there)."""
+        total = self.total_steps()
+        stop = min(total, max_steps) if max_steps else total
+        log_every = int(self.tcfg.get("log_every", 10))
+        val_every = int(self.tcfg.get("val_every") or self.steps_per_epoch)
+        save_every = int(self.tcfg.get("save_every") or self.steps_per_epoch)
+        clip = self.tcfg.get("grad_clip")
+        loader = make_loader(self.train_pairs, self.cfg["data"], self.batch_size, self.seed,
+                             self.step * self.micro_per_step, stop * self.micro_per_step,
+                             self.accelerator.process_index, self.accelerator.num_processes, self.size_multiple)
+        self.model.train()
+        bar = progress(stop, self.step, f"stage {self.stage}", not self.is_main)
+        speed, running, count = Throughput(), 0.0, 0
+        for batch in loader:
+            if self.step >= stop:
+                break
+            with self.accelerator.accumulate(self.model):
+                loss = self.compute_loss(batch)
+                self.accelerator.backward(loss)
+                if clip and self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), float(clip))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            running += float(loss.detach())
+            count += 1
+            if not self.accelerator.sync_gradients:
+                continue
+            self.step += 1
+            speed.tick()
+            self.after_optimizer_step()
+            if self.step % self.steps_per_epoch == 0:
+                self.end_of_epoch()
+            bar.update(1)
+            if self.step % log_every == 0 or self.step == stop:
+                avg = running / max(count, 1)
+                bar.set_postfix(loss=f"{avg:.4f}", lr=f"{self.lr():.2e}")
+                if self.is_main:
+                    self.train_log.append({"step": self.step, "epoch": self.epoch, "loss": avg, "lr": self.lr(),
+                                           "it_per_s": speed.rate()})
+                    if self.tb:
+                        self.tb.add_scalar("train/loss", avg, self.step)
+                running, count = 0.0, 0
+            if self.step % val_every == 0 or self.step == total:
+                metrics = self.validate()
+                if metrics:
+                    self._log_val(metrics)
+            if self.step % save_every == 0 or self.step == stop:
+                self.save()
+        bar.close()
+        self.accelerator.wait_for_everyone()
+        return {"step": self.step, "best": self.best, "it_per_s": speed.rate(), "run_dir": str(self.run_dir)}

@@ -1,0 +1,142 @@
+"""Pairing by name key, image modes, bad files, batch order."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsrdmpd.data import DataError, PairedImageDataset, PairingError, StepBatchSampler, find_pairs, split_pairs
+from dsrdmpd.imageio import ImageReadError, read_image, write_image
+
+
+def _png(path, arr, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode=mode).save(path) if mode else Image.fromarray(arr).save(path)
+    return path
+
+
+def _rgb(h=16, w=16, seed=0):
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def test_pairs_by_key_not_by_order(tmp_path):
+    for n in ["1", "2", "10"]:
+        _png(tmp_path / "input" / f"{n}-inputs.png", _rgb(seed=int(n)))
+        _png(tmp_path / "target" / f"{n}-targets.png", _rgb(seed=100 + int(n)))
+    pairs = find_pairs(tmp_path / "input", tmp_path / "target", r"(.+)-inputs", r"(.+)-targets")
+    assert [p.key for p in pairs] == ["1", "2", "10"]
+    assert all(p.hazy.name.split("-")[0] == p.gt.name.split("-")[0] for p in pairs)
+
+
+def test_satehaze1k_preset(tmp_path):
+    _png(tmp_path / "test" / "input" / "7-inputs.png", _rgb())
+    _png(tmp_path / "test" / "target" / "7-targets.png", _rgb())
+    pairs = split_pairs({"preset": "satehaze1k", "root": str(tmp_path)}, "test")
+    assert len(pairs) == 1 and pairs[0].key == "7"
+
+
+def test_generic_preset_with_custom_folders(tmp_path):
+    _png(tmp_path / "blur" / "a_blur.png", _rgb())
+    _png(tmp_path / "gt" / "a.png", _rgb())
+    pairs = split_pairs({"preset": "paired", "root": str(tmp_path), "hazy_dir": "blur", "gt_dir": "gt",
+                         "hazy_key": r"(.+)_blur"}, "any")
+    assert pairs[0].key == "a"
+
+
+def test_unmatched_files_are_named(tmp_path):
+    for n in ["1", "2", "3"]:
+        _png(tmp_path / "hazy" / f"{n}.png", _rgb())
+    for n in ["1", "3", "4"]:
+        _png(tmp_path / "GT" / f"{n}.png", _rgb())
+    with pytest.raises(PairingError) as err:
+        find_pairs(tmp_path / "hazy", tmp_path / "GT")
+    assert "hazy without ground truth: 2.png" in str(err.value)
+    assert "ground truth without hazy: 4.png" in str(err.value)
+
+
+def test_duplicate_keys_and_rule_mismatch(tmp_path):
+    _png(tmp_path / "hazy" / "1.png", _rgb())
+    _png(tmp_path / "hazy" / "1.jpg", _rgb())
+    with pytest.raises(PairingError, match="1.jpg and 1.png have the same key"):
+        find_pairs(tmp_path / "hazy", tmp_path / "hazy")
+    with pytest.raises(PairingError, match="not matching the key rule"):
+        find_pairs(tmp_path / "hazy", tmp_path / "hazy", r"(.+)-inputs")
+
+
+def test_unreadable_and_truncated_images_are_named(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not an image")
+    with pytest.raises(ImageReadError, match="bad.png: not a readable image"):
+        read_image(bad)
+    good = _png(tmp_path / "trunc.png", _rgb(64, 64))
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="trunc.png: cannot decode image"):
+        read_image(good)
+
+
+@pytest.mark.parametrize("kind", ["gray", "rgba", "palette", "gray16"])
+def test_mode_conversions_are_documented(tmp_path, kind):
+    rgb = _rgb()
+    if kind == "gray":
+        path, note = _png(tmp_path / "g.png", rgb[..., 0]), "grayscale replicated"
+    elif kind == "rgba":
+        path, note = _png(tmp_path / "a.png", np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])), "alpha"
+    elif kind == "palette":
+        path = tmp_path / "p.png"
+        Image.fromarray(rgb).convert("P").save(path)
+        note = "palette"
+    else:
+        path = tmp_path / "g16.png"
+        Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(path)
+        note = "grayscale replicated"
+    img = read_image(path)
+    assert img.tensor.shape == (3, 16, 16) and img.tensor.dtype == torch.float32
+    assert 0 <= img.tensor.min() and img.tensor.max() <= 1
+    assert note in img.conversion
+    if kind == "gray16":
+        assert img.bit_depth == 16
+        torch.testing.assert_close(img.tensor[0], torch.from_numpy(rgb[..., 0]).float() / 255)
+
+
+def test_dataset_warns_on_conversion_and_rejects_size_mismatch(tmp_path):
+    _png(tmp_path / "hazy" / "1.png", _rgb()[..., 0])
+    _png(tmp_path / "GT" / "1.png", _rgb())
+    _png(tmp_path / "hazy" / "2.png", _rgb(16, 16))
+    _png(tmp_path / "GT" / "2.png", _rgb(16, 32))
+    ds = PairedImageDataset(find_pairs(tmp_path / "hazy", tmp_path / "GT"))
+    with pytest.warns(UserWarning, match="1.png: grayscale replicated"):
+        ds[0]
+    with pytest.raises(DataError, match=r"size mismatch: .*2.png is \(16, 16\) but .*2.png is \(16, 32\)"):
+        ds[1]
+
+
+def test_tiff_16bit_round_trip(tmp_path):
+    img = torch.rand(3, 20, 24)
+    write_image(img, tmp_path / "x.tif", bit_depth=16)
+    back = read_image(tmp_path / "x.tif")
+    assert back.bit_depth == 16
+    assert (back.tensor - img).abs().max() <= 0.5 / 65535 + 1e-7
+    import tifffile
+    assert tifffile.imread(tmp_path / "x.tif").dtype == np.uint16
+
+
+def test_step_batch_sampler_is_a_function_of_step():
+    full = list(StepBatchSampler(10, 3, seed=5, total_steps=9))
+    resumed = list(StepBatchSampler(10, 3, seed=5, start_step=4, total_steps=9))
+    assert full[4:] == resumed
+    epoch0 = [i for b in full[:3] for i, _ in b]
+    assert len(set(epoch0)) == 9 and all(e == 0 for b in full[:3] for _, e in b)
+    shards = [list(StepBatchSampler(10, 3, seed=5, total_steps=9, rank=r, world=2)) for r in range(2)]
+    assert shards[0] == full[0::2] and shards[1] == full[1::2]
+
+
+def test_augmentation_is_deterministic(tmp_path):
+    _png(tmp_path / "hazy" / "1.png", _rgb(32, 32))
+    _png(tmp_path / "GT" / "1.png", _rgb(32, 32, seed=3))
+    ds = PairedImageDataset(find_pairs(tmp_path / "hazy", tmp_path / "GT"), crop=16, flip=True, seed=2)
+    a, b = ds[(0, 1)], ds[(0, 1)]
+    assert torch.equal(a["hazy"], b["hazy"]) and a["hazy"].shape == (3, 16, 16)
+    crops = {tuple(ds[(0, e)]["hazy"].flatten()[:4].tolist()) for e in range(8)}
+    assert len(crops) > 1

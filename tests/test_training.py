@@ -1,0 +1,159 @@
+"""Trainers on tiny models and synthetic pairs: learning, exact resume, atomic
+checkpoints, the command line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dsrdmpd.builders import load_stage1, load_stage2
+from dsrdmpd.config import load_config
+from dsrdmpd.data.synthetic import make_synthetic_dataset
+from dsrdmpd.training import Stage1Trainer, Stage2Trainer, stage1_loss
+from dsrdmpd.training.cli import train_main
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), n_train=8, n_test=2, size=64, seed=1)
+
+
+def stage1_cfg(root, **train):
+    cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml",
+                      [f"data.root={root}", "data.val_limit=1", "train.batch_size=2", "train.epochs=3"])
+    cfg["train"].update(train)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(data_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("s1")
+    Stage1Trainer(stage1_cfg(data_root, epochs=1), run).train()
+    return run / "checkpoints" / "last.pt"
+
+
+def stage2_cfg(root, ckpt, **train):
+    cfg = load_config(ROOT / "configs" / "stage2_tiny.yaml",
+                      [f"data.root={root}", f"train.stage1_checkpoint={ckpt}", "data.val_limit=1"])
+    cfg["train"].update(train)
+    return cfg
+
+
+def test_stage1_loss_is_511_l1_plus_mse():
+    out, gt = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    ref = 511 * (out - gt).abs().mean() + ((out - gt) ** 2).mean()
+    torch.testing.assert_close(stage1_loss(out, gt), ref, rtol=1e-5, atol=1e-4)
+
+
+def _losses(run_dir):
+    import csv
+    with open(run_dir / "train_log.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_stage1_learns(data_root, tmp_path):
+    Stage1Trainer(stage1_cfg(data_root, epochs=6, log_every=1), tmp_path).train()
+    losses = _losses(tmp_path)
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()
+    assert load_stage1(tmp_path / "checkpoints" / "best.pt").dim == 32
+
+
+def test_stage2_learns(data_root, stage1_ckpt, tmp_path):
+    Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=30, val_every=30, save_every=30), tmp_path).train()
+    losses = _losses(tmp_path)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    for weights in ("model", "ema"):
+        model = load_stage2(tmp_path / "checkpoints" / "best.pt", weights=weights)
+        assert model.net.dim == 8
+    assert sorted(p.name for p in (tmp_path / "samples" / "step_0000030").iterdir()) == ["0000.png"]
+
+
+def _states_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
+    if stage == 1:
+        make = lambda run, resume=None: Stage1Trainer(stage1_cfg(data_root, epochs=3, log_every=1), run, resume)
+    else:
+        make = lambda run, resume=None: Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=8, val_every=4,
+                                                                 save_every=100, ema_update_every=1), run, resume)
+    straight = make(tmp_path / "a")
+    straight.train()
+    interrupted = make(tmp_path / "b")
+    interrupted.train(max_steps=5)          # stops mid-epoch and writes last.pt
+    del interrupted
+    resumed = make(tmp_path / "b", resume="auto")
+    assert resumed.step == 5
+    resumed.train()
+    sa = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)
+    sb = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == straight.total_steps()
+    _states_equal(sa["model"], sb["model"])
+    if stage == 2:
+        _states_equal(sa["ema"], sb["ema"])
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_resume_rejects_other_stage(data_root, stage1_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="stage-1 checkpoint"):
+        Stage2Trainer(stage2_cfg(data_root, stage1_ckpt), tmp_path, resume=str(stage1_ckpt))
+
+
+def test_precomputed_coarse_is_exact(data_root, stage1_ckpt, tmp_path):
+    runs = {}
+    for cache in (True, False):
+        t = Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=6, val_every=100, save_every=100,
+                                     precompute_coarse=cache), tmp_path / str(cache))
+        t.train()
+        runs[cache] = t.unwrapped_state()
+    _states_equal(runs[True], runs[False])
+
+
+def test_cli_tiny_runs(data_root, tmp_path):
+    s1 = train_main(1, ["--config", str(ROOT / "configs" / "stage1_tiny.yaml"), "--run-dir", str(tmp_path / "s1"),
+                        "--set", f"data.root={data_root}", "--set", "train.epochs=1", "--set", "train.batch_size=2"])
+    assert s1["step"] == 4
+    s2 = train_main(2, ["--config", str(ROOT / "configs" / "stage2_tiny.yaml"), "--run-dir", str(tmp_path / "s2"),
+                        "--set", f"data.root={data_root}", "--set", "train.steps=4",
+                        "--set", f"train.stage1_checkpoint={tmp_path / 's1' / 'checkpoints' / 'last.pt'}"])
+    assert s2["step"] == 4
+    cfg = (tmp_path / "s2" / "config.yaml").read_text()
+    assert "steps: 4" in cfg and (tmp_path / "s2" / "command.txt").is_file()
+    assert (tmp_path / "s2" / "git_revision.txt").read_text().strip()
+
+
+def test_killed_during_checkpoint_write_leaves_valid_latest(tmp_path):
+    """SIGKILL a process that keeps rewriting a large checkpoint; the file under the
+    final name always loads and holds one complete version."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from dsrdmpd.checkpoints import save_atomic
+        i = 0
+        while True:
+            save_atomic({{"i": i, "w": torch.full((4_000_000,), float(i))}}, {str(tmp_path / 'last.pt')!r})
+            print(i, flush=True)
+            i += 1
+    """)
+    for delay in (0.4, 0.9, 1.3):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()                      # at least one complete write
+        import time
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        obj = torch.load(tmp_path / "last.pt", weights_only=False)
+        assert torch.all(obj["w"] == obj["i"])
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
+    assert all(p.startswith(".last.pt.") for p in leftovers)   # only orphaned temp files, never the final name
