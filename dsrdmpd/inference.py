@@ -10,9 +10,25 @@ bottom/right (reflect where the image is large enough, else edge replication) an
 outputs are cropped back. The start noise of each image is drawn from its own CPU
 generator seeded with ``seed``, at the padded size, so results do not depend on the
 device or on batch-mates.
+
+Large scenes: with ``tile`` set, the padded image is cut into overlapping tiles of
+``tile`` x ``tile`` pixels (stride ``tile - overlap``, the last tile flush with the edge);
+each tile runs through both stages, ``tile_batch`` tiles per network call, and the
+results are blended with feathered (linearly ramped) weights across each overlap, so
+seams do not show and network memory stays bounded by the tile size. Every tile uses
+its window of the whole image's start noise, so a scene that fits in one tile gives
+exactly the untiled result.
+
+Speed options (all off by default; the default path is the reference float32 one):
+``precision='bf16'`` runs both networks under bfloat16 autocast (the sampler's
+arithmetic stays float32; 'bf16-stage1' only stage 1, which is far less sensitive), ``channels_last`` stores activations NHWC (faster convs on
+GPUs and recent CPUs), ``compile`` wraps both networks with ``torch.compile``.
+``tile_batch`` > 1 runs several tiles per network call. Everything runs under
+``torch.inference_mode``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -21,9 +37,12 @@ import torch.nn.functional as F
 
 from .builders import load_stage1, load_stage2
 from .config import DEFAULTS, load_config
-from .diffusion import ResidualDiffusion
+from .diffusion import ResidualDiffusion, start_noise
 from .models import MCESSUNet
 from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE
+
+
+PRECISIONS = ("fp32", "bf16", "bf16-stage1")
 
 
 @dataclass
@@ -52,12 +71,30 @@ class Dehazer:
     """Both stages, ready to run. Models are put in eval mode on ``device``."""
 
     def __init__(self, stage1: MCESSUNet, stage2: ResidualDiffusion, device: Union[str, torch.device] = "cpu",
-                 seed: int = 0, eta: float = 0.0, fast: bool = True, steps: Optional[int] = None):
+                 seed: int = 0, eta: float = 0.0, fast: bool = True, steps: Optional[int] = None,
+                 tile: Optional[int] = None, overlap: int = 64, tile_batch: int = 1,
+                 precision: str = "fp32", channels_last: bool = False, compile: bool = False):
         self.device = torch.device(device)
         self.stage1 = stage1.to(self.device).eval()
         self.stage2 = stage2.to(self.device).eval()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+        self.precision, self.channels_last = precision, bool(channels_last)
+        if self.channels_last:
+            self.stage1.to(memory_format=torch.channels_last)
+            self.stage2.to(memory_format=torch.channels_last)
+        if compile:
+            self.stage1.compile()
+            self.stage2.net.compile()
         self.seed, self.eta, self.fast = seed, eta, fast
         self.steps = steps or stage2.sampling_timesteps
+        if tile is not None:
+            if tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
+                raise ValueError(f"tile size {tile} must be a multiple of {STAGE1_MULTIPLE} and at least "
+                                 f"{STAGE1_MIN_SIZE}")
+            if not 0 <= overlap < tile:
+                raise ValueError(f"tile overlap {overlap} must be in [0, tile size {tile})")
+        self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, int(tile_batch))
 
     @classmethod
     def from_checkpoints(cls, stage1: str, stage2: str, config: Union[None, str, Dict[str, Any]] = None,
@@ -78,7 +115,22 @@ class Dehazer:
         """Stage 1 only on an already padded (B, 3, H, W) batch."""
         return self.stage1(hazy)
 
-    @torch.no_grad()
+    def _autocast(self, stage: int):
+        if self.precision == "bf16" or (self.precision == "bf16-stage1" and stage == 1):
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _run(self, x: torch.Tensor, noise: torch.Tensor):
+        """Both stages on padded (B, 3, H, W) tiles with their start noise; float32 out."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast(1):
+            c = self.stage1(x).float()
+        with self._autocast(2):
+            r = self.stage2.sample(c, x, noise=noise, steps=self.steps, eta=self.eta, fast=self.fast)
+        return c.contiguous(), r.float().contiguous()
+
+    @torch.inference_mode()
     def __call__(self, hazy: torch.Tensor, seed: Optional[int] = None,
                  noise: Optional[torch.Tensor] = None) -> DehazeResult:
         if hazy.dim() == 3:
@@ -87,12 +139,64 @@ class Dehazer:
             raise ValueError(f"expected hazy images of shape (B, 3, H, W) in [0, 1], got {tuple(hazy.shape)}")
         h, w = hazy.shape[-2:]
         size = padded_size(h, w)
-        x = pad_to(hazy.to(self.device, torch.float32), size)
         if noise is not None and tuple(noise.shape[-2:]) != size:
             raise ValueError(f"start noise must have the padded size {size}, got {tuple(noise.shape[-2:])}")
-        c = self.stage1(x)
-        restored = self.stage2.sample(c, x, noise=noise, seed=self.seed if seed is None else seed,
-                                      steps=self.steps, eta=self.eta, fast=self.fast)
-        return DehazeResult(c[..., :h, :w], restored[..., :h, :w])
+        if noise is None:
+            noise = start_noise((hazy.shape[0], 3, *size), self.seed if seed is None else seed)
+        if self.tile is None:
+            x = pad_to(hazy.to(self.device, torch.float32), size)
+            c, r = self._run(x, noise.to(self.device))
+        else:
+            x = pad_to(hazy.float(), size)          # the whole scene stays on the CPU
+            c, r = self._tiled(x, noise)
+        return DehazeResult(c[..., :h, :w], r[..., :h, :w])
+
+    def _tiled(self, x: torch.Tensor, noise: torch.Tensor):
+        b, _, hp, wp = x.shape
+        th, tw = min(self.tile, hp), min(self.tile, wp)
+        windows = [(y, xx) for y in tile_starts(hp, th, self.overlap) for xx in tile_starts(wp, tw, self.overlap)]
+        if len(windows) == 1:                       # one tile covers the scene: plain run
+            c, r = self._run(x[..., :th, :tw].to(self.device), noise[..., :th, :tw].to(self.device))
+            return c.cpu(), r.cpu()
+        weight = feather_weights(th, tw, self.overlap)
+        acc_c = torch.zeros_like(x)
+        acc_r = torch.zeros_like(x)
+        norm = torch.zeros((1, 1, hp, wp))
+        jobs = [(i, y, xx) for i in range(b) for (y, xx) in windows]
+        for k in range(0, len(jobs), self.tile_batch):
+            chunk = jobs[k:k + self.tile_batch]
+            xs = torch.cat([x[i:i + 1, :, y:y + th, xx:xx + tw] for i, y, xx in chunk]).to(self.device)
+            ns = torch.cat([noise[i:i + 1, :, y:y + th, xx:xx + tw] for i, y, xx in chunk]).to(self.device)
+            c, r = self._run(xs, ns)
+            for j, (i, y, xx) in enumerate(chunk):
+                acc_c[i:i + 1, :, y:y + th, xx:xx + tw] += c[j:j + 1].cpu() * weight
+                acc_r[i:i + 1, :, y:y + th, xx:xx + tw] += r[j:j + 1].cpu() * weight
+                if i == 0:
+                    norm[:, :, y:y + th, xx:xx + tw] += weight
+        return acc_c / norm, acc_r / norm
 
     dehaze = __call__
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list:
+    """Start offsets of tiles of size ``tile`` covering [0, length), stride tile - overlap,
+    the last one flush with the end."""
+    if tile >= length:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def feather_weights(h: int, w: int, overlap: int) -> torch.Tensor:
+    """(1, 1, h, w) blending weights: linear ramps over ``overlap`` pixels at every edge
+    (never zero), 1 inside. Normalised by their sum, so where tiles do not overlap the
+    tile's own output comes through unchanged."""
+    def ramp(n):
+        r = torch.ones(n)
+        k = min(overlap, n // 2)
+        if k > 0:
+            edge = (torch.arange(k, dtype=torch.float32) + 1) / (k + 1)
+            r[:k], r[n - k:] = edge, edge.flip(0)
+        return r
+    return (ramp(h)[:, None] * ramp(w)[None, :])[None, None]

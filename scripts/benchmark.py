@@ -1,17 +1,33 @@
-"""Speed and memory of the DS-RDMPD pipeline (paper configuration by default).
+"""Speed and memory report for DS-RDMPD, fast path against the straightforward path.
 
-    python scripts/benchmark.py                      # CPU, 256x256, dim 64
-    python scripts/benchmark.py --device cuda --sizes 256 512
+    python scripts/benchmark.py                                   # CPU, 256 and 512, paper widths
+    python scripts/benchmark.py --device cuda --sizes 256 512 1024 --scene 4096 --variants all
+    python scripts/benchmark.py --sizes 256 --train-size 256 --out results/bench
 
-Each case runs in a fresh process (so CPU peak RSS is per case); timings are the median
-of --repeats runs after --warmup runs. Random weights: speed does not depend on them.
-Prints a markdown table and, with --out, writes it (plus a CSV) to disk.
+Paths compared (both give the same outputs to float32 rounding; tested):
+* straightforward: the authors' code as written: every sampling step runs the whole
+  network (noise decoder included) and recomputes the perceptual decoder's fusion terms;
+  middle attention materialises the score matrix; training runs the frozen stage 1 on
+  every step and the full network.
+* fast (this package's default): fusion terms computed once per image, noise decoder
+  skipped, fused attention kernel; training reuses each image's cached stage-1 output.
+
+Variants (``--variants``) time the fast pipeline with the speed options of
+:class:`dsrdmpd.inference.Dehazer` (fp32, bf16 autocast, channels_last, torch.compile)
+and report the PSNR of each variant's output against the fp32 output.
+
+Each case runs in a fresh process (CPU peak memory = that process's peak RSS; GPU =
+max allocated). Times: median of --repeats after --warmup runs. Random weights (speed
+does not depend on them; for the accuracy column pass --stage1/--stage2 checkpoints).
+Writes benchmark.md and benchmark.csv with --out.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import multiprocessing as mp
+import platform
 import resource
 import statistics
 import sys
@@ -19,6 +35,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = {"fp32": {}, "bf16": {"precision": "bf16"},
+            "bf16+cl": {"precision": "bf16", "channels_last": True},
+            "bf16+cl+compile": {"precision": "bf16", "channels_last": True, "compile": True},
+            "fp32+compile": {"compile": True}}
 
 
 def _sync(device):
@@ -40,98 +61,234 @@ def _timed(fn, device, warmup, repeats):
     return statistics.median(times)
 
 
-def _case(args, name, size, queue):
+def _models(args, stage2=True):
     import torch
-    from dsrdmpd.builders import build_stage1, build_stage2
+    from dsrdmpd.builders import build_stage1, build_stage2, load_stage1, load_stage2
     torch.manual_seed(0)
+    s1 = load_stage1(args.stage1) if args.stage1 else build_stage1({"dim": args.dim1})
+    if not stage2:
+        return s1.eval(), None
+    s2 = (load_stage2(args.stage2) if args.stage2 else
+          build_stage2({"dim": args.dim2, "perceptual_decoder": not args.plain}))
+    return s1.eval(), s2.eval()
+
+
+def _peak(dev):
+    import torch
+    if dev.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _case(args, spec, queue):
+    """One measurement in this (fresh) process; puts a dict on ``queue``."""
+    import torch
+    from dsrdmpd.inference import Dehazer
+    from dsrdmpd.models.unet_blocks import set_fused_attention
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = args.device
-    s1 = build_stage1({"dim": args.dim1}).to(dev).eval()
-    s2 = build_stage2({"dim": args.dim2, "perceptual_decoder": not args.plain}).to(dev).eval()
-    x = torch.rand(1, 3, size, size, device=dev)
-    with torch.no_grad():
-        c = s1(x)
-    if dev.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        if name == "stage1":
-            sec = _timed(lambda: s1(x), dev, args.warmup, args.repeats)
-        elif name == "stage2_fast":
-            sec = _timed(lambda: s2.sample(c, x, seed=0, fast=True), dev, args.warmup, args.repeats)
-        elif name == "stage2_straightforward":
-            sec = _timed(lambda: s2.sample(c, x, seed=0, fast=False), dev, args.warmup, args.repeats)
-        else:
-            raise ValueError(name)
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    params = sum(p.numel() for p in (s1 if name == "stage1" else s2).parameters()) / 1e6
-    queue.put({"case": name, "size": size, "seconds": sec, "peak_mib": peak, "params_m": params})
+    dev, kind, size = args.device, spec["kind"], spec["size"]
+    out = dict(spec)
+    g = torch.Generator().manual_seed(0)
+    if kind in ("stage1", "stage2_fast", "stage2_straightforward"):
+        s1, s2 = _models(args, stage2=kind != "stage1")
+        s1.to(dev)
+        x = torch.rand(1, 3, size, size, generator=g).to(dev)
+        with torch.inference_mode():
+            if kind == "stage1":
+                fn = lambda: s1(x)
+            else:
+                c = s1(x)
+                s2.to(dev)
+                fast = kind == "stage2_fast"
+                set_fused_attention(s2, fast)
+                fn = lambda: s2.sample(c, x, seed=0, fast=fast)
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            out["seconds"] = _timed(fn, dev, args.warmup, args.repeats)
+        out["params_m"] = sum(p.numel() for p in (s1 if s2 is None else s2).parameters()) / 1e6
+    elif kind == "pipeline":
+        s1, s2 = _models(args)
+        d = Dehazer(s1, s2, device=dev, **VARIANTS[spec["variant"]])
+        x = torch.rand(spec["batch"], 3, size, size, generator=g)
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        sec = _timed(lambda: d(x), dev, args.warmup + (2 if "compile" in spec["variant"] else 0), args.repeats)
+        out["seconds"] = sec
+        out["ms_per_image"] = 1000 * sec / spec["batch"]
+        out["img_per_s"] = spec["batch"] / sec
+        if spec["variant"] != "fp32":
+            ref = Dehazer(*_models(args), device=dev)(x).restored
+            mse = ((d(x).restored - ref) ** 2).mean().item()
+            out["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+    elif kind in ("train_fast", "train_straightforward"):
+        fast = kind == "train_fast"
+        s1, s2 = _models(args)
+        s1.to(dev).requires_grad_(False)
+        s2.to(dev).train()
+        set_fused_attention(s2, fast)
+        if fast:
+            s2.net.noise_decoder.requires_grad_(False)
+        opt = torch.optim.Adam([p for p in s2.parameters() if p.requires_grad], lr=8e-5)
+        hazy = torch.rand(args.train_batch, 3, size, size, generator=g).to(dev)
+        gt = torch.rand(args.train_batch, 3, size, size, generator=g).to(dev)
+        with torch.no_grad():
+            cached = s1(hazy)
+
+        def step():
+            with torch.no_grad():
+                coarse = cached if fast else s1(hazy)
+            t = torch.randint(0, s2.num_timesteps, (args.train_batch,), generator=g).to(dev)
+            noise = torch.randn(gt.shape, generator=g).to(dev)
+            loss = s2.training_loss(gt, coarse, hazy, t=t, noise=noise, full_network=not fast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        sec = _timed(step, dev, args.warmup, args.repeats)
+        out["seconds"] = sec
+        out["it_per_s"] = 1 / sec
+    elif kind == "scene":
+        s1, s2 = _models(args)
+        d = Dehazer(s1, s2, device=dev, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
+                    **VARIANTS[spec["variant"]])
+        x = torch.rand(1, 3, size, size, generator=g)
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        d(x)
+        _sync(dev)
+        out["seconds"] = time.perf_counter() - t0
+    else:
+        raise ValueError(kind)
+    out["peak_mib"] = _peak(dev)
+    queue.put(out)
 
 
-def run_case(args, name, size):
+def run_case(args, **spec):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_case, args=(args, name, size, q))
+    p = ctx.Process(target=_case, args=(args, spec, q))
     p.start()
+    res = q.get()
     p.join()
     if p.exitcode != 0:
-        raise RuntimeError(f"benchmark case {name} at {size} failed (exit {p.exitcode})")
-    return q.get()
+        raise RuntimeError(f"benchmark case {spec} failed (exit {p.exitcode})")
+    print(f"  {spec}: {res['seconds']:.3f} s, peak {res['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    return res
+
+
+def _fmt(v, f="{:.3f}"):
+    return "" if v is None else ("inf" if v == float("inf") else f.format(v))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[256])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[256, 512], help="square input sizes (may be empty)")
+    ap.add_argument("--straightforward-max", type=int, default=1024,
+                    help="largest size also timed on the straightforward path (it is slow and memory hungry)")
     ap.add_argument("--dim1", type=int, default=64, help="stage-1 width (paper: 64)")
     ap.add_argument("--dim2", type=int, default=64, help="stage-2 width (paper: 64)")
     ap.add_argument("--plain", action="store_true", help="stage 2 without the perceptual decoder")
+    ap.add_argument("--stage1", help="stage-1 checkpoint instead of random weights")
+    ap.add_argument("--stage2", help="stage-2 checkpoint instead of random weights")
+    ap.add_argument("--variants", nargs="*", default=["fp32"],
+                    help=f"pipeline variants among {list(VARIANTS)} ('all': every one)")
+    ap.add_argument("--batch", type=int, default=1, help="images per pipeline call")
+    ap.add_argument("--train-size", type=int, default=256, help="stage-2 training crop (0: skip training)")
+    ap.add_argument("--train-batch", type=int, default=1, help="stage-2 training batch (paper: 1)")
+    ap.add_argument("--scene", type=int, nargs="*", default=[], help="tiled scene sizes, e.g. 1024 2048 4096")
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--overlap", type=int, default=64)
+    ap.add_argument("--tile-batch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--out", type=Path, help="folder for benchmark.md / benchmark.csv")
     args = ap.parse_args(argv)
+    if args.variants == ["all"]:
+        args.variants = list(VARIANTS)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)} (choose from {list(VARIANTS)})")
 
     import torch
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but CUDA is not available")
-    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-               else f"CPU, {torch.get_num_threads()} threads")
-    rows = []
-    for size in args.sizes:
-        res = {n: run_case(args, n, size) for n in ("stage1", "stage2_fast", "stage2_straightforward")}
-        ratio = res["stage2_straightforward"]["seconds"] / res["stage2_fast"]["seconds"]
-        rows.append({"size": size,
-                     "stage1_s": res["stage1"]["seconds"],
-                     "stage2_fast_s": res["stage2_fast"]["seconds"],
-                     "stage2_straightforward_s": res["stage2_straightforward"]["seconds"],
-                     "speedup": ratio,
-                     "pipeline_fast_img_per_s": 1 / (res["stage1"]["seconds"] + res["stage2_fast"]["seconds"]),
-                     "stage1_params_m": res["stage1"]["params_m"], "stage2_params_m": res["stage2_fast"]["params_m"],
-                     "peak_mib_stage1": res["stage1"]["peak_mib"], "peak_mib_stage2_fast": res["stage2_fast"]["peak_mib"],
-                     "peak_mib_stage2_straightforward": res["stage2_straightforward"]["peak_mib"]})
-    mem = "GPU max allocated" if args.device.startswith("cuda") else "process peak RSS"
-    lines = [f"Device: {args.device} ({machine}); stage-1 dim {args.dim1}, stage-2 dim {args.dim2} "
-             f"({'plain' if args.plain else 'perceptual'} decoder), 5 sampling steps, batch 1; "
-             f"median of {args.repeats} after {args.warmup} warm-up; memory = {mem}.", "",
-             "| size | stage 1 (s) | stage 2 fast (s) | stage 2 straightforward (s) | speed-up | pipeline img/s (fast) "
-             "| params S1 / S2 (M) | peak MiB S1 / S2 fast / S2 straightforward |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['size']} | {r['stage1_s']:.3f} | {r['stage2_fast_s']:.3f} | "
-                     f"{r['stage2_straightforward_s']:.3f} | {r['speedup']:.2f}x | {r['pipeline_fast_img_per_s']:.3f} | "
-                     f"{r['stage1_params_m']:.1f} / {r['stage2_params_m']:.1f} | {r['peak_mib_stage1']:.0f} / "
-                     f"{r['peak_mib_stage2_fast']:.0f} / {r['peak_mib_stage2_straightforward']:.0f} |")
+    machine = (torch.cuda.get_device_name() if cuda else
+               f"{platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} threads")
+    mem = "GPU max allocated" if cuda else "process peak RSS"
+    records = []
+    lines = [f"Device: {args.device} ({machine}); torch {torch.__version__}; stage-1 dim {args.dim1}, stage-2 dim "
+             f"{args.dim2} ({'plain' if args.plain else 'perceptual'} decoder), 5 sampling steps; median of "
+             f"{args.repeats} after {args.warmup} warm-up; memory = {mem} (MiB).", ""]
+
+    if args.sizes:
+        lines += ["| size | stage 1 (s) | stage 2 fast (s) | stage 2 straightforward (s) | speed-up | "
+                  "pipeline img/s fast | pipeline img/s straightforward | peak S1 / S2 fast / S2 straightf. |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for size in args.sizes:
+            s1 = run_case(args, kind="stage1", size=size)
+            fast = run_case(args, kind="stage2_fast", size=size)
+            slow = (run_case(args, kind="stage2_straightforward", size=size)
+                    if size <= args.straightforward_max else None)
+            records += [s1, fast] + ([slow] if slow else [])
+            sp = slow["seconds"] / fast["seconds"] if slow else None
+            lines.append(f"| {size} | {_fmt(s1['seconds'])} | {_fmt(fast['seconds'])} | "
+                         f"{_fmt(slow and slow['seconds'])} | {_fmt(sp, '{:.2f}x')} | "
+                         f"{_fmt(1 / (s1['seconds'] + fast['seconds']))} | "
+                         f"{_fmt(slow and 1 / (s1['seconds'] + slow['seconds']))} | {s1['peak_mib']:.0f} / "
+                         f"{fast['peak_mib']:.0f} / {_fmt(slow and slow['peak_mib'], '{:.0f}')} |")
+        lines.append("")
+
+    if args.variants and args.sizes and (args.variants != ["fp32"] or args.batch > 1):
+        lines += [f"Pipeline variants (both stages through `Dehazer`, batch {args.batch}):", "",
+                  "| size | variant | ms / image | img/s | PSNR vs fp32 (dB) | peak |", "|---|---|---|---|---|---|"]
+        for size in args.sizes:
+            for v in args.variants:
+                r = run_case(args, kind="pipeline", size=size, variant=v, batch=args.batch)
+                records.append(r)
+                lines.append(f"| {size} | {v} | {r['ms_per_image']:.1f} | {r['img_per_s']:.2f} | "
+                             f"{_fmt(r.get('psnr_vs_fp32'), '{:.1f}') or 'reference'} | {r['peak_mib']:.0f} |")
+        lines.append("")
+
+    if args.train_size:
+        fast = run_case(args, kind="train_fast", size=args.train_size)
+        slow = run_case(args, kind="train_straightforward", size=args.train_size)
+        records += [fast, slow]
+        lines += [f"Stage-2 training step ({args.train_size}x{args.train_size}, batch {args.train_batch}, Adam):", "",
+                  "| path | s / step | it/s | peak |", "|---|---|---|---|",
+                  f"| fast (cached stage 1, residual decoder only) | {fast['seconds']:.3f} | {fast['it_per_s']:.3f} | "
+                  f"{fast['peak_mib']:.0f} |",
+                  f"| straightforward (stage 1 every step, full network) | {slow['seconds']:.3f} | "
+                  f"{slow['it_per_s']:.3f} | {slow['peak_mib']:.0f} |",
+                  f"| speed-up | {slow['seconds'] / fast['seconds']:.2f}x | | |", ""]
+
+    if args.scene:
+        v = args.variants[-1] if args.variants else "fp32"
+        lines += [f"Tiled scenes (tile {args.tile}, overlap {args.overlap}, {args.tile_batch} tile(s) per call, "
+                  f"variant {v}; one run each):", "", "| scene | tiles | seconds | peak |", "|---|---|---|---|"]
+        from dsrdmpd.inference import padded_size, tile_starts
+        for size in args.scene:
+            r = run_case(args, kind="scene", size=size, variant=v)
+            records.append(r)
+            n = len(tile_starts(padded_size(size, size)[0], args.tile, args.overlap)) ** 2
+            lines.append(f"| {size}x{size} | {n} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |")
+        lines.append("")
+
     table = "\n".join(lines)
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "benchmark.md").write_text(table + "\n")
+        keys = sorted({k for r in records for k in r})
         with open(args.out / "benchmark.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
-            w.writerows(rows)
+            w.writerows(records)
 
 
 if __name__ == "__main__":

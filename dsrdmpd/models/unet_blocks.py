@@ -21,7 +21,9 @@ class WeightStandardizedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False, keepdim=True)
-        w = (w - mean) * (var + _eps(x.dtype)).rsqrt()
+        # eps follows the parameters' dtype (the official code reads the input's, which is the
+        # same except under autocast, where the float32 eps keeps bf16 runs close to float32)
+        w = (w - mean) * (var + _eps(w.dtype)).rsqrt()
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -33,8 +35,10 @@ class ChannelLayerNorm(nn.Module):
         self.g = nn.Parameter(torch.ones(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
-        return (x - mean) * (var + _eps(x.dtype)).rsqrt() * self.g
+        # statistics in at least the parameters' precision (matters under bf16 autocast only)
+        xs = x.to(torch.promote_types(x.dtype, self.g.dtype))
+        var, mean = torch.var_mean(xs, dim=1, unbiased=False, keepdim=True)
+        return ((xs - mean) * (var + _eps(self.g.dtype)).rsqrt() * self.g).to(x.dtype)
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -119,7 +123,15 @@ class LinearAttention(nn.Module):
 
 
 class Attention(nn.Module):
-    """Full softmax attention over positions, 4 heads of 32, 1x1 conv out."""
+    """Full softmax attention over positions, 4 heads of 32, 1x1 conv out.
+
+    With ``fused`` (default) the attention runs through
+    ``F.scaled_dot_product_attention`` (the same softmax(q k^T * scale) v, equal to float
+    rounding) whose fused kernels never hold the (HW/64)^2 score matrix: memory stays
+    linear in the number of positions. ``fused = False`` is the authors' explicit form.
+    """
+
+    fused = True
 
     def __init__(self, channels: int, heads: int = 4, dim_head: int = 32):
         super().__init__()
@@ -131,8 +143,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
-        sim = torch.einsum("bhdi,bhdj->bhij", q * self.scale, k)
-        out = torch.einsum("bhij,bhdj->bhid", sim.softmax(dim=-1), v)
+        if self.fused:
+            # (B, heads, positions, dim_head), contiguous so that the fused kernels apply
+            q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            sim = torch.einsum("bhdi,bhdj->bhij", q * self.scale, k)
+            out = torch.einsum("bhij,bhdj->bhid", sim.softmax(dim=-1), v)
         return self.to_out(out.permute(0, 1, 3, 2).reshape(b, -1, h, w))
 
 
@@ -166,3 +183,12 @@ class Resample(nn.Module):
         if self.mode == "up":
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x)
+
+
+def set_fused_attention(module: nn.Module, fused: bool) -> nn.Module:
+    """Switch every :class:`Attention` inside ``module`` between the fused kernel and the
+    authors' explicit form; returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.fused = fused
+    return module

@@ -1,0 +1,203 @@
+"""scripts/test.py, metric protocols, tiling, any-size input, real data."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dsrdmpd.builders import build_stage1, build_stage2, save_stage
+from dsrdmpd.imageio import read_image, write_image
+from dsrdmpd.inference import Dehazer, feather_weights, tile_starts
+from dsrdmpd.metrics import psnr_ssim
+
+from conftest import REALDATA_DIR, ROOT, fixture_files, require
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import test as test_script  # noqa: E402  (scripts/test.py)
+import dehaze as dehaze_script  # noqa: E402  (scripts/dehaze.py)
+
+
+@pytest.fixture(scope="module", params=fixture_files("chain"))
+def chain(request):
+    return require(request.param)
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return {r["name"]: r for r in csv.DictReader(f)}
+
+
+def test_test_script_on_chain_fixture(chain, tmp_path):
+    meta = json.loads((chain / "expected_metrics.json").read_text())
+    expected = torch.load(chain / "expected_outputs.pt", weights_only=False)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps({"stage1": meta["config"]["stage1"], "stage2": meta["config"]["stage2"]}))
+    means = test_script.main(["--stage1", str(chain / "stage1_official.pth"), "--stage2",
+                              str(chain / "stage2_official.pt"), "--config", str(cfg), "--seed",
+                              str(meta["config"]["seed"]), "--hazy-dir", str(chain / "data" / "hazy"), "--gt-dir",
+                              str(chain / "data" / "GT"), "--output", str(tmp_path / "out"), "--panels", "1"])
+    rows = _read_csv(tmp_path / "out" / "metrics.csv")
+    for name, exp in expected.items():
+        saved = read_image(tmp_path / "out" / "restored" / name).tensor
+        assert (saved - exp["restored"][0].float()).abs().max() <= 1 / 255 + 1e-6
+        want = meta["per_image"][name]
+        assert float(rows[name]["psnr_stage2"]) == pytest.approx(want["psnr"], abs=1e-3)
+        assert float(rows[name]["ssim_stage2"]) == pytest.approx(want["ssim"], abs=1e-4)
+        assert float(rows[name]["psnr_stage1"]) == pytest.approx(want["psnr_coarse"], abs=1e-3)
+        assert float(rows[name]["ssim_stage1"]) == pytest.approx(want["ssim_coarse"], abs=1e-4)
+    assert means["psnr_stage2"] == pytest.approx(meta["mean"]["psnr"], abs=1e-3)
+    assert means["ssim_stage2"] == pytest.approx(meta["mean"]["ssim"], abs=1e-4)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "paper protocol" in summary and f"{meta['mean']['psnr']:.3f}" in summary
+    assert (tmp_path / "out" / "panels" / "img_000.png").is_file()
+
+
+def _paper_reference(a: np.ndarray, b: np.ndarray):
+    """Independent float64 numpy version of the authors' metric code."""
+    from scipy.ndimage import correlate
+    x = np.arange(11) - 5
+    g = np.exp(-x ** 2 / (2 * 1.5 ** 2))
+    g /= g.sum()
+    win = np.outer(g, g)
+    filt = lambda z: correlate(z, win, mode="constant", cval=0.0)
+    maps = []
+    for c in range(3):
+        p, q = a[c], b[c]
+        mp, mq = filt(p), filt(q)
+        spp, sqq, spq = filt(p * p) - mp ** 2, filt(q * q) - mq ** 2, filt(p * q) - mp * mq
+        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        maps.append(((2 * mp * mq + c1) * (2 * spq + c2)) / ((mp ** 2 + mq ** 2 + c1) * (spp + sqq + c2)))
+    return 10 * np.log10(1 / np.mean((a - b) ** 2)), float(np.mean(maps))
+
+
+def test_paper_protocol_against_independent_numpy():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(3, 40, 52, generator=g)
+    pred = (gt + 0.1 * torch.randn(3, 40, 52, generator=g)).clamp(0, 1)
+    ours = psnr_ssim(pred, gt, "paper")
+    ref_psnr, ref_ssim = _paper_reference(pred.double().numpy(), gt.double().numpy())
+    assert ours["psnr"][0] == pytest.approx(ref_psnr, abs=1e-4)
+    assert ours["ssim"][0] == pytest.approx(ref_ssim, abs=1e-5)
+
+
+def test_standard_protocol_against_skimage():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    g = torch.Generator().manual_seed(1)
+    gt = torch.rand(3, 48, 64, generator=g)
+    pred = (gt + 0.05 * torch.randn(3, 48, 64, generator=g)).clamp(0, 1)
+    ours = psnr_ssim(pred, gt, "standard")
+    a = (pred * 255).round().byte().permute(1, 2, 0).numpy()
+    b = (gt * 255).round().byte().permute(1, 2, 0).numpy()
+    assert ours["psnr"][0] == pytest.approx(peak_signal_noise_ratio(b, a, data_range=255), abs=1e-6)
+    sk = structural_similarity(b, a, channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5,
+                               use_sample_covariance=False)
+    assert ours["ssim"][0] == pytest.approx(sk, abs=1e-6)
+    assert abs(ours["ssim"][0] - psnr_ssim(pred, gt, "paper")["ssim"][0]) > 1e-4   # protocols do differ
+
+
+@pytest.fixture(scope="module")
+def tiny_dehazer_parts():
+    torch.manual_seed(0)
+    return build_stage1({"dim": 32}).eval(), build_stage2({"dim": 8}).eval()
+
+
+def test_tiling_single_tile_equals_untiled(tiny_dehazer_parts):
+    s1, s2 = tiny_dehazer_parts
+    x = torch.rand(1, 3, 90, 130)
+    full = Dehazer(s1, s2)(x)
+    tiled = Dehazer(s1, s2, tile=256, overlap=32)(x)
+    assert torch.equal(full.restored, tiled.restored) and torch.equal(full.coarse, tiled.coarse)
+
+
+def test_tiling_blends_tile_outputs(tiny_dehazer_parts):
+    """Inside a region covered by one tile the result is that tile's own output; in the
+    overlaps it is a convex combination of the overlapping tiles' outputs."""
+    s1, s2 = tiny_dehazer_parts
+    x = torch.rand(1, 3, 128, 192)
+    d = Dehazer(s1, s2, tile=128, overlap=32)
+    out = d(x, seed=3)
+    assert tile_starts(192, 128, 32) == [0, 64]
+    noise = torch.randn((1, 3, 128, 192), generator=torch.Generator().manual_seed(3))
+    _, left = d._run(x[..., :, 0:128], noise[..., :, 0:128])
+    _, right = d._run(x[..., :, 64:192], noise[..., :, 64:192])
+    torch.testing.assert_close(out.restored[..., :, :64], left[..., :, :64], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.restored[..., :, 128:], right[..., :, 64:], rtol=0, atol=1e-6)
+    mid, lo, hi = out.restored[..., :, 64:128], torch.minimum(left[..., 64:], right[..., :64]), \
+        torch.maximum(left[..., 64:], right[..., :64])
+    assert bool(((mid >= lo - 1e-6) & (mid <= hi + 1e-6)).all())
+    assert (mid - left[..., 64:]).abs().max() > 0        # a real blend, not a copy
+    # the difference from the untiled run is bounded by how much the tiles themselves differ from it
+    full = Dehazer(s1, s2)(x, seed=3).restored
+    bound = torch.maximum((left - full[..., :128]).abs().max(), (right - full[..., 64:]).abs().max())
+    assert (out.restored - full).abs().max() <= bound + 1e-6
+
+
+def test_feather_weights_positive_and_flat_inside():
+    w = feather_weights(64, 96, 16)
+    assert w.min() > 0 and w[0, 0, 32, 48] == 1 and w.shape == (1, 1, 64, 96)
+
+
+@pytest.mark.parametrize("h,w", [(50, 77), (17, 200)])
+def test_odd_sizes_come_back_at_their_size(tiny_dehazer_parts, h, w):
+    s1, s2 = tiny_dehazer_parts
+    for tile in (None, 64):
+        out = Dehazer(s1, s2, tile=tile, overlap=16)(torch.rand(1, 3, h, w))
+        assert out.restored.shape == (1, 3, h, w)
+
+
+def test_16bit_tiff_in_16bit_out(chain, tmp_path):
+    img = torch.rand(3, 64, 80)
+    write_image(img, tmp_path / "in" / "scene.tif", bit_depth=16)
+    test_script.main(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
+                      "--hazy-dir", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    out = read_image(tmp_path / "out" / "restored" / "scene.tif")
+    assert out.bit_depth == 16 and out.tensor.shape == (3, 64, 80)
+
+
+def _realdata_sets():
+    if not REALDATA_DIR.is_dir():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no {REALDATA_DIR}"))]
+    return [pytest.param(h.parent, id=str(h.parent.relative_to(REALDATA_DIR)))
+            for h in sorted(REALDATA_DIR.rglob("hazy")) if (h.parent / "GT").is_dir()]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """Random tiny models in the project's checkpoint format (plain decoder, one sampling
+    step: the real-data runs check file handling and sizes, not quality, and must be quick)."""
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    torch.manual_seed(0)
+    cfg = {"stage1": {"dim": 32}, "stage2": {"dim": 8, "sampling_timesteps": 1, "perceptual_decoder": False}}
+    save_stage(build_stage1(cfg["stage1"]), root / "s1.pt", 1, cfg)
+    save_stage(build_stage2(cfg["stage2"]), root / "s2.pt", 2, cfg)
+    return root / "s1.pt", root / "s2.pt"
+
+
+@pytest.mark.parametrize("folder", _realdata_sets())
+def test_runs_on_real_data(tiny_checkpoints, folder, tmp_path):
+    """Every real pair (256-600 px, PNG / JPEG / TIFF) goes through test.py (with GT) and
+    through the inference command scripts/dehaze.py (no GT) without error; results come
+    back at the input's size and bit depth, and both commands write the same pixels."""
+    s1, s2 = map(str, tiny_checkpoints)
+    means = test_script.main(["--stage1", s1, "--stage2", s2, "--hazy-dir", str(folder / "hazy"), "--gt-dir",
+                              str(folder / "GT"), "--output", str(tmp_path / "test"), "--panels", "1"])
+    rows = _read_csv(tmp_path / "test" / "metrics.csv")
+    names = sorted(p.name for p in (folder / "hazy").iterdir())
+    assert sorted(rows) == names
+    for name, r in rows.items():
+        assert np.isfinite(float(r["psnr_stage2"])) and 0 < float(r["ssim_stage2"]) <= 1
+    assert set(means) == {"psnr_stage1", "ssim_stage1", "psnr_stage2", "ssim_stage2"}
+    assert (tmp_path / "test" / "panels").is_dir()
+    dehaze_script.main(["--stage1", s1, "--stage2", s2, "--input", str(folder / "hazy"), "--output",
+                        str(tmp_path / "dehaze")])
+    for name in names:
+        hazy = read_image(folder / "hazy" / name)
+        out_name = name if name.endswith((".png", ".tif", ".tiff")) else name.rsplit(".", 1)[0] + ".png"
+        outs = [read_image(tmp_path / run / "restored" / out_name) for run in ("test", "dehaze")]
+        for out in outs:
+            assert out.tensor.shape == hazy.tensor.shape and out.bit_depth == hazy.bit_depth
+        assert torch.equal(outs[0].tensor, outs[1].tensor)

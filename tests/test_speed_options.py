@@ -1,0 +1,111 @@
+"""Speed options keep outputs within their stated tolerance of the float32 reference.
+
+CPU tests run everywhere (tiny widths, the official chain fixture); CUDA tests skip
+without a GPU. Figures measured on the chain fixture (CPU, torch 2.13): channels_last
+max |diff| 4e-5; bf16-stage1 pipeline 52 dB; bf16 stage 1 alone 65 dB; bf16 both stages
+36 dB (the README says so: bf16 on stage 2 is opt-in for speed, not exactness).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dsrdmpd.builders import build_stage2
+from dsrdmpd.imageio import read_image
+from dsrdmpd.inference import Dehazer
+from dsrdmpd.models.unet_blocks import Attention, set_fused_attention
+
+from conftest import fixture_files, require
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
+@pytest.fixture(scope="module", params=fixture_files("chain"))
+def chain(request):
+    path = require(request.param)
+    hazy = torch.stack([read_image(p).tensor for p in sorted((path / "data" / "hazy").iterdir())])
+    ckpts = (str(path / "stage1_official.pth"), str(path / "stage2_official.pt"))
+    reference = Dehazer.from_checkpoints(*ckpts)(hazy)
+    return ckpts, hazy, reference
+
+
+def test_fused_attention_equals_explicit():
+    torch.manual_seed(0)
+    attn = Attention(16).eval()
+    x = torch.randn(2, 16, 12, 20)
+    with torch.no_grad():
+        fused = attn(x)
+        attn.fused = False
+        explicit = attn(x)
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=1e-5)
+    assert (fused - explicit).abs().max() < 1e-5 and fused.abs().max() > 1e-2
+
+
+def test_fused_attention_sample_equals_explicit():
+    torch.manual_seed(0)
+    s2 = build_stage2({"dim": 8}).eval()
+    c, x = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    fused = s2.sample(c, x, seed=1)
+    explicit = set_fused_attention(s2, False).sample(c, x, seed=1)
+    assert (fused - explicit).abs().max() < 1e-4
+
+
+def test_channels_last_matches_float32(chain):
+    ckpts, hazy, ref = chain
+    out = Dehazer.from_checkpoints(*ckpts, channels_last=True)(hazy)
+    assert (out.coarse - ref.coarse).abs().max() < 1e-5
+    assert (out.restored - ref.restored).abs().max() < 5e-4
+
+
+@pytest.mark.parametrize("precision,min_coarse_db,min_restored_db", [("bf16-stage1", 55, 45), ("bf16", 55, 30)])
+def test_bf16_accuracy_cpu(chain, precision, min_coarse_db, min_restored_db):
+    ckpts, hazy, ref = chain
+    out = Dehazer.from_checkpoints(*ckpts, precision=precision)(hazy)
+    assert out.restored.dtype == torch.float32 and out.restored.shape == ref.restored.shape
+    assert min_coarse_db < psnr(out.coarse, ref.coarse) < 200      # bf16 really ran
+    assert psnr(out.restored, ref.restored) > min_restored_db
+
+
+def test_tile_batching_equals_one_tile_per_call():
+    torch.manual_seed(0)
+    from dsrdmpd.builders import build_stage1
+    s1, s2 = build_stage1({"dim": 32}).eval(), build_stage2({"dim": 8, "sampling_timesteps": 2}).eval()
+    x = torch.rand(2, 3, 96, 160)
+    one = Dehazer(s1, s2, tile=64, overlap=16, tile_batch=1)(x).restored
+    many = Dehazer(s1, s2, tile=64, overlap=16, tile_batch=5)(x).restored
+    assert (one - many).abs().max() < 1e-4        # batched convs differ from single ones by rounding only
+
+
+def test_unknown_precision_is_refused():
+    torch.manual_seed(0)
+    from dsrdmpd.builders import build_stage1
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        Dehazer(build_stage1({"dim": 32}), build_stage2({"dim": 8}), precision="fp16")
+
+
+@needs_cuda
+@pytest.mark.parametrize("opts,min_db", [({}, 80), ({"channels_last": True}, 60),
+                                         ({"precision": "bf16-stage1"}, 45),
+                                         ({"precision": "bf16-stage1", "channels_last": True}, 45),
+                                         ({"precision": "bf16"}, 30)])
+def test_gpu_options_against_cpu_float32(chain, opts, min_db):
+    ckpts, hazy, ref = chain
+    out = Dehazer.from_checkpoints(*ckpts, device="cuda", **opts)(hazy)
+    assert out.restored.device.type == "cpu" or out.restored.is_cuda
+    assert psnr(out.restored.cpu(), ref.restored) > min_db
+
+
+@needs_cuda
+def test_gpu_compile_matches_eager(chain):
+    ckpts, hazy, _ = chain
+    eager = Dehazer.from_checkpoints(*ckpts, device="cuda")(hazy).restored
+    compiled = Dehazer.from_checkpoints(*ckpts, device="cuda", compile=True)(hazy).restored
+    assert psnr(compiled, eager) > 60
