@@ -36,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = {"fp32": {}, "bf16": {"precision": "bf16"},
+VARIANTS = {"fp32": {}, "fp32+cl": {"channels_last": True}, "bf16-stage1": {"precision": "bf16-stage1"},
+            "bf16-stage1+cl": {"precision": "bf16-stage1", "channels_last": True}, "bf16": {"precision": "bf16"},
             "bf16+cl": {"precision": "bf16", "channels_last": True},
             "bf16+cl+compile": {"precision": "bf16", "channels_last": True, "compile": True},
             "fp32+compile": {"compile": True}}
