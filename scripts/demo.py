@@ -71,8 +71,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--train-images", type=int, default=48)
     ap.add_argument("--test-images", type=int, default=8)
-    ap.add_argument("--stage1-epochs", type=int, default=25)
-    ap.add_argument("--stage2-steps", type=int, default=400)
+    ap.add_argument("--stage1-epochs", type=int, default=20)
+    ap.add_argument("--stage2-steps", type=int, default=300)
     args = ap.parse_args(argv)
     out = args.output
     t_start = time.time()
