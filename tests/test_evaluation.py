@@ -239,3 +239,15 @@ def test_reproduce_tables_puts_ours_beside_paper(chain, tmp_path):
     assert rows["missing"]["psnr"] == "" and "skipped: not found" in rows["missing"]["note"]
     md = (tmp_path / "out" / "tables.md").read_text()
     assert f"| chain | {meta['mean']['psnr']:.2f} |" in md and "12.34" in md and "paper protocol" in md
+
+
+def test_resize_protocol_scores_at_the_given_size(chain, tmp_path):
+    """--resize N: hazy and GT are resized to N x N before dehazing and scoring; results are N x N."""
+    test_script.main(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
+                      "--hazy-dir", str(chain / "data" / "hazy"), "--gt-dir", str(chain / "data" / "GT"),
+                      "--output", str(tmp_path), "--resize", "80"])
+    rows = _read_csv(tmp_path / "metrics.csv")
+    assert rows and all((r["height"], r["width"]) == ("80", "80") for r in rows.values())
+    for name in rows:
+        assert read_image(tmp_path / "restored" / name).tensor.shape == (3, 80, 80)
+    assert "resized to 80" in (tmp_path / "summary.md").read_text()
