@@ -13,17 +13,19 @@ import torch
 from .checkpoints import (PROJECT_FORMAT, STAGE2_CHECKED_BUFFERS, STAGE2_DROPPED_BUFFERS, CheckpointError,
                           PathLike, check_stage2_buffers, is_project_checkpoint, load_into, read_checkpoint,
                           save_atomic, stage_state_dict)
-from .config import DEFAULTS
+from .config import DEFAULTS, check_keys
 from .diffusion import ResidualDiffusion
 from .models import MCESSUNet, ResidualDiffusionUNet
 
 
 def build_stage1(cfg: Optional[Dict[str, Any]] = None) -> MCESSUNet:
+    check_keys("stage1", cfg or {}, DEFAULTS["stage1"], strict=True)
     cfg = {**DEFAULTS["stage1"], **(cfg or {})}
     return MCESSUNet(dim=int(cfg["dim"]))
 
 
 def build_stage2(cfg: Optional[Dict[str, Any]] = None) -> ResidualDiffusion:
+    check_keys("stage2", cfg or {}, DEFAULTS["stage2"], strict=True)
     cfg = {**DEFAULTS["stage2"], **(cfg or {})}
     net = ResidualDiffusionUNet(int(cfg["dim"]), tuple(int(m) for m in cfg["dim_mults"]),
                                 bool(cfg["perceptual_decoder"]))

@@ -7,6 +7,8 @@ itself), then ``key.sub=value`` overrides whose values are parsed as YAML scalar
 from __future__ import annotations
 
 import copy
+import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
 
@@ -22,6 +24,19 @@ DEFAULTS: Dict[str, Any] = {
 
 class ConfigError(ValueError):
     """Bad config file or override; the message names the file or key."""
+
+
+def check_keys(section: str, values: Dict[str, Any], known: Iterable[str], strict: bool = False) -> None:
+    """Report keys of ``values`` not in ``known`` (a misspelt key would otherwise be ignored
+    silently): ConfigError when ``strict``, else a warning; suggests the closest known key."""
+    known = sorted(set(known))
+    for key in sorted(set(values or {}) - set(known)):
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+        msg = f"unknown config key {section}.{key}{hint}; known keys: {', '.join(known)}"
+        if strict:
+            raise ConfigError(msg)
+        warnings.warn(msg, stacklevel=3)
 
 
 def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:

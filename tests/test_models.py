@@ -170,3 +170,11 @@ def test_plain_variant_has_no_fusion():
     assert net.residual_decoder.fusions is None and net.noise_decoder.fusions is None
     res, noise = net(torch.rand(1, 9, 16, 16), torch.tensor([10]))
     assert res.shape == noise.shape == (1, 3, 16, 16)
+
+
+def test_misspelt_model_key_is_an_error_with_a_suggestion():
+    from dsrdmpd.config import ConfigError
+    with pytest.raises(ConfigError, match=r"stage2\.sampling_timestep \(did you mean stage2\.sampling_timesteps\?\)"):
+        build_stage2({"dim": 8, "sampling_timestep": 3})
+    with pytest.raises(ConfigError, match=r"unknown config key stage1\.width"):
+        build_stage1({"width": 32})

@@ -157,3 +157,14 @@ def test_killed_during_checkpoint_write_leaves_valid_latest(tmp_path):
         assert torch.all(obj["w"] == obj["i"])
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
     assert all(p.startswith(".last.pt.") for p in leftovers)   # only orphaned temp files, never the final name
+
+
+def test_misspelt_training_key_warns_with_a_suggestion(data_root, tmp_path):
+    with pytest.warns(UserWarning, match=r"train\.learning_rate.*known keys.*lr"):
+        train_main(1, ["--config", str(ROOT / "configs" / "stage1_tiny.yaml"), "--run-dir", str(tmp_path / "s1"),
+                       "--set", f"data.root={data_root}", "--set", "train.epochs=1", "--set", "train.batch_size=2",
+                       "--set", "train.learning_rate=0.1", "--max-steps", "1"])
+    with pytest.warns(UserWarning, match=r"data\.num_worker \(did you mean data\.num_workers\?\)"):
+        train_main(1, ["--config", str(ROOT / "configs" / "stage1_tiny.yaml"), "--run-dir", str(tmp_path / "s1b"),
+                       "--set", f"data.root={data_root}", "--set", "train.epochs=1", "--set", "train.batch_size=2",
+                       "--set", "data.num_worker=0", "--max-steps", "1"])

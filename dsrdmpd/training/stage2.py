@@ -32,6 +32,7 @@ class Stage2Trainer(BaseTrainer):
     stage = 2
     size_multiple = 8           # stage 2's rule; stage 1 pads and crops back
     train_defaults = STAGE2_TRAIN_DEFAULTS
+    train_options = BaseTrainer.train_options + ("cache_on_cpu", "stage1_use_config")
 
     def build(self) -> None:
         ckpt = self.tcfg.get("stage1_checkpoint")

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from accelerate import Accelerator
 
+from ..config import check_keys
 from ..data import split_pairs
 from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, load_training_state, make_loader, optional_tensorboard,
@@ -26,8 +27,14 @@ class BaseTrainer:
     stage: int = 0
     size_multiple: int = 1
     train_defaults: Dict[str, Any] = {}
+    # train keys read without a default value: device ('auto' | 'cpu'), tensorboard, val_protocol, val_every, save_every
+    train_options = ("device", "tensorboard", "val_protocol", "val_every", "save_every")
+    data_keys = ("preset", "root", "train_split", "val_split", "val_limit", "crop", "flip", "resize", "num_workers",
+                 "hazy_dir", "gt_dir", "hazy_key", "gt_key")
 
     def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None):
+        check_keys("train", cfg.get("train") or {}, (*self.train_defaults, *self.train_options))
+        check_keys("data", cfg.get("data") or {}, self.data_keys)
         cfg["train"] = {**self.train_defaults, **(cfg.get("train") or {})}
         self.cfg = cfg
         self.tcfg = cfg["train"]
