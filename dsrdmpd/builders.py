@@ -13,7 +13,7 @@ import torch
 from .checkpoints import (PROJECT_FORMAT, STAGE2_CHECKED_BUFFERS, STAGE2_DROPPED_BUFFERS, CheckpointError,
                           PathLike, check_stage2_buffers, is_project_checkpoint, load_into, read_checkpoint,
                           save_atomic, stage_state_dict)
-from .config import DEFAULTS, check_keys
+from .config import DEFAULTS, ConfigError, check_keys
 from .diffusion import ResidualDiffusion
 from .models import MCESSUNet, ResidualDiffusionUNet
 
@@ -27,6 +27,9 @@ def build_stage1(cfg: Optional[Dict[str, Any]] = None) -> MCESSUNet:
 def build_stage2(cfg: Optional[Dict[str, Any]] = None) -> ResidualDiffusion:
     check_keys("stage2", cfg or {}, DEFAULTS["stage2"], strict=True)
     cfg = {**DEFAULTS["stage2"], **(cfg or {})}
+    if str(cfg["loss_type"]).lower() != "l1":
+        raise ConfigError(f"stage2.loss_type {cfg['loss_type']!r} is not supported: the paper (and this package) "
+                          f"train with 'l1'")
     net = ResidualDiffusionUNet(int(cfg["dim"]), tuple(int(m) for m in cfg["dim_mults"]),
                                 bool(cfg["perceptual_decoder"]))
     return ResidualDiffusion(net, int(cfg["timesteps"]), int(cfg["sampling_timesteps"]), cfg["objective"],

@@ -17,7 +17,7 @@ import yaml
 DEFAULTS: Dict[str, Any] = {
     "stage1": {"dim": 64},
     "stage2": {"dim": 64, "dim_mults": [1, 2, 4, 8], "perceptual_decoder": True, "timesteps": 1000,
-               "sampling_timesteps": 5, "objective": "pred_res", "sum_scale": 1.0},
+               "sampling_timesteps": 5, "objective": "pred_res", "loss_type": "l1", "sum_scale": 1.0},
     "sampling": {"seed": 0, "eta": 0.0, "fast": True},
 }
 

@@ -178,3 +178,5 @@ def test_misspelt_model_key_is_an_error_with_a_suggestion():
         build_stage2({"dim": 8, "sampling_timestep": 3})
     with pytest.raises(ConfigError, match=r"unknown config key stage1\.width"):
         build_stage1({"width": 32})
+    with pytest.raises(ConfigError, match=r"loss_type 'l2' is not supported"):
+        build_stage2({"dim": 8, "loss_type": "l2"})
