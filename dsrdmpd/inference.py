@@ -21,8 +21,9 @@ exactly the untiled result.
 
 Speed options (all off by default; the default path is the reference float32 one):
 ``precision='bf16'`` runs both networks under bfloat16 autocast (the sampler's
-arithmetic stays float32; 'bf16-stage1' only stage 1, which is far less sensitive), ``channels_last`` stores activations NHWC (faster convs on
-GPUs and recent CPUs), ``compile`` wraps both networks with ``torch.compile``.
+arithmetic stays float32; 'bf16-stage1' only stage 1, which is far less sensitive),
+``channels_last`` stores activations NHWC (meant for GPU convolutions), ``compile`` wraps
+both networks with ``torch.compile``.
 ``tile_batch`` > 1 runs several tiles per network call. Everything runs under
 ``torch.inference_mode``.
 """
@@ -161,7 +162,9 @@ class Dehazer:
         weight = feather_weights(th, tw, self.overlap)
         acc_c = torch.zeros_like(x)
         acc_r = torch.zeros_like(x)
-        norm = torch.zeros((1, 1, hp, wp))
+        norm = torch.zeros((1, 1, hp, wp))        # the same windows for every image
+        for y, xx in windows:
+            norm[:, :, y:y + th, xx:xx + tw] += weight
         jobs = [(i, y, xx) for i in range(b) for (y, xx) in windows]
         for k in range(0, len(jobs), self.tile_batch):
             chunk = jobs[k:k + self.tile_batch]
@@ -171,8 +174,6 @@ class Dehazer:
             for j, (i, y, xx) in enumerate(chunk):
                 acc_c[i:i + 1, :, y:y + th, xx:xx + tw] += c[j:j + 1].cpu() * weight
                 acc_r[i:i + 1, :, y:y + th, xx:xx + tw] += r[j:j + 1].cpu() * weight
-                if i == 0:
-                    norm[:, :, y:y + th, xx:xx + tw] += weight
         return acc_c / norm, acc_r / norm
 
     dehaze = __call__
