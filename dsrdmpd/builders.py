@@ -31,7 +31,7 @@ def build_stage2(cfg: Optional[Dict[str, Any]] = None) -> ResidualDiffusion:
         raise ConfigError(f"stage2.loss_type {cfg['loss_type']!r} is not supported: the paper (and this package) "
                           f"train with 'l1'")
     net = ResidualDiffusionUNet(int(cfg["dim"]), tuple(int(m) for m in cfg["dim_mults"]),
-                                bool(cfg["perceptual_decoder"]))
+                                bool(cfg["perceptual_decoder"]), bool(cfg["input_condition"]))
     return ResidualDiffusion(net, int(cfg["timesteps"]), int(cfg["sampling_timesteps"]), cfg["objective"],
                              float(cfg["sum_scale"]))
 
@@ -45,7 +45,7 @@ def infer_stage1_config(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 
 
 def infer_stage2_config(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """Read dim, dim_mults, the decoder variant (and, for official files, T and sum_scale)
+    """Read dim, dim_mults, the decoder and input variants (and, for official files, T and sum_scale)
     off a project-key state dict."""
     try:
         dim = int(sd["stem.weight"].shape[0])
@@ -54,7 +54,8 @@ def infer_stage2_config(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     except KeyError as exc:
         raise CheckpointError(f"cannot infer the stage-2 sizes from the checkpoint (no {exc})") from None
     cfg = {"dim": dim, "dim_mults": mults,
-           "perceptual_decoder": any(k.startswith("residual_decoder.fusions.") for k in sd)}
+           "perceptual_decoder": any(k.startswith("residual_decoder.fusions.") for k in sd),
+           "input_condition": int(sd["stem.weight"].shape[1]) == 9}
     if "betas2" in sd:   # official file: T and sum_scale from its schedule (betas2 sums to sum_scale)
         cfg["timesteps"] = int(sd["betas2"].shape[0])
         cfg["sum_scale"] = round(float(sd["betas2"].double().sum()), 6)

@@ -137,7 +137,7 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source:
             parts.append(f"unexpected keys ({len(unexpected)}): {_describe(unexpected)}")
         if wrong:
             parts.append(f"wrong-shape keys ({len(wrong)}): {_describe(wrong)}")
-        parts.append("check the model size settings (dim, dim_mults, perceptual_decoder) against the file")
+        parts.append("check the model settings (dim, dim_mults, perceptual_decoder, input_condition) against the file")
         raise CheckpointError("\n  ".join(parts))
     cast = {k: (v.to(own[k].dtype) if v.is_floating_point() or own[k].is_floating_point() else v)
             for k, v in state.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
@@ -16,10 +17,14 @@ import yaml
 
 DEFAULTS: Dict[str, Any] = {
     "stage1": {"dim": 64},
-    "stage2": {"dim": 64, "dim_mults": [1, 2, 4, 8], "perceptual_decoder": True, "timesteps": 1000,
+    "stage2": {"dim": 64, "dim_mults": [1, 2, 4, 8], "perceptual_decoder": True, "input_condition": True,
+               "timesteps": 1000,
                "sampling_timesteps": 5, "objective": "pred_res", "loss_type": "l1", "sum_scale": 1.0},
     "sampling": {"seed": 0, "eta": 0.0, "fast": True},
 }
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
 class ConfigError(ValueError):
@@ -76,6 +81,8 @@ def apply_override(cfg: Dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)       # YAML 1.1 reads '2e-4' (no dot) as a string
     node = cfg
     parts = key.strip().split(".")
     for p in parts[:-1]:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .imageio import TIFF_EXTENSIONS, read_image, write_image
@@ -36,9 +37,23 @@ def output_name(path: Path) -> str:
     return path.name if path.suffix.lower() in TIFF_EXTENSIONS + (".png",) else path.stem + ".png"
 
 
-def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear (antialiased) resize of (B, 3, H, W) to size x size, as the authors' resize protocol."""
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+def resize_image(x: torch.Tensor, size: int, bit_depth: int = 8) -> torch.Tensor:
+    """The authors' test-time resize: ``transforms.Resize((size, size))`` on the PIL image,
+    i.e. PIL's bilinear filter (which widens its support when shrinking), before ToTensor.
+    (B, 3, H, W) in [0, 1] -> (B, 3, size, size). 8-bit images go through PIL's RGB path
+    exactly (8-bit rounding included); deeper ones through PIL's float mode, channel by
+    channel, with the same filter."""
+    out = []
+    for img in x:
+        if bit_depth == 8:
+            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            small = np.asarray(Image.fromarray(arr, "RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+            out.append(torch.from_numpy(small / 255.0).permute(2, 0, 1))
+        else:
+            chans = [np.asarray(Image.fromarray(c.float().numpy(), "F").resize((size, size), Image.BILINEAR))
+                     for c in img]
+            out.append(torch.from_numpy(np.stack(chans)).clamp(0, 1))
+    return torch.stack(out).to(x.dtype)
 
 
 def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: str = "paper",
@@ -52,14 +67,14 @@ def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: 
     rows = []
     for k, item in enumerate(tqdm(items, desc="dehazing", unit="img", disable=not progress)):
         img = read_image(item.hazy)
-        hazy = img.tensor[None]
-        gt = read_image(item.gt).tensor[None] if item.gt is not None else None
-        if gt is not None and gt.shape != hazy.shape and not resize:
+        gt_img = read_image(item.gt) if item.gt is not None else None
+        hazy, gt = img.tensor[None], (gt_img.tensor[None] if gt_img is not None else None)
+        if resize:
+            hazy = resize_image(hazy, resize, img.bit_depth)
+            gt = resize_image(gt, resize, gt_img.bit_depth) if gt is not None else None
+        elif gt is not None and gt.shape != hazy.shape:
             raise ValueError(f"size mismatch: {item.hazy} is {tuple(hazy.shape[-2:])} but {item.gt} is "
                              f"{tuple(gt.shape[-2:])}")
-        if resize:
-            hazy = resize_image(hazy, resize)
-            gt = resize_image(gt, resize) if gt is not None else None
         result = dehazer(hazy)
         name = output_name(item.hazy)
         depth = img.bit_depth if item.hazy.suffix.lower() in TIFF_EXTENSIONS else 8

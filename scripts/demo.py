@@ -38,8 +38,9 @@ TINY_NOTE = ("These numbers come from TINY models (stage 1 dim 32, stage 2 dim 8
 
 def train_tiny(out: Path, args) -> tuple:
     data = make_synthetic_dataset(out / "data", n_train=args.train_images, n_test=args.test_images,
-                                  size=args.size, seed=args.seed)
-    print(f"[1/3] synthetic dataset: {args.train_images} train / {args.test_images} test pairs of "
+                                  size=args.size, seed=args.seed, n_valid=args.valid_images)
+    print(f"[1/3] synthetic dataset: {args.train_images} train / {args.valid_images} valid / {args.test_images} "
+          f"test pairs of "
           f"{args.size}x{args.size} in {data}")
     s1_cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml",
                          [f"data.root={data}", f"train.epochs={args.stage1_epochs}", f"train.seed={args.seed}"])
@@ -70,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--train-images", type=int, default=48)
+    ap.add_argument("--valid-images", type=int, default=4, help="validation pairs (stage 1's best.pt is chosen "
+                                                                   "on them, never on the test pairs)")
     ap.add_argument("--test-images", type=int, default=8)
     ap.add_argument("--stage1-epochs", type=int, default=20)
     ap.add_argument("--stage2-steps", type=int, default=300)

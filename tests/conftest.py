@@ -1,37 +1,98 @@
-"""Shared test helpers. Parity fixtures come from $DSRDMPD_PARITY_DIR (default
-../shared/fixtures/official relative to the project root). Without them the parity
-tests skip, unless DSRDMPD_REQUIRE_FIXTURES=1 or CI=true, where they fail."""
+"""Shared test helpers.
+
+Parity fixtures (compact form, weights rebuilt by tests/fixture_recipe.py) live in the
+repository: tests/fixtures/official (both stages, the chain, the full-size key manifest)
+and tests/fixtures/official_variants (the coarse-only stage-2 variant). They always run.
+$DSRDMPD_PARITY_DIR (one folder, or several joined by ':') points the same tests at other
+folders of the same form instead; kinds of case absent from those folders are skipped,
+but a run that finds no fixture at all fails.
+
+Real remote-sensing pairs come from $DSRDMPD_REALDATA_DIR (default ../shared/realdata):
+they cannot be redistributed, so without them those tests skip, except under CI=true or
+DSRDMPD_REQUIRE_REALDATA=1, where a missing folder is a failure.
+"""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-PARITY_DIR = Path(os.environ.get("DSRDMPD_PARITY_DIR", ROOT.parent / "shared" / "fixtures" / "official"))
-REALDATA_DIR = Path(os.environ.get("DSRDMPD_REALDATA_DIR", ROOT.parent / "shared" / "realdata"))
+from fixture_recipe import write_official_checkpoints
 
-# In CI (CI=true) or with DSRDMPD_REQUIRE_FIXTURES=1 missing fixtures are failures, not skips.
-REQUIRE_FIXTURES = os.environ.get("DSRDMPD_REQUIRE_FIXTURES") == "1" or os.environ.get("CI") == "true"
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+DEFAULT_PARITY_DIRS = [FIXTURES / "official", FIXTURES / "official_variants"]
+_ENV_PARITY = os.environ.get("DSRDMPD_PARITY_DIR", "")
+CUSTOM_PARITY = bool(_ENV_PARITY.strip())
+PARITY_DIRS = [Path(p) for p in _ENV_PARITY.split(os.pathsep) if p.strip()] if CUSTOM_PARITY else DEFAULT_PARITY_DIRS
+
+REALDATA_DIR = Path(os.environ.get("DSRDMPD_REALDATA_DIR", ROOT.parent / "shared" / "realdata"))
+REQUIRE_REALDATA = os.environ.get("DSRDMPD_REQUIRE_REALDATA") == "1" or os.environ.get("CI") == "true"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def parity_paths(pattern: str) -> list:
+    return [f for d in PARITY_DIRS if d.is_dir() for f in sorted(d.glob(pattern))]
+
+
 def fixture_files(pattern: str) -> list:
-    files = sorted(PARITY_DIR.glob(pattern)) if PARITY_DIR.is_dir() else []
+    """pytest params, one per fixture file matching ``pattern`` in the parity folders. The
+    in-repository folders must hold every kind (a missing one fails); custom folders may
+    hold some kinds only (the others skip with the reason)."""
+    files = parity_paths(pattern)
     if not files:
-        return [pytest.param(None, marks=pytest.mark.skipif(
-            not REQUIRE_FIXTURES, reason=f"no {pattern} in {PARITY_DIR}"), id="missing")]
-    return [pytest.param(f, id=f.name) for f in files]
+        where = ", ".join(map(str, PARITY_DIRS))
+        marks = [pytest.mark.skip(reason=f"no {pattern} in {where}")] if CUSTOM_PARITY else []
+        return [pytest.param(None, marks=marks, id="missing")]   # require(None) fails the test
+    return [pytest.param(f, id=f"{f.parent.name}/{f.name}") for f in files]
 
 
 def require(path):
     if path is None:
-        pytest.fail(f"parity fixtures required but missing in {PARITY_DIR}")
+        pytest.fail(f"parity fixtures missing in {', '.join(map(str, PARITY_DIRS))}")
     return path
+
+
+def require_realdata(folder):
+    if folder is None:
+        pytest.fail(f"real data required (CI=true or DSRDMPD_REQUIRE_REALDATA=1) but no pairs under {REALDATA_DIR}")
+    return folder
 
 
 def load_fixture(path: Path) -> dict:
     return torch.load(require(path), map_location="cpu", weights_only=False)
+
+
+def realdata_sets() -> list:
+    """pytest params, one per real-data folder holding hazy/ and GT/."""
+    sets = sorted(h.parent for h in REALDATA_DIR.rglob("hazy") if (h.parent / "GT").is_dir()) \
+        if REALDATA_DIR.is_dir() else []
+    if not sets:
+        reason = f"no real-data pairs (hazy/ + GT/) under {REALDATA_DIR}"
+        marks = [] if REQUIRE_REALDATA else [pytest.mark.skip(reason=reason + " (they cannot be redistributed)")]
+        return [pytest.param(None, marks=marks, id="missing")]   # require_realdata(None) fails the test
+    return [pytest.param(s, id=str(s.relative_to(REALDATA_DIR))) for s in sets]
+
+
+@pytest.fixture(scope="session", params=fixture_files("chain"))
+def chain(request, tmp_path_factory) -> Path:
+    """A chain fixture laid out as a user with the authors' released files would have it:
+    ``data/{hazy,GT}``, ``expected_*``, the compact ``weights.pt``, and the checkpoints rebuilt from the recipe written
+    in the official formats (``stage1_official.pth``, ``stage2_official.pt``)."""
+    src = require(request.param)
+    folder = tmp_path_factory.mktemp(f"chain_{src.parent.name}")
+    shutil.copytree(src / "data", folder / "data")
+    for name in ("expected_metrics.json", "expected_outputs.pt", "weights.pt"):
+        shutil.copy2(src / name, folder / name)
+    write_official_checkpoints(src, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chain_meta(chain) -> dict:
+    return json.loads((chain / "expected_metrics.json").read_text())

@@ -11,7 +11,8 @@ from dsrdmpd.checkpoints import (STAGE1_RULES, STAGE2_CHECKED_BUFFERS, STAGE2_DR
                                  load_into, official_to_project_keys, rename_key)
 from dsrdmpd.models import MCESSUNet, ResidualDiffusionUNet
 
-from conftest import PARITY_DIR, REQUIRE_FIXTURES, fixture_files, load_fixture, require
+from conftest import CUSTOM_PARITY, PARITY_DIRS, fixture_files, load_fixture, parity_paths, require
+from fixture_recipe import fixture_state_dict
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 S2_BUFFERS = STAGE2_CHECKED_BUFFERS + STAGE2_DROPPED_BUFFERS
@@ -21,7 +22,7 @@ S2_BUFFERS = STAGE2_CHECKED_BUFFERS + STAGE2_DROPPED_BUFFERS
 def test_stage1_output(path):
     fx = load_fixture(path)
     model = build_stage1(fx["config"]).eval()
-    load_into(model, official_to_project_keys(fx["state_dict"], 1), str(path))
+    load_into(model, official_to_project_keys(fixture_state_dict(fx), 1), str(path))
     with torch.no_grad():
         out = model(fx["input"].float())
     assert out.shape == fx["output"].shape
@@ -31,7 +32,7 @@ def test_stage1_output(path):
 def _stage2_from_fixture(path):
     fx = load_fixture(path)
     cfg = dict(fx["config"])
-    sd = official_to_project_keys(fx["state_dict"], 2)
+    sd = official_to_project_keys(fixture_state_dict(fx), 2)
     has_fusion = any(k.startswith("residual_decoder.fusions.") for k in sd)
     expected = cfg.get("perceptual_decoder", "perceptual" in path.name)
     assert has_fusion == bool(expected), "fixture name / config and its keys disagree on the decoder variant"
@@ -75,20 +76,24 @@ def test_stage2_sample(path, fast):
     torch.testing.assert_close(out, fx["sample_output"].float(), **TOL)
 
 
+def test_parity_folders_hold_fixtures():
+    """A mistyped $DSRDMPD_PARITY_DIR must not turn every parity test into a skip."""
+    found = parity_paths("*.pt") + parity_paths("chain")
+    assert found, f"no parity fixtures in {', '.join(map(str, PARITY_DIRS))}"
+
+
 def _manifest():
-    path = PARITY_DIR / "official_state_dict_keys.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    paths = parity_paths("official_state_dict_keys.json")
+    return json.loads(paths[0].read_text()) if paths else None
 
 
 @pytest.mark.parametrize("name", ["stage1_dim64", "stage2_perceptual_dim64", "stage2_plain_dim64"])
 def test_full_size_manifest_is_accounted_for(name):
     manifest = _manifest()
     if manifest is None:
-        if REQUIRE_FIXTURES:
+        if not CUSTOM_PARITY:
             require(None)
-        pytest.skip("no official_state_dict_keys.json")
+        pytest.skip("no official_state_dict_keys.json in the parity folders")
     shapes = {k: torch.Size(v) for k, v in manifest[name].items()}
     if name.startswith("stage1"):
         model = MCESSUNet(dim=64)

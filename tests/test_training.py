@@ -20,7 +20,7 @@ from conftest import ROOT
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), n_train=8, n_test=2, size=64, seed=1)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), n_train=8, n_test=2, size=64, seed=1, n_valid=2)
 
 
 def stage1_cfg(root, **train):
@@ -87,7 +87,8 @@ def test_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
         make = lambda run, resume=None: Stage1Trainer(stage1_cfg(data_root, epochs=3, log_every=1), run, resume)
     else:
         make = lambda run, resume=None: Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=8, val_every=4,
-                                                                 save_every=100, ema_update_every=1), run, resume)
+                                                                 save_every=100, ema_update_every=1,
+                                                                 ema_update_after_step=0), run, resume)
     straight = make(tmp_path / "a")
     straight.train()
     interrupted = make(tmp_path / "b")
@@ -102,6 +103,7 @@ def test_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
     _states_equal(sa["model"], sb["model"])
     if stage == 2:
         _states_equal(sa["ema"], sb["ema"])
+        assert any(not torch.equal(sa["ema"][k], sa["model"][k]) for k in sa["model"])   # a real average
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
@@ -168,3 +170,48 @@ def test_misspelt_training_key_warns_with_a_suggestion(data_root, tmp_path):
         train_main(1, ["--config", str(ROOT / "configs" / "stage1_tiny.yaml"), "--run-dir", str(tmp_path / "s1b"),
                        "--set", f"data.root={data_root}", "--set", "train.epochs=1", "--set", "train.batch_size=2",
                        "--set", "data.num_worker=0", "--max-steps", "1"])
+
+
+def test_rng_capture_and_restore_round_trip():
+    """Every random stream a trainer draws from comes back exactly after a restore."""
+    import random
+    import numpy as np
+    from dsrdmpd.training.common import capture_rng, restore_rng
+    gens = {"loss": torch.Generator().manual_seed(7)}
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    state = capture_rng(gens)
+    draw = lambda: (torch.rand(3).tolist(), random.random(), float(np.random.rand()),
+                    torch.rand(2, generator=gens["loss"]).tolist())
+    first = draw()
+    draw()
+    restore_rng(state, gens)
+    assert draw() == first
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_ema_follows_the_configured_decay(data_root, stage1_ckpt, tmp_path, decay):
+    """With the averaging on from the first step: decay 0 makes the EMA copy the model
+    itself; decay 0.9 makes it lag behind (ema-pytorch warms the decay up from 0, so the
+    copy after 12 steps is the recurrence with decays min(0.9, 1 - (1 + n)^(-2/3)), n = 1, 2, ...)."""
+    cfg = stage2_cfg(data_root, stage1_ckpt, steps=12, val_every=100, save_every=12, ema_decay=decay,
+                     ema_update_every=1, ema_update_after_step=0)
+    trainer = Stage2Trainer(cfg, tmp_path)
+    snapshots = []
+    original = trainer.after_optimizer_step
+    trainer.after_optimizer_step = lambda: (snapshots.append(trainer.unwrapped_state()), original())
+    trainer.train()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    key = "stem.weight"
+    ema = snapshots[0][key].clone()                     # first update copies the model
+    for n, state in enumerate(snapshots[1:]):
+        d = min(decay, 1 - (2 + n) ** (-2 / 3))       # the n-th average is ema-pytorch's epoch n + 1
+        ema = d * ema + (1 - d) * state[key]
+    torch.testing.assert_close(ckpt["ema"][key], ema, rtol=1e-5, atol=1e-7)
+    if decay == 0.0:
+        assert torch.equal(ckpt["ema"][key], ckpt["model"][key])
+    else:
+        assert not torch.allclose(ckpt["ema"][key], ckpt["model"][key])
+    # --weights ema loads exactly that copy; --weights model the raw weights
+    for weights in ("model", "ema"):
+        net = load_stage2(tmp_path / "checkpoints" / "last.pt", weights=weights).net.state_dict()
+        assert torch.equal(net[key], ckpt[weights][key])

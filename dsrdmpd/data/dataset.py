@@ -1,6 +1,7 @@
 """Paired hazy / GT dataset with optional augmentation, and a step-indexed batch order.
 
-Images come out as float32 (3, H, W) in [0, 1]. Mode conversions (grayscale replicated
+Images come out as float32 (3, H, W) in [0, 1]; ``resize`` (the authors' stage-1 recipe:
+512, bilinear on tensors) is applied before cropping. Mode conversions (grayscale replicated
 to RGB, alpha dropped, palette expanded, 16-bit scaled) are those of
 ``dsrdmpd.imageio.read_image``. Augmentation (random crop, flips) is off by default, as in
 the paper; when on, the random choices of sample i at epoch e derive from (seed, e, i)
@@ -23,13 +24,30 @@ class DataError(ValueError):
     """Bad training / test data; the message names the file(s)."""
 
 
+RESIZE_MODES = ("bilinear", "bicubic", "area")
+
+
+def resize_tensor(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """(3, H, W) in [0, 1] -> (3, size, size). 'bilinear' is the authors' stage-1 training
+    resize: ``transforms.Resize(512)`` applied after ``ToTensor``, which in their torchvision
+    resampled tensors without antialiasing (= F.interpolate, align_corners=False)."""
+    if mode == "area":
+        out = F.interpolate(x[None], size=(size, size), mode="area")[0]
+    else:
+        out = F.interpolate(x[None], size=(size, size), mode=mode, align_corners=False, antialias=False)[0]
+    return out.clamp(0, 1) if mode == "bicubic" else out   # bicubic overshoots; the others stay in range
+
+
 class PairedImageDataset(Dataset):
     def __init__(self, pairs: Sequence[ImagePair], crop: Optional[int] = None, flip: bool = False,
-                 resize: Optional[int] = None, seed: int = 0, multiple: int = 1):
+                 resize: Optional[int] = None, seed: int = 0, multiple: int = 1, resize_mode: str = "bilinear"):
         if not pairs:
             raise DataError("empty dataset: no image pairs")
+        if resize_mode not in RESIZE_MODES:
+            raise DataError(f"data.resize_mode {resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
         self.pairs = list(pairs)
         self.crop, self.flip, self.resize, self.seed, self.multiple = crop, flip, resize, seed, multiple
+        self.resize_mode = resize_mode
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -49,9 +67,7 @@ class PairedImageDataset(Dataset):
         i, epoch = item if isinstance(item, tuple) else (item, 0)
         hazy, gt = self.load_pair(i)
         if self.resize:
-            size = (self.resize, self.resize)
-            hazy = F.interpolate(hazy[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0, 1)
-            gt = F.interpolate(gt[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+            hazy, gt = (resize_tensor(x, self.resize, self.resize_mode) for x in (hazy, gt))
         g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + i) % (2 ** 63))
         if self.crop:
             h, w = hazy.shape[-2:]

@@ -3,7 +3,7 @@
 Clear images are random crops of the photographs and textures that ship inside
 scikit-image (textures are tinted to look like terrain); haze follows the atmospheric
 scattering model I = J t + A (1 - t), with t = exp(-beta d) over a smooth random depth
-map d, airlight A near white. Written in the RSID layout ``{train,test}/{hazy,GT}/*.png``.
+map d, airlight A near white. Written in the RSID layout ``{train,test[,valid]}/{hazy,GT}/*.png``.
 Everything is a function of ``seed``.
 """
 from __future__ import annotations
@@ -56,13 +56,16 @@ def random_crop(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tenso
 
 
 def make_synthetic_dataset(root: Union[str, Path], n_train: int = 24, n_test: int = 6, size: int = 64,
-                           seed: int = 0) -> Path:
+                           seed: int = 0, n_valid: int = 0) -> Path:
     """Write a paired dataset under ``root``; the test split uses sources the training
-    split does not (the last two), so test scenes are unseen."""
+    split does not (the last two), so test scenes are unseen. ``n_valid`` > 0 adds a
+    ``valid`` split (training sources, other crops and haze) for checkpoint selection."""
     root = Path(root)
     g = torch.Generator().manual_seed(seed)
     sources = source_images()
     splits = {"train": (n_train, sources[:-2]), "test": (n_test, sources[-2:])}
+    if n_valid:
+        splits["valid"] = (n_valid, sources[:-2])
     for split, (n, pool) in splits.items():
         for i in range(n):
             src = pool[int(torch.randint(0, len(pool), (1,), generator=g))]

@@ -84,7 +84,7 @@ class ResidualDiffusion(nn.Module):
             noise = torch.randn(gt.shape, generator=generator).to(gt.device, gt.dtype)
         res = coarse - gt
         x_t = self.q_sample(gt, res, t, noise)
-        pred_res, _ = self.net(torch.cat((x_t, coarse, hazy), dim=1), t, need_noise_decoder=full_network)
+        pred_res, _ = self.net(self.net.network_input(x_t, coarse, hazy), t, need_noise_decoder=full_network)
         return F.l1_loss(pred_res, res, reduction="none").flatten(1).mean(1).mean()
 
     def forward(self, gt, coarse, hazy, t=None, noise=None, generator=None):
@@ -116,7 +116,7 @@ class ResidualDiffusion(nn.Module):
         times = self.schedule.sampling_times(steps)
         for t, t_next in zip(times[:-1], times[1:]):
             tt = torch.full((c.shape[0],), t, device=c.device, dtype=torch.long)
-            out, _ = self.net(torch.cat((img, c, x_cond), dim=1), tt, need_noise_decoder=not fast,
+            out, _ = self.net(self.net.network_input(img, c, x_cond), tt, need_noise_decoder=not fast,
                               fusion_cache=cache)
             pred_res = out.clamp(-1, 1)
             x0 = (c - pred_res).clamp(-1, 1)

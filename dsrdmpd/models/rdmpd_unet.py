@@ -1,9 +1,12 @@
 """Stage 2 network: RDDM U-Net with a shared encoder, a residual decoder (no skips) and a
 noise decoder (U-Net skips), each optionally with the perceptual decoder's fusion layers
-(official ``UnetRes`` with ``condition=True, input_condition=True``).
+(official ``UnetRes`` with ``condition=True``).
 
-Input: x_in (B, 9, H, W) = concat(x_t, coarse, hazy), all in [-1, 1]; t (B,) int64 in
-[0, T). H and W must be multiples of 2**(len(dim_mults) - 1) (8 for the paper).
+Input: x_in (B, 9, H, W) = concat(x_t, coarse, hazy) with ``input_condition`` (the
+authors' later training script), or (B, 6, H, W) = concat(x_t, coarse) without it (their
+first script: the hazy image plays no part, and the fusion layers see the coarse image
+in its place, as the authors' code does); all in [-1, 1]; t (B,) int64 in [0, T). H and
+W must be multiples of 2**(len(dim_mults) - 1) (8 for the paper).
 Output: (residual prediction, noise-decoder output), each (B, 3, H, W); the second is
 None when only the residual decoder was asked for.
 """
@@ -88,14 +91,16 @@ class Decoder(nn.Module):
 class ResidualDiffusionUNet(nn.Module):
     """Stage-2 denoiser (paper: dim 64, dim_mults (1, 2, 4, 8), 67.5M parameters)."""
 
-    def __init__(self, dim: int = 64, dim_mults: Sequence[int] = (1, 2, 4, 8), perceptual_decoder: bool = True):
+    def __init__(self, dim: int = 64, dim_mults: Sequence[int] = (1, 2, 4, 8), perceptual_decoder: bool = True,
+                 input_condition: bool = True):
         super().__init__()
         if dim % 8:
             raise ValueError(f"stage-2 dim must be a multiple of 8 (GroupNorm(8)), got {dim}")
         self.dim, self.dim_mults, self.perceptual_decoder = dim, tuple(dim_mults), perceptual_decoder
+        self.input_condition = bool(input_condition)
         dims = [dim] + [dim * m for m in dim_mults]
         time_dim = 4 * dim
-        self.stem = nn.Conv2d(9, dim, 7, padding=3)
+        self.stem = nn.Conv2d(self.in_channels, dim, 7, padding=3)
         self.time_embed = TimeMLP(dim)
         pairs = list(zip(dims[:-1], dims[1:]))
         self.encoder = nn.ModuleList(
@@ -108,6 +113,15 @@ class ResidualDiffusionUNet(nn.Module):
         self.noise_decoder = Decoder(dims, time_dim, with_skips=True, perceptual=perceptual_decoder)
 
     @property
+    def in_channels(self) -> int:
+        """9 = (x_t, coarse, hazy) with the hazy-image condition, 6 = (x_t, coarse) without."""
+        return 9 if self.input_condition else 6
+
+    def network_input(self, x_t: torch.Tensor, coarse: torch.Tensor, hazy: torch.Tensor) -> torch.Tensor:
+        """Concatenate the inputs this variant takes (all (B, 3, H, W) in [-1, 1])."""
+        return torch.cat((x_t, coarse, hazy) if self.input_condition else (x_t, coarse), dim=1)
+
+    @property
     def size_multiple(self) -> int:
         return 2 ** (len(self.dim_mults) - 1)
 
@@ -115,12 +129,13 @@ class ResidualDiffusionUNet(nn.Module):
                 fusion_cache: Optional[FusionCache] = None):
         """``fusion_cache`` (a dict, filled on first use) must only be reused for the same
         coarse/hazy batch; it caches the residual decoder's fusion terms."""
-        if x_in.dim() != 4 or x_in.shape[1] != 9:
-            raise ValueError(f"stage-2 network expects (B, 9, H, W) input, got {tuple(x_in.shape)}")
+        if x_in.dim() != 4 or x_in.shape[1] != self.in_channels:
+            raise ValueError(f"stage-2 network expects (B, {self.in_channels}, H, W) input, got {tuple(x_in.shape)}")
         m = self.size_multiple
         if x_in.shape[-2] % m or x_in.shape[-1] % m:
             raise ValueError(f"stage-2 input size {x_in.shape[-2]}x{x_in.shape[-1]} must be a multiple of {m}")
-        coarse, hazy = x_in[:, 3:6], x_in[:, 6:9]
+        coarse = x_in[:, 3:6]
+        hazy = x_in[:, 6:9] if self.input_condition else coarse
         x = self.stem(x_in)
         stem = x
         temb = self.time_embed(t)

@@ -3,7 +3,9 @@ the step-indexed data loader, sharded validation, and the training loop skeleton
 
 A run folder holds ``config.yaml`` (resolved), ``command.txt``, ``git_revision.txt``,
 ``train_log.csv``, ``val_log.csv``, ``checkpoints/last.pt`` (resumable, written
-atomically) and ``checkpoints/best.pt`` (best validation PSNR), ``samples/``.
+atomically), ``checkpoints/step_<N>.pt`` snapshots (every ``train.keep_every`` steps, as
+the authors kept theirs), ``checkpoints/best.pt`` (best validation PSNR, only when the
+validation pairs are not a test split), ``samples/``.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import PROJECT_FORMAT, read_checkpoint, save_atomic
 from ..config import dump_config
-from ..data import PairedImageDataset, StepBatchSampler, collate, split_pairs
+from ..data import ImagePair, PairedImageDataset, StepBatchSampler, collate, split_pairs
 from ..inference import pad_to, padded_size
 from ..metrics import psnr_ssim
 
@@ -133,7 +136,8 @@ def load_training_state(path: Path, stage: int) -> Dict[str, Any]:
 def make_loader(pairs, data_cfg: Dict[str, Any], batch_size: int, seed: int, start_micro: int, total_micro: int,
                 rank: int, world: int, multiple: int) -> DataLoader:
     dataset = PairedImageDataset(pairs, crop=data_cfg.get("crop"), flip=bool(data_cfg.get("flip")),
-                                 resize=data_cfg.get("resize"), seed=seed, multiple=multiple)
+                                 resize=data_cfg.get("resize"), resize_mode=data_cfg.get("resize_mode", "bilinear"),
+                                 seed=seed, multiple=multiple)
     sampler = StepBatchSampler(len(dataset), batch_size, seed=seed, start_step=start_micro, total_steps=total_micro,
                                rank=rank, world=world)
     workers = int(data_cfg.get("num_workers", 0))
@@ -141,13 +145,53 @@ def make_loader(pairs, data_cfg: Dict[str, Any], batch_size: int, seed: int, sta
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
-def validation_pairs(data_cfg: Dict[str, Any]):
-    split = data_cfg.get("val_split")
-    if not split:
-        return []
-    pairs = split_pairs(data_cfg, split)
+# Split names that hold a test set: validating (and choosing checkpoints) on them inflates
+# the reported numbers, so it is only done when asked for, and then said loudly.
+TEST_SPLIT_NAMES = ("test", "testing", "test_a", "test_b")
+
+
+@dataclass
+class DataPlan:
+    """Training pairs, validation pairs and where the latter come from."""
+    train: List[ImagePair]
+    val: List[ImagePair]
+    val_source: str          # e.g. "split 'valid'", "hold-out of 10 training pairs", "none"
+    val_on_test: bool
+
+
+def holdout_indices(n: int, k: int) -> List[int]:
+    """k indices spread evenly over range(n) (the middle of each of k equal runs)."""
+    return sorted({int((i + 0.5) * n / k) for i in range(k)})
+
+
+def plan_data(data_cfg: Dict[str, Any]) -> DataPlan:
+    """Training and validation pairs of a config's ``data`` section.
+
+    Validation comes from ``val_split`` (a split that is not the test split, e.g.
+    SateHaze1k's 'valid'), or from ``val_holdout: N`` (N training pairs, evenly spread in
+    key order, taken out of training), or not at all. ``val_limit`` caps its size."""
+    train = split_pairs(data_cfg, data_cfg.get("train_split", "train"))
+    split, holdout = data_cfg.get("val_split"), data_cfg.get("val_holdout")
+    if split and holdout:
+        raise ValueError("data.val_split and data.val_holdout are both set: choose one source of validation pairs")
+    if holdout:
+        k = int(holdout)
+        if not 0 < k < len(train):
+            raise ValueError(f"data.val_holdout {k}: must be between 1 and {len(train) - 1} "
+                             f"(the training split has {len(train)} pairs)")
+        chosen = set(holdout_indices(len(train), k))
+        val = [p for i, p in enumerate(train) if i in chosen]
+        train = [p for i, p in enumerate(train) if i not in chosen]
+        source = f"hold-out of {len(val)} training pairs"
+    elif split:
+        val = split_pairs(data_cfg, split)
+        source = f"split {split!r}"
+    else:
+        val, source = [], "none"
     limit = data_cfg.get("val_limit")
-    return pairs[:int(limit)] if limit else pairs
+    val = val[:int(limit)] if limit else val
+    on_test = bool(split) and str(split).lower() in TEST_SPLIT_NAMES
+    return DataPlan(train, val, source, on_test)
 
 
 @torch.no_grad()

@@ -1,8 +1,12 @@
 """Stage-2 trainer: residual diffusion on top of a frozen stage 1 (SPEC.md).
 
 Adam(lr 8e-5), L1 on the residual (``pred_res``), iteration-based (300K in the paper),
-batch 1, EMA of the network weights (ema-pytorch, decay 0.995, every 10 steps, as the
-official trainer), periodic validation with 5-step sampling and sample panels
+batch 1, EMA of the network weights (ema-pytorch, decay 0.995, every 10 steps: the
+official trainer's settings, although its loop never updated the EMA, so validation and
+testing use the raw weights by default, as the authors' test script did; as in
+ema-pytorch, the copy just follows the model for the first ``ema_update_after_step`` = 100
+steps, then averages with a decay that warms up towards 0.995), periodic
+validation with 5-step sampling and sample panels
 (hazy | stage 1 | stage 2 | GT). Timesteps and noise come from a CPU generator saved in
 the checkpoint. With ``precompute_coarse`` (and no augmentation) each training image's
 stage-1 output is computed once and reused; stage 1 always runs per image, so the cached
@@ -23,9 +27,10 @@ from .common import padded_forward
 from .trainer import BaseTrainer
 
 STAGE2_TRAIN_DEFAULTS = {"steps": 300_000, "batch_size": 1, "lr": 8e-5, "seed": 0, "mixed_precision": "no",
-                         "grad_accum": 1, "ema_decay": 0.995, "ema_update_every": 10, "val_every": 1000,
+                         "grad_accum": 1, "ema_decay": 0.995, "ema_update_every": 10, "ema_update_after_step": 100,
+                         "val_every": 1000,
                          "save_every": 1000, "log_every": 50, "grad_clip": None, "precompute_coarse": True,
-                         "val_weights": "ema", "stage1_checkpoint": None, "sample_seed": 0}
+                         "val_weights": "model", "stage1_checkpoint": None, "sample_seed": 0}
 
 
 class Stage2Trainer(BaseTrainer):
@@ -49,7 +54,8 @@ class Stage2Trainer(BaseTrainer):
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=float(self.tcfg["lr"]))
         self.ema = EMA(self.model.net, beta=float(self.tcfg["ema_decay"]),
-                       update_every=int(self.tcfg["ema_update_every"]), include_online_model=False)
+                       update_every=int(self.tcfg["ema_update_every"]),
+                       update_after_step=int(self.tcfg["ema_update_after_step"]), include_online_model=False)
         self.ema.to(self.accelerator.device)
         self.generators["loss"] = torch.Generator().manual_seed(self.seed * 1000 + self.accelerator.process_index)
         augment = bool(self.cfg["data"].get("crop") or self.cfg["data"].get("flip"))
@@ -110,9 +116,15 @@ class Stage2Trainer(BaseTrainer):
         h, w = hazy.shape[-2:]
         x = pad_to(hazy, padded_size(h, w))
         c = self.stage1(x)
-        diffusion = self.sampler_model(self.tcfg.get("val_weights", "ema"))
+        diffusion = self.sampler_model(self.val_weights())
         r = diffusion.sample(c, x, seed=int(self.tcfg.get("sample_seed", 0)))
         return {"stage1": c[..., :h, :w], "stage2": r[..., :h, :w]}
+
+    def val_weights(self) -> str:
+        weights = str(self.tcfg.get("val_weights", "model"))
+        if weights not in ("model", "ema"):
+            raise ValueError(f"train.val_weights must be 'model' or 'ema', got {weights!r}")
+        return weights
 
     def weights_for_inference(self) -> Dict[str, Any]:
         ema = {k: v.detach().cpu().clone() for k, v in self.ema.ema_model.state_dict().items()}

@@ -16,21 +16,21 @@ import torch
 from accelerate import Accelerator
 
 from ..config import check_keys
-from ..data import split_pairs
 from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, load_training_state, make_loader, optional_tensorboard,
                      prepare_run_dir, progress, resolve_resume, restore_rng, save_training_checkpoint,
-                     seed_everything, validation_pairs)
+                     plan_data, seed_everything)
 
 
 class BaseTrainer:
     stage: int = 0
     size_multiple: int = 1
     train_defaults: Dict[str, Any] = {}
-    # train keys read without a default value: device ('auto' | 'cpu'), tensorboard, val_protocol, val_every, save_every
-    train_options = ("device", "tensorboard", "val_protocol", "val_every", "save_every")
-    data_keys = ("preset", "root", "train_split", "val_split", "val_limit", "crop", "flip", "resize", "num_workers",
-                 "hazy_dir", "gt_dir", "hazy_key", "gt_key")
+    # train keys read without a default value: device ('auto' | 'cpu'), tensorboard, val_protocol, val_every,
+    # save_every (last.pt), keep_every (step_<N>.pt snapshots)
+    train_options = ("device", "tensorboard", "val_protocol", "val_every", "save_every", "keep_every")
+    data_keys = ("preset", "root", "train_split", "val_split", "val_holdout", "val_limit", "crop", "flip", "resize",
+                 "resize_mode", "num_workers", "hazy_dir", "gt_dir", "hazy_key", "gt_key")
 
     def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None):
         check_keys("train", cfg.get("train") or {}, (*self.train_defaults, *self.train_options))
@@ -49,9 +49,11 @@ class BaseTrainer:
         self.accelerator.wait_for_everyone()
         self.seed = int(self.tcfg.get("seed", 0))
         seed_everything(self.seed)
-        data_cfg = cfg["data"]
-        self.train_pairs = split_pairs(data_cfg, data_cfg.get("train_split", "train"))
-        self.val_pairs = validation_pairs(data_cfg)
+        plan = plan_data(cfg["data"])
+        self.train_pairs, self.val_pairs, self.val_on_test = plan.train, plan.val, plan.val_on_test
+        self.val_source = plan.val_source
+        if self.val_on_test:
+            self._warn_test_validation()
         self.batch_size = int(self.tcfg["batch_size"])
         world, accum = self.accelerator.num_processes, self.accelerator.gradient_accumulation_steps
         self.micro_per_step = world * accum
@@ -74,6 +76,14 @@ class BaseTrainer:
         self.val_fields = ["step", "epoch"] + self.val_metric_names()
         self.val_log = CSVLog(self.run_dir / "val_log.csv", self.val_fields, resume_step) if self.is_main else None
         self.tb = optional_tensorboard(self.run_dir, bool(self.tcfg.get("tensorboard", False))) if self.is_main else None
+
+    def _warn_test_validation(self) -> None:
+        msg = (f"WARNING: validating on the test split ({self.val_source}). Its numbers are logged, but no best.pt "
+               f"is chosen from them: picking a checkpoint on the test set makes reported results optimistic. "
+               f"Use a validation split (data.val_split) or a hold-out of the training set (data.val_holdout).")
+        self.accelerator.print(msg)
+        if self.is_main:
+            (self.run_dir / "VALIDATION_ON_TEST_SPLIT.txt").write_text(msg + "\n")
 
     # ---- subclass interface
     def build(self) -> None:
@@ -141,10 +151,22 @@ class BaseTrainer:
         if self.is_main:
             save_training_checkpoint(self.run_dir / "checkpoints" / name, **self.state())
 
-    def save_best(self) -> None:
+    def val_weights(self) -> str:
+        """Which weights validation scores ('model' or 'ema'); best.pt records it."""
+        return "model"
+
+    def save_weights(self, name: str, ema: bool = True, **extra) -> None:
+        """Inference weights only (no optimizer): best.pt and the step_<N>.pt snapshots
+        (``ema=False`` leaves the EMA copy out, halving a snapshot's size)."""
         if self.is_main:
-            save_training_checkpoint(self.run_dir / "checkpoints" / "best.pt", stage=self.stage, config=self.cfg,
-                                     step=self.step, **self.weights_for_inference())
+            weights = self.weights_for_inference()
+            if not ema:
+                weights["ema"] = None
+            save_training_checkpoint(self.run_dir / "checkpoints" / name, stage=self.stage, config=self.cfg,
+                                     step=self.step, **weights, **extra)
+
+    def save_best(self) -> None:
+        self.save_weights("best.pt", selected_with=self.val_weights(), selected_on=self.val_source)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -169,7 +191,7 @@ class BaseTrainer:
 
     def _log_val(self, metrics: Dict[str, float]) -> None:
         key = self.val_metric_names()[0]
-        if metrics[key] > self.best["psnr"]:
+        if not self.val_on_test and metrics[key] > self.best["psnr"]:
             self.best = {"psnr": metrics[key], "step": self.step, "metric": key}
             self.save_best()
         if self.is_main:
@@ -186,6 +208,7 @@ class BaseTrainer:
         log_every = int(self.tcfg.get("log_every", 10))
         val_every = int(self.tcfg.get("val_every") or self.steps_per_epoch)
         save_every = int(self.tcfg.get("save_every") or self.steps_per_epoch)
+        keep_every = int(self.tcfg.get("keep_every") or 0)
         clip = self.tcfg.get("grad_clip")
         loader = make_loader(self.train_pairs, self.cfg["data"], self.batch_size, self.seed,
                              self.step * self.micro_per_step, stop * self.micro_per_step,
@@ -226,6 +249,9 @@ class BaseTrainer:
                 metrics = self.validate()
                 if metrics:
                     self._log_val(metrics)
+            if keep_every and self.step % keep_every == 0:
+                self.accelerator.wait_for_everyone()
+                self.save_weights(f"step_{self.step:07d}.pt", ema=self.val_weights() == "ema")
             if self.step % save_every == 0 or self.step == stop:
                 self.save()
         bar.close()
