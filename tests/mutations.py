@@ -3,7 +3,8 @@
     .venv/bin/python tests/mutations.py [--only ID ...] [--out results/mutations.md]
 
 Every entry below is a small, realistic bug (one text replacement in one file) and the
-tests that exist to catch it. For each, the project is copied to a scratch folder, the
+tests that exist to catch it. For each, the committed project (``--rev``, default HEAD)
+is copied to a scratch folder, the
 bug is planted, and those tests are run there: the bug is caught when at least one of
 them fails. The run prints (and writes) the table bug -> result -> failing tests. It is
 a development check, not part of the suite (it runs the relevant tests once per bug).
@@ -119,15 +120,16 @@ MUTATIONS: List[Mutation] = [
 ]
 
 
-def copy_project(dst: Path) -> None:
-    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", ".pytest_cache", "*.egg-info", "demo_output",
-                                    "runs", "results")
-    shutil.copytree(ROOT, dst, ignore=ignore)
+def copy_project(dst: Path, rev: str) -> None:
+    """The committed tree at ``rev`` (not the working tree, which may be mid-edit)."""
+    dst.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dst)], input=archive.stdout, check=True)
 
 
-def run_one(m: Mutation, scratch: Path, python: str) -> Tuple[str, str, float]:
+def run_one(m: Mutation, scratch: Path, python: str, rev: str) -> Tuple[str, str, float]:
     work = scratch / m.id
-    copy_project(work)
+    copy_project(work, rev)
     target = work / m.file
     text = target.read_text()
     if text.count(m.old) != 1:
@@ -149,13 +151,14 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="mutation ids to run (default: all)")
     ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--rev", default="HEAD", help="git revision to check (the committed tree, not the working tree)")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.id in args.only]
     lines = ["| bug | planted in | result | failing tests | seconds |", "|---|---|---|---|---|"]
     missed = 0
     with tempfile.TemporaryDirectory(prefix="dsrdmpd-mut-") as tmp:
         for m in chosen:
-            result, detail, dt = run_one(m, Path(tmp), args.python)
+            result, detail, dt = run_one(m, Path(tmp), args.python, args.rev)
             missed += result != "caught"
             lines.append(f"| {m.bug} | `{m.file}` | {result} | {detail} | {dt:.0f} |")
             print(lines[-1], flush=True)
