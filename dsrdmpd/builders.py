@@ -13,20 +13,20 @@ import torch
 from .checkpoints import (PROJECT_FORMAT, STAGE2_CHECKED_BUFFERS, STAGE2_DROPPED_BUFFERS, CheckpointError,
                           PathLike, check_stage2_buffers, is_project_checkpoint, load_into, read_checkpoint,
                           save_atomic, stage_state_dict)
-from .config import DEFAULTS, ConfigError, check_keys
+from .config import DEFAULTS, ConfigError, check_keys, validate_config
 from .diffusion import ResidualDiffusion
 from .models import MCESSUNet, ResidualDiffusionUNet
 
 
 def build_stage1(cfg: Optional[Dict[str, Any]] = None) -> MCESSUNet:
     check_keys("stage1", cfg or {}, DEFAULTS["stage1"], strict=True)
-    cfg = {**DEFAULTS["stage1"], **(cfg or {})}
+    cfg = validate_config({"stage1": {**DEFAULTS["stage1"], **(cfg or {})}})["stage1"]
     return MCESSUNet(dim=int(cfg["dim"]))
 
 
 def build_stage2(cfg: Optional[Dict[str, Any]] = None) -> ResidualDiffusion:
     check_keys("stage2", cfg or {}, DEFAULTS["stage2"], strict=True)
-    cfg = {**DEFAULTS["stage2"], **(cfg or {})}
+    cfg = validate_config({"stage2": {**DEFAULTS["stage2"], **(cfg or {})}})["stage2"]
     if str(cfg["loss_type"]).lower() != "l1":
         raise ConfigError(f"stage2.loss_type {cfg['loss_type']!r} is not supported: the paper (and this package) "
                           f"train with 'l1'")

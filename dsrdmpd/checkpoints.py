@@ -211,6 +211,12 @@ def stage_state_dict(obj: object, stage: int, path: PathLike, weights: str = "mo
         return dict(obj[key])
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} is a {type(obj).__name__}, not a state dict")
+    if stage == 1 and isinstance(obj.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path} looks like a stage-2 file ({{'model': ...}}, as the authors' "
+                              f"model-N.pt); stage 1 expects the MCESS-UNet state dict (.pth)")
+    if stage == 2 and any(str(k).startswith(("Conv1.", "encoder.0.conv1.")) for k in obj):
+        raise CheckpointError(f"checkpoint {path} looks like a stage-1 (MCESS-UNet) file; stage 2 expects the "
+                              f"authors' model-N.pt or a dsrdmpd stage-2 checkpoint")
     if stage == 2 and "model" in obj and isinstance(obj["model"], dict):
         if weights == "ema":
             ema = obj.get("ema")

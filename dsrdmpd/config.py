@@ -11,7 +11,7 @@ import difflib
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import yaml
 
@@ -42,6 +42,109 @@ def check_keys(section: str, values: Dict[str, Any], known: Iterable[str], stric
         if strict:
             raise ConfigError(msg)
         warnings.warn(msg, stacklevel=3)
+
+
+# Expected type of every known value: (kind, low, high) with kind int / number / bool /
+# str / ints / numbers (lists) / a tuple of choices; None allowed where marked optional.
+_INT, _NUM, _BOOL, _STR = "an integer", "a number", "true or false", "a string"
+SCHEMA: Dict[str, Tuple[Any, Optional[float], Optional[float], bool]] = {
+    # key: (kind, minimum, maximum, optional)
+    "stage1.dim": (_INT, 1, None, False),
+    "stage2.dim": (_INT, 8, None, False),
+    "stage2.dim_mults": ("a list of integers", 1, None, False),
+    "stage2.perceptual_decoder": (_BOOL, None, None, False),
+    "stage2.input_condition": (_BOOL, None, None, False),
+    "stage2.timesteps": (_INT, 1, None, False),
+    "stage2.sampling_timesteps": (_INT, 1, None, False),
+    "stage2.sum_scale": (_NUM, 1e-12, None, False),
+    "sampling.seed": (_INT, 0, None, False),
+    "sampling.eta": (_NUM, 0, None, False),
+    "sampling.fast": (_BOOL, None, None, False),
+    "train.lr": (_NUM, 0, None, False),
+    "train.lr_min": (_NUM, 0, None, False),
+    "train.betas": ("a list of numbers", 0, 1, False),
+    "train.epochs": (_INT, 1, None, False),
+    "train.steps": (_INT, 1, None, False),
+    "train.batch_size": (_INT, 1, None, False),
+    "train.grad_accum": (_INT, 1, None, False),
+    "train.seed": (_INT, 0, None, False),
+    "train.sample_seed": (_INT, 0, None, False),
+    "train.log_every": (_INT, 1, None, False),
+    "train.val_every": (_INT, 1, None, True),
+    "train.save_every": (_INT, 1, None, True),
+    "train.keep_every": (_INT, 1, None, True),
+    "train.grad_clip": (_NUM, 0, None, True),
+    "train.ema_decay": (_NUM, 0, 1, False),
+    "train.ema_update_every": (_INT, 1, None, False),
+    "train.ema_update_after_step": (_INT, 0, None, False),
+    "train.mixed_precision": (("no", "fp16", "bf16"), None, None, False),
+    "train.val_weights": (("model", "ema"), None, None, False),
+    "train.val_protocol": (("paper", "standard"), None, None, False),
+    "train.precompute_coarse": (_BOOL, None, None, False),
+    "train.stage1_checkpoint": (_STR, None, None, True),
+    "data.crop": (_INT, 16, None, True),
+    "data.resize": (_INT, 16, None, True),
+    "data.resize_mode": (("bilinear", "bicubic", "area"), None, None, False),
+    "data.flip": (_BOOL, None, None, False),
+    "data.num_workers": (_INT, 0, None, False),
+    "data.val_limit": (_INT, 1, None, True),
+    "data.val_holdout": (_INT, 1, None, True),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_value(key: str, value: Any, kind, lo, hi) -> Any:
+    def fail(expected: str):
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+    if isinstance(kind, tuple):
+        if value not in kind:
+            fail("one of " + ", ".join(repr(k) for k in kind))
+        return value
+    if kind == _NUM and isinstance(value, str):
+        try:
+            value = float(value)        # '2e-4' in a YAML file is a string to YAML 1.1
+        except ValueError:
+            fail(kind)
+    checks = {_INT: _is_int, _NUM: _is_num, _BOOL: lambda v: isinstance(v, bool), _STR: lambda v: isinstance(v, str)}
+    if kind in checks:
+        if not checks[kind](value):
+            fail(kind)
+        items = [value] if kind in (_INT, _NUM) else []
+    else:   # lists
+        elem = _is_int if "integers" in kind else _is_num
+        if not isinstance(value, (list, tuple)) or not value or not all(elem(v) for v in value):
+            fail(kind)
+        items = list(value)
+    for v in items:
+        if lo is not None and v < lo:
+            fail(f"{kind} >= {lo}")
+        if hi is not None and v > hi:
+            fail(f"{kind} <= {hi}")
+    return value
+
+
+def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Check every known value's type and range in place (numbers written as strings are
+    converted); the error names the key: ``train.lr: expected a number, got 'abc'``."""
+    for dotted, (kind, lo, hi, optional) in SCHEMA.items():
+        section, key = dotted.split(".")
+        node = cfg.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        if node[key] is None:
+            if not optional:
+                raise ConfigError(f"{dotted}: expected {kind if isinstance(kind, str) else 'a value'}, got null")
+            continue
+        node[key] = _check_value(dotted, node[key], kind, lo, hi)
+    return cfg
 
 
 def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -99,7 +202,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str
         cfg = deep_merge(cfg, _read_yaml(Path(path)))
     for item in overrides or ():
         apply_override(cfg, item)
-    return cfg
+    return validate_config(cfg)
 
 
 def dump_config(cfg: Dict[str, Any]) -> str:

@@ -1,28 +1,44 @@
 """Dehaze a list of images (with or without ground truth), save the results, score them,
 and write a per-image CSV plus a markdown summary that names the metric protocol.
 
-Scores are computed on the float outputs before saving (the paper's protocol); saved
-images are 8-bit PNG, or 16-bit TIFF when the input was a 16-bit TIFF.
+Scores are computed on the float outputs before saving (the paper's protocol). Saved
+images keep the input's format where it can hold the result: PNG and TIFF keep their bit
+depth (8 or 16), other formats become 8-bit PNG.
+
+Batch runs survive bad items and kills: an item that fails (unreadable file, size
+mismatch, ...) is recorded with its reason and skipped; every finished item leaves a
+record (``.records/<name>.json``, its float metrics) beside its written image, so a
+killed run resumed with ``resume=True`` skips what is done and ends with the same
+``metrics.csv`` / ``summary.md`` as an uninterrupted one. Every file is written
+atomically. Items can be split across processes (``rank``, ``world``); the records of
+all processes are merged afterwards by :func:`collect_rows`.
 """
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .imageio import TIFF_EXTENSIONS, read_image, write_image
+from .data import DataError
+from .imageio import TIFF_EXTENSIONS, ImageReadError, read_image, write_image, write_text_atomic
 from .inference import Dehazer
 from .metrics import PROTOCOLS, psnr_ssim
 from .visualize import error_map, save_panel
 
 METRIC_COLUMNS = ["psnr_stage1", "ssim_stage1", "psnr_stage2", "ssim_stage2"]
+RECORDS = ".records"
+# What makes one item fail without ending the run: bad files and sizes, and bad values.
+ITEM_ERRORS = (ImageReadError, DataError, ValueError, OSError)
 
 
 @dataclass
@@ -33,8 +49,22 @@ class Item:
 
 
 def output_name(path: Path) -> str:
-    """Same file name; TIFF stays TIFF (bit depth kept), everything else becomes PNG."""
+    """Same file name; TIFF and PNG stay as they are (bit depth kept), everything else becomes PNG."""
     return path.name if path.suffix.lower() in TIFF_EXTENSIONS + (".png",) else path.stem + ".png"
+
+
+def output_bit_depth(path: Path, bit_depth: int) -> int:
+    return bit_depth if path.suffix.lower() in TIFF_EXTENSIONS + (".png",) else 8
+
+
+def check_output_names(items: Sequence[Item]) -> None:
+    """Two inputs that would write the same output file (e.g. a.jpg and a.png) are refused."""
+    seen: Dict[str, Path] = {}
+    for item in items:
+        out = output_name(item.hazy)
+        if out in seen:
+            raise DataError(f"{item.hazy} and {seen[out]} would both be written as {out}; rename one of them")
+        seen[out] = item.hazy
 
 
 def resize_image(x: torch.Tensor, size: int, bit_depth: int = 8) -> torch.Tensor:
@@ -56,43 +86,85 @@ def resize_image(x: torch.Tensor, size: int, bit_depth: int = 8) -> torch.Tensor
     return torch.stack(out).to(x.dtype)
 
 
+def _record_path(out_dir: Path, item: Item) -> Path:
+    return out_dir / RECORDS / f"{item.name}.json"
+
+
+def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "paper", resize: Optional[int] = None,
+                 save_coarse: bool = False, panel: bool = False) -> Dict[str, object]:
+    """Dehaze one item, write its outputs; return its row (metrics when it has GT)."""
+    img = read_image(item.hazy)
+    gt_img = read_image(item.gt) if item.gt is not None else None
+    hazy, gt = img.tensor[None], (gt_img.tensor[None] if gt_img is not None else None)
+    if resize:
+        hazy = resize_image(hazy, resize, img.bit_depth)
+        gt = resize_image(gt, resize, gt_img.bit_depth) if gt is not None else None
+    elif gt is not None and gt.shape != hazy.shape:
+        raise DataError(f"size mismatch: {item.hazy} is {tuple(hazy.shape[-2:])} but {item.gt} is "
+                        f"{tuple(gt.shape[-2:])}")
+    result = dehazer(hazy)
+    name = output_name(item.hazy)
+    depth = output_bit_depth(item.hazy, img.bit_depth)
+    write_image(result.restored[0], out_dir / "restored" / name, depth)
+    if save_coarse:
+        write_image(result.coarse[0], out_dir / "coarse" / name, depth)
+    row: Dict[str, object] = {"name": item.name, "height": hazy.shape[-2], "width": hazy.shape[-1]}
+    if gt is not None:
+        m1, m2 = psnr_ssim(result.coarse, gt, protocol), psnr_ssim(result.restored, gt, protocol)
+        row.update(psnr_stage1=m1["psnr"][0], ssim_stage1=m1["ssim"][0],
+                   psnr_stage2=m2["psnr"][0], ssim_stage2=m2["ssim"][0])
+    if panel:
+        tiles = [("hazy", hazy), ("stage 1", result.coarse), ("stage 2", result.restored)]
+        if gt is not None:
+            tiles += [("GT", gt), ("|stage 2 - GT|", error_map(result.restored, gt))]
+        save_panel(tiles, out_dir / "panels" / (Path(name).stem + ".png"))
+    return row
+
+
 def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: str = "paper",
               resize: Optional[int] = None, save_coarse: bool = False, panels: int = 0,
-              progress: bool = True) -> List[Dict[str, object]]:
-    """Dehaze every item, write ``out_dir/restored/<name>`` (and ``coarse/``, ``panels/``);
-    return one row per item with its metrics (empty without GT)."""
+              progress: bool = True, resume: bool = False, rank: int = 0, world: int = 1) -> List[Dict[str, object]]:
+    """Process this process's share of ``items`` (every ``world``-th from ``rank``) into
+    ``out_dir``; panels for the first ``panels`` items. Returns their rows; a failed item's
+    row is ``{'name', 'error'}``; records also name the process that did the item. With ``resume``, items with a record and an output file
+    are skipped. Without it the records of an earlier run in ``out_dir`` are cleared first
+    (by process 0, before the others start: callers with world > 1 synchronise after)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown metric protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     out_dir = Path(out_dir)
+    check_output_names(items)
+    mine = list(enumerate(items))[rank::world]
     rows = []
-    for k, item in enumerate(tqdm(items, desc="dehazing", unit="img", disable=not progress)):
-        img = read_image(item.hazy)
-        gt_img = read_image(item.gt) if item.gt is not None else None
-        hazy, gt = img.tensor[None], (gt_img.tensor[None] if gt_img is not None else None)
-        if resize:
-            hazy = resize_image(hazy, resize, img.bit_depth)
-            gt = resize_image(gt, resize, gt_img.bit_depth) if gt is not None else None
-        elif gt is not None and gt.shape != hazy.shape:
-            raise ValueError(f"size mismatch: {item.hazy} is {tuple(hazy.shape[-2:])} but {item.gt} is "
-                             f"{tuple(gt.shape[-2:])}")
-        result = dehazer(hazy)
-        name = output_name(item.hazy)
-        depth = img.bit_depth if item.hazy.suffix.lower() in TIFF_EXTENSIONS else 8
-        write_image(result.restored[0], out_dir / "restored" / name, depth)
-        if save_coarse:
-            write_image(result.coarse[0], out_dir / "coarse" / name, depth)
-        row: Dict[str, object] = {"name": item.name, "height": hazy.shape[-2], "width": hazy.shape[-1]}
-        if gt is not None:
-            m1, m2 = psnr_ssim(result.coarse, gt, protocol), psnr_ssim(result.restored, gt, protocol)
-            row.update(psnr_stage1=m1["psnr"][0], ssim_stage1=m1["ssim"][0],
-                       psnr_stage2=m2["psnr"][0], ssim_stage2=m2["ssim"][0])
+    for k, item in tqdm(mine, desc="dehazing", unit="img", disable=not progress or rank != 0):
+        record = _record_path(out_dir, item)
+        if resume and record.is_file() and (out_dir / "restored" / output_name(item.hazy)).is_file():
+            row = json.loads(record.read_text())
+            if "error" not in row:
+                rows.append(row)
+                continue
+        try:
+            row = process_item(dehazer, item, out_dir, protocol, resize, save_coarse, k < panels)
+        except ITEM_ERRORS as exc:
+            row = {"name": item.name, "error": " ".join(str(exc).split()) or type(exc).__name__}
+            tqdm.write(f"skipped: {row['error']}")
+        write_text_atomic(record, json.dumps({**row, "process": rank}))
         rows.append(row)
-        if k < panels:
-            tiles = [("hazy", hazy), ("stage 1", result.coarse), ("stage 2", result.restored)]
-            if gt is not None:
-                tiles += [("GT", gt), ("|stage 2 - GT|", error_map(result.restored, gt))]
-            save_panel(tiles, out_dir / "panels" / (Path(name).stem + ".png"))
     return rows
+
+
+def clear_records(out_dir: Path) -> None:
+    shutil.rmtree(Path(out_dir) / RECORDS, ignore_errors=True)
+
+
+def collect_rows(items: Sequence[Item], out_dir: Path) -> Tuple[List[Dict[str, object]], List[Dict[str, object]]]:
+    """All items' rows in item order, from the records: (done rows, failed rows). An item
+    without a record (its process died) counts as failed."""
+    done, failed = [], []
+    for item in items:
+        record = _record_path(Path(out_dir), item)
+        row = json.loads(record.read_text()) if record.is_file() else {"name": item.name, "error": "not processed"}
+        (failed if "error" in row else done).append(row)
+    return done, failed
 
 
 def mean_metrics(rows: Sequence[Dict[str, object]]) -> Dict[str, float]:
@@ -101,16 +173,17 @@ def mean_metrics(rows: Sequence[Dict[str, object]]) -> Dict[str, float]:
 
 
 def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: str, title: str,
-                  notes: Sequence[str] = ()) -> Dict[str, float]:
-    """``metrics.csv`` (one row per image) and ``summary.md``; returns the means."""
+                  notes: Sequence[str] = (), failed: Sequence[Dict[str, object]] = ()) -> Dict[str, float]:
+    """``metrics.csv`` (one row per image) and ``summary.md`` (means, per image, and the
+    items that failed with their reasons), both written atomically; returns the means."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     fields = ["name", "height", "width"] + METRIC_COLUMNS
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_text_atomic(out_dir / "metrics.csv", buf.getvalue())
     means = mean_metrics(rows)
     lines = [f"# {title}", "", f"Metric protocol: {PROTOCOLS[protocol]}.", *[f"{n}" for n in notes], ""]
     if means:
@@ -124,7 +197,11 @@ def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: st
                              f"{r['psnr_stage2']:.3f} | {r['ssim_stage2']:.4f} |")
     else:
         lines.append(f"{len(rows)} image(s) dehazed; no ground truth, so no scores.")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    if failed:
+        lines += ["", f"## Failed: {len(failed)} item(s), not in the results above", "", "| item | reason |",
+                  "|---|---|"]
+        lines += [f"| {r['name']} | {str(r['error']).replace('|', '/')} |" for r in failed]
+    write_text_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     return means
 
 

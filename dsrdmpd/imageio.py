@@ -3,13 +3,17 @@
 Images are returned as float32 tensors (3, H, W) in [0, 1]. Accepted: PNG, JPEG, TIFF,
 BMP; 8-bit or 16-bit; RGB, grayscale (replicated to 3 channels), RGBA / LA (alpha
 dropped), palette (converted to RGB). Every conversion is documented here and every
-failure names the file.
+failure names the file. 16-bit PNGs are read and written with pypng (Pillow reduces
+16-bit colour PNGs to 8 bits and cannot write them). Every write is atomic: a temporary
+file in the same folder, then a rename, so a killed run never leaves half an image.
 """
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -60,6 +64,24 @@ def _array_to_unit(arr: np.ndarray, path: Path) -> tuple:
     raise ImageReadError(f"{path}: unsupported pixel type {arr.dtype}")
 
 
+def _png_bit_depth(path: Path) -> int:
+    """Bit depth from a PNG's IHDR chunk (0 when the file is not a PNG)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" else 0
+
+
+def _read_png16(path: Path) -> np.ndarray:
+    import png
+    try:
+        width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+        arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows])
+    except Exception as exc:   # pypng raises its own FormatError / ChunkError on bad files
+        raise ImageReadError(f"{path}: cannot decode 16-bit PNG (truncated or corrupt?): {exc}") from None
+    planes = info["planes"]
+    return arr.reshape(height, width, planes) if planes > 1 else arr.reshape(height, width)
+
+
 def read_image(path: Union[str, Path]) -> LoadedImage:
     """Read an image file as (3, H, W) float32 in [0, 1]."""
     path = Path(path)
@@ -72,6 +94,8 @@ def read_image(path: Union[str, Path]) -> LoadedImage:
             arr = tifffile.imread(str(path))
         except Exception as exc:
             raise ImageReadError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
+    elif path.suffix.lower() == ".png" and _png_bit_depth(path) == 16:
+        arr = _read_png16(path)
     else:
         try:
             with Image.open(path) as im:
@@ -104,20 +128,42 @@ def to_uint(image: torch.Tensor, bit_depth: int = 8) -> np.ndarray:
     return arr.astype(np.uint16 if bit_depth == 16 else np.uint8)
 
 
-def write_image(image: torch.Tensor, path: Union[str, Path], bit_depth: int = 8) -> None:
-    """Write (3, H, W) in [0, 1]. TIFF is written with ``bit_depth`` (8 or 16); PNG, JPEG
-    and BMP are written 8-bit (Pillow has no 16-bit RGB writer)."""
+def write_atomic(path: Union[str, Path], write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary name in the same folder (same extension), then
+    rename it over ``path``: readers never see a partly written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_image(image: torch.Tensor, path: Union[str, Path], bit_depth: int = 8) -> None:
+    """Write (3, H, W) in [0, 1], atomically. TIFF and PNG are written with ``bit_depth``
+    (8 or 16); JPEG and BMP are 8-bit."""
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix in TIFF_EXTENSIONS:
         import tifffile
-        tifffile.imwrite(str(path), to_uint(image, bit_depth), photometric="rgb")
-        return
-    if suffix in (".jpg", ".jpeg"):
-        Image.fromarray(to_uint(image, 8)).save(path, quality=95)
-        return
-    Image.fromarray(to_uint(image, 8)).save(path)
+        arr = to_uint(image, bit_depth)
+        write_atomic(path, lambda p: tifffile.imwrite(str(p), arr, photometric="rgb"))
+    elif suffix == ".png" and bit_depth == 16:
+        import png
+        arr = to_uint(image, 16)
+        h, w, _ = arr.shape
+        write_atomic(path, lambda p: png.from_array(arr.reshape(h, w * 3), "RGB;16").save(str(p)))
+    elif suffix in (".jpg", ".jpeg"):
+        write_atomic(path, lambda p: Image.fromarray(to_uint(image, 8)).save(p, quality=95))
+    else:
+        write_atomic(path, lambda p: Image.fromarray(to_uint(image, 8)).save(p))
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    write_atomic(path, lambda p: p.write_text(text))
 
 
 def list_images(folder: Union[str, Path]) -> list:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .builders import load_stage1, load_stage2
-from .config import DEFAULTS, load_config
+from .config import DEFAULTS, ConfigError, load_config
 from .diffusion import ResidualDiffusion, start_noise
 from .models import MCESSUNet
 from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE
@@ -79,7 +79,7 @@ class Dehazer:
         self.stage1 = stage1.to(self.device).eval()
         self.stage2 = stage2.to(self.device).eval()
         if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+            raise ConfigError(f"precision {precision!r} is not one of {PRECISIONS}")
         self.precision, self.channels_last = precision, bool(channels_last)
         if self.channels_last:
             self.stage1.to(memory_format=torch.channels_last)
@@ -91,10 +91,10 @@ class Dehazer:
         self.steps = steps or stage2.sampling_timesteps
         if tile is not None:
             if tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
-                raise ValueError(f"tile size {tile} must be a multiple of {STAGE1_MULTIPLE} and at least "
+                raise ConfigError(f"tile size {tile} must be a multiple of {STAGE1_MULTIPLE} and at least "
                                  f"{STAGE1_MIN_SIZE}")
             if not 0 <= overlap < tile:
-                raise ValueError(f"tile overlap {overlap} must be in [0, tile size {tile})")
+                raise ConfigError(f"tile overlap {overlap} must be in [0, tile size {tile})")
         self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, int(tile_batch))
 
     @classmethod
@@ -136,8 +136,7 @@ class Dehazer:
                  noise: Optional[torch.Tensor] = None) -> DehazeResult:
         if hazy.dim() == 3:
             hazy = hazy.unsqueeze(0)
-        if hazy.dim() != 4 or hazy.shape[1] != 3:
-            raise ValueError(f"expected hazy images of shape (B, 3, H, W) in [0, 1], got {tuple(hazy.shape)}")
+        check_input(hazy)
         h, w = hazy.shape[-2:]
         size = padded_size(h, w)
         if noise is not None and tuple(noise.shape[-2:]) != size:
@@ -177,6 +176,21 @@ class Dehazer:
         return acc_c / norm, acc_r / norm
 
     dehaze = __call__
+
+
+def check_input(hazy: torch.Tensor) -> None:
+    """A batch the networks can use: a floating (B, 3, H, W) tensor, finite, in [0, 1]."""
+    if not isinstance(hazy, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of hazy images, got {type(hazy).__name__}")
+    if hazy.dim() != 4 or hazy.shape[1] != 3 or hazy.shape[-1] < 1 or hazy.shape[-2] < 1:
+        raise ValueError(f"expected hazy images of shape (B, 3, H, W) in [0, 1], got {tuple(hazy.shape)}")
+    if not hazy.is_floating_point():
+        raise ValueError(f"expected floating-point images in [0, 1], got dtype {hazy.dtype} (divide uint8 by 255)")
+    if not bool(torch.isfinite(hazy).all()):
+        raise ValueError("hazy images contain NaN or infinite values")
+    lo, hi = float(hazy.min()), float(hazy.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"hazy images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list:

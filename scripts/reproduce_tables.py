@@ -1,80 +1,10 @@
-"""Reproduce the paper's tables: evaluate every dataset listed in a suite file and write
-one table with our numbers beside the paper's.
-
-    python scripts/reproduce_tables.py --suite configs/reproduce.yaml --output results/tables \
-        [--set datasets.RSID.root=/data/RSID] [--device cuda]
-
-Writes <output>/<dataset>/ (as scripts/test.py) and <output>/tables.md + tables.csv.
-Paper values come from configs/paper_results.yaml (empty where not transcribed).
-"""
-from __future__ import annotations
-
-import argparse
-import csv
+"""Reproduce the paper's tables: see --help (thin entry point; the command lives in dsrdmpd/cli/reproduce.py, also installed as dsrdmpd-reproduce)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import test as evaluate  # noqa: E402  (scripts/test.py)
-from dsrdmpd.config import load_config  # noqa: E402
-from dsrdmpd.evaluation import fmt  # noqa: E402
-from dsrdmpd.metrics import PROTOCOLS  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default=str(ROOT / "configs" / "reproduce.yaml"))
-    ap.add_argument("--paper", default=str(ROOT / "configs" / "paper_results.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--output", required=True, type=Path)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--config", help="model config for every dataset (default: sizes read off the checkpoints)")
-    args = ap.parse_args(argv)
-    suite = load_config(args.suite, args.overrides, defaults={})
-    paper = load_config(args.paper, defaults={})
-    protocol = suite.get("protocol", "paper")
-    rows = []
-    for name, ds in (suite.get("datasets") or {}).items():
-        missing = [k for k in ("root", "stage1", "stage2") if not ds.get(k) or not Path(ds[k]).exists()]
-        ours = {}
-        if missing:
-            note = "skipped: not found: " + ", ".join(f"{k}={ds.get(k)}" for k in missing)
-            print(f"{name}: {note}")
-        else:
-            cli = ["--stage1", str(ds["stage1"]), "--stage2", str(ds["stage2"]), "--data-root", str(ds["root"]),
-                   "--preset", ds.get("preset", "rsid"), "--split", ds.get("split", "test"),
-                   "--output", str(args.output / name), "--protocol", protocol, "--device", args.device,
-                   "--weights", suite.get("weights", "model"), "--seed", str(suite.get("seed", 0))]
-            if ds.get("resize"):
-                cli += ["--resize", str(ds["resize"])]
-            if args.config:
-                cli += ["--config", args.config]
-            ours = evaluate.main(cli)
-            note = f"{ds.get('split', 'test')} split" + (f", resized to {ds['resize']}" if ds.get("resize") else "")
-        ref = (paper.get("datasets") or {}).get(name, {})
-        rows.append({"dataset": name, "psnr": ours.get("psnr_stage2"), "ssim": ours.get("ssim_stage2"),
-                     "psnr_stage1": ours.get("psnr_stage1"), "ssim_stage1": ours.get("ssim_stage1"),
-                     "paper_psnr": ref.get("psnr"), "paper_ssim": ref.get("ssim"), "note": note})
-    args.output.mkdir(parents=True, exist_ok=True)
-    with open(args.output / "tables.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["dataset"])
-        w.writeheader()
-        w.writerows(rows)
-    lines = ["# DS-RDMPD: our results beside the paper's", "", f"Metric protocol: {PROTOCOLS[protocol]}.",
-             f"Paper values: {paper.get('source', 'configs/paper_results.yaml')} (empty = not transcribed).", "",
-             "| dataset | PSNR (ours) | SSIM (ours) | PSNR (paper) | SSIM (paper) | stage 1 PSNR / SSIM (ours) | note |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        s1 = f"{fmt(r['psnr_stage1'], 2)} / {fmt(r['ssim_stage1'], 4)}" if r["psnr_stage1"] is not None else ""
-        lines.append(f"| {r['dataset']} | {fmt(r['psnr'], 2)} | {fmt(r['ssim'], 4)} | {fmt(r['paper_psnr'], 2)} | "
-                     f"{fmt(r['paper_ssim'], 4)} | {s1} | {r['note']} |")
-    (args.output / "tables.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+from dsrdmpd.cli.reproduce import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,14 +1,10 @@
-"""Train DS-RDMPD stage 2 (see README "Training").
-
-    python scripts/train_stage2.py --config configs/stage2_rsid.yaml --run-dir runs/stage2_rsid --resume auto
-    accelerate launch --multi_gpu --num_processes 4 scripts/train_stage2.py --config ... --run-dir ...
-"""
+"""Train DS-RDMPD stage 2: see --help (thin entry point; the command lives in dsrdmpd/cli/train.py, also installed as dsrdmpd-train-stage2)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsrdmpd.training.cli import train_main  # noqa: E402
+from dsrdmpd.cli.train import main_stage2  # noqa: E402
 
 if __name__ == "__main__":
-    train_main(2)
+    sys.exit(main_stage2())

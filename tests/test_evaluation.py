@@ -16,9 +16,9 @@ from dsrdmpd.metrics import psnr_ssim
 
 from conftest import ROOT, realdata_sets, require_realdata
 
+from dsrdmpd.cli import dehaze as dehaze_cmd, evaluate as evaluate_cmd  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "scripts"))
-import test as test_script  # noqa: E402  (scripts/test.py)
-import dehaze as dehaze_script  # noqa: E402  (scripts/dehaze.py)
 
 
 def _read_csv(path):
@@ -31,7 +31,7 @@ def test_test_script_on_chain_fixture(chain, tmp_path):
     expected = torch.load(chain / "expected_outputs.pt", weights_only=False)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(json.dumps({"stage1": meta["config"]["stage1"], "stage2": meta["config"]["stage2"]}))
-    means = test_script.main(["--stage1", str(chain / "stage1_official.pth"), "--stage2",
+    means = evaluate_cmd.run(["--stage1", str(chain / "stage1_official.pth"), "--stage2",
                               str(chain / "stage2_official.pt"), "--config", str(cfg), "--seed",
                               str(meta["config"]["seed"]), "--hazy-dir", str(chain / "data" / "hazy"), "--gt-dir",
                               str(chain / "data" / "GT"), "--output", str(tmp_path / "out"), "--panels", "1"])
@@ -215,7 +215,7 @@ def test_16bit_tiff_in_16bit_out(chain, tmp_path):
     precision (not 8-bit levels scaled up)."""
     img = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(0))
     write_image(img, tmp_path / "in" / "scene.tif", bit_depth=16)
-    test_script.main(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
+    evaluate_cmd.run(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
                       "--hazy-dir", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
     out = read_image(tmp_path / "out" / "restored" / "scene.tif")
     assert out.bit_depth == 16 and out.tensor.shape == (3, 64, 80)
@@ -227,7 +227,7 @@ def test_16bit_tiff_in_16bit_out(chain, tmp_path):
 
 def test_standard_protocol_through_test_script(chain, tmp_path):
     """--protocol standard scores the uint8-rounded result (what restored/ holds) against GT."""
-    test_script.main(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
+    evaluate_cmd.run(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
                       "--hazy-dir", str(chain / "data" / "hazy"), "--gt-dir", str(chain / "data" / "GT"),
                       "--output", str(tmp_path), "--protocol", "standard"])
     rows = _read_csv(tmp_path / "metrics.csv")
@@ -245,7 +245,7 @@ def test_dehaze_script_tiles_as_asked(chain, tmp_path):
     img = torch.rand(3, 96, 160, generator=torch.Generator().manual_seed(2))
     write_image(img, tmp_path / "in" / "scene.png")
     ckpts = str(chain / "stage1_official.pth"), str(chain / "stage2_official.pt")
-    dehaze_script.main(["--stage1", ckpts[0], "--stage2", ckpts[1], "--input", str(tmp_path / "in"),
+    dehaze_cmd.run(["--stage1", ckpts[0], "--stage2", ckpts[1], "--input", str(tmp_path / "in"),
                         "--output", str(tmp_path / "out"), "--tile", "64", "--overlap", "16", "--tile-batch", "3"])
     saved = read_image(tmp_path / "out" / "restored" / "scene.png").tensor
     hazy = read_image(tmp_path / "in" / "scene.png").tensor[None]
@@ -276,7 +276,7 @@ def test_runs_on_real_data(tiny_checkpoints, folder, tmp_path):
     both commands write the same pixels."""
     folder = require_realdata(folder)
     s1, s2 = map(str, tiny_checkpoints)
-    means = test_script.main(["--stage1", s1, "--stage2", s2, "--hazy-dir", str(folder / "hazy"), "--gt-dir",
+    means = evaluate_cmd.run(["--stage1", s1, "--stage2", s2, "--hazy-dir", str(folder / "hazy"), "--gt-dir",
                               str(folder / "GT"), "--output", str(tmp_path / "test"), "--panels", "1"])
     rows = _read_csv(tmp_path / "test" / "metrics.csv")
     names = sorted(p.name for p in (folder / "hazy").iterdir())
@@ -287,7 +287,7 @@ def test_runs_on_real_data(tiny_checkpoints, folder, tmp_path):
     assert (tmp_path / "test" / "panels").is_dir()
     runs = ["test"]
     if folder.name != "train":
-        dehaze_script.main(["--stage1", s1, "--stage2", s2, "--input", str(folder / "hazy"), "--output",
+        dehaze_cmd.run(["--stage1", s1, "--stage2", s2, "--input", str(folder / "hazy"), "--output",
                             str(tmp_path / "dehaze")])
         runs.append("dehaze")
     for name in names:
@@ -317,7 +317,7 @@ def test_reproduce_tables_puts_ours_beside_paper(chain, tmp_path):
     """One dataset present (the chain fixture, read as an RSID layout with split 'data'),
     one missing: the table holds our means, the paper's value where given, empty where not,
     and a skip note naming what was not found."""
-    import reproduce_tables  # scripts/reproduce_tables.py
+    from dsrdmpd.cli import reproduce as reproduce_tables
     meta = json.loads((chain / "expected_metrics.json").read_text())
     suite = {"protocol": "paper", "seed": meta["config"]["seed"], "weights": "model", "datasets": {
         "chain": {"preset": "rsid", "root": str(chain), "split": "data", "stage1": str(chain / "stage1_official.pth"),
@@ -326,7 +326,7 @@ def test_reproduce_tables_puts_ours_beside_paper(chain, tmp_path):
     paper = {"source": "test values", "datasets": {"chain": {"psnr": 12.34, "ssim": None}}}
     (tmp_path / "suite.yaml").write_text(json.dumps(suite))
     (tmp_path / "paper.yaml").write_text(json.dumps(paper))
-    reproduce_tables.main(["--suite", str(tmp_path / "suite.yaml"), "--paper", str(tmp_path / "paper.yaml"),
+    reproduce_tables.run(["--suite", str(tmp_path / "suite.yaml"), "--paper", str(tmp_path / "paper.yaml"),
                            "--output", str(tmp_path / "out")])
     rows = {r["dataset"]: r for r in csv.DictReader(open(tmp_path / "out" / "tables.csv"))}
     assert float(rows["chain"]["psnr"]) == pytest.approx(meta["mean_psnr"], abs=1e-3)
@@ -339,7 +339,7 @@ def test_reproduce_tables_puts_ours_beside_paper(chain, tmp_path):
 
 def test_resize_protocol_scores_at_the_given_size(chain, tmp_path):
     """--resize N: hazy and GT are resized to N x N before dehazing and scoring; results are N x N."""
-    test_script.main(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
+    evaluate_cmd.run(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
                       "--hazy-dir", str(chain / "data" / "hazy"), "--gt-dir", str(chain / "data" / "GT"),
                       "--output", str(tmp_path), "--resize", "80"])
     rows = _read_csv(tmp_path / "metrics.csv")

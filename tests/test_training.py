@@ -13,7 +13,7 @@ from dsrdmpd.builders import load_stage1, load_stage2
 from dsrdmpd.config import load_config
 from dsrdmpd.data.synthetic import make_synthetic_dataset
 from dsrdmpd.training import Stage1Trainer, Stage2Trainer, stage1_loss
-from dsrdmpd.training.cli import train_main
+from dsrdmpd.cli.train import train_main
 
 from conftest import ROOT
 

@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..checkpoints import PROJECT_FORMAT, read_checkpoint, save_atomic
-from ..config import dump_config
+from ..checkpoints import PROJECT_FORMAT, CheckpointError, read_checkpoint, save_atomic
+from ..config import ConfigError, dump_config
 from ..data import ImagePair, PairedImageDataset, StepBatchSampler, collate, split_pairs
 from ..inference import pad_to, padded_size
 from ..metrics import psnr_ssim
@@ -127,9 +127,9 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 def load_training_state(path: Path, stage: int) -> Dict[str, Any]:
     state = read_checkpoint(path)
     if not (isinstance(state, dict) and state.get("format") == PROJECT_FORMAT and "optimizer" in state):
-        raise ValueError(f"{path} is not a resumable dsrdmpd training checkpoint")
+        raise CheckpointError(f"{path} is not a resumable dsrdmpd training checkpoint")
     if state.get("stage") != stage:
-        raise ValueError(f"{path} is a stage-{state.get('stage')} checkpoint, this is the stage-{stage} trainer")
+        raise CheckpointError(f"{path} is a stage-{state.get('stage')} checkpoint, this is the stage-{stage} trainer")
     return state
 
 
@@ -173,11 +173,11 @@ def plan_data(data_cfg: Dict[str, Any]) -> DataPlan:
     train = split_pairs(data_cfg, data_cfg.get("train_split", "train"))
     split, holdout = data_cfg.get("val_split"), data_cfg.get("val_holdout")
     if split and holdout:
-        raise ValueError("data.val_split and data.val_holdout are both set: choose one source of validation pairs")
+        raise ConfigError("data.val_split and data.val_holdout are both set: choose one source of validation pairs")
     if holdout:
         k = int(holdout)
         if not 0 < k < len(train):
-            raise ValueError(f"data.val_holdout {k}: must be between 1 and {len(train) - 1} "
+            raise ConfigError(f"data.val_holdout {k}: must be between 1 and {len(train) - 1} "
                              f"(the training split has {len(train)} pairs)")
         chosen = set(holdout_indices(len(train), k))
         val = [p for i, p in enumerate(train) if i in chosen]

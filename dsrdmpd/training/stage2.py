@@ -21,6 +21,7 @@ import torch
 from ema_pytorch import EMA
 
 from ..builders import build_stage2, load_stage1
+from ..config import ConfigError
 from ..diffusion import ResidualDiffusion
 from ..inference import pad_to, padded_size
 from .common import padded_forward
@@ -42,7 +43,7 @@ class Stage2Trainer(BaseTrainer):
     def build(self) -> None:
         ckpt = self.tcfg.get("stage1_checkpoint")
         if not ckpt:
-            raise ValueError("train.stage1_checkpoint is not set: stage 2 trains on top of a trained stage 1")
+            raise ConfigError("train.stage1_checkpoint is not set: stage 2 trains on top of a trained stage 1")
         self.stage1 = load_stage1(ckpt, self.cfg.get("stage1") if self.tcfg.get("stage1_use_config") else None)
         self.stage1.requires_grad_(False).eval().to(self.accelerator.device)
         self.cfg["stage1"] = {"dim": self.stage1.dim}
@@ -123,7 +124,7 @@ class Stage2Trainer(BaseTrainer):
     def val_weights(self) -> str:
         weights = str(self.tcfg.get("val_weights", "model"))
         if weights not in ("model", "ema"):
-            raise ValueError(f"train.val_weights must be 'model' or 'ema', got {weights!r}")
+            raise ConfigError(f"train.val_weights must be 'model' or 'ema', got {weights!r}")
         return weights
 
     def weights_for_inference(self) -> Dict[str, Any]:

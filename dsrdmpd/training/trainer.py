@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from accelerate import Accelerator
 
-from ..config import check_keys
+from ..config import check_keys, validate_config
+from ..data import DataError
 from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, load_training_state, make_loader, optional_tensorboard,
                      prepare_run_dir, progress, resolve_resume, restore_rng, save_training_checkpoint,
@@ -35,6 +36,7 @@ class BaseTrainer:
     def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None):
         check_keys("train", cfg.get("train") or {}, (*self.train_defaults, *self.train_options))
         check_keys("data", cfg.get("data") or {}, self.data_keys)
+        validate_config(cfg)
         cfg["train"] = {**self.train_defaults, **(cfg.get("train") or {})}
         self.cfg = cfg
         self.tcfg = cfg["train"]
@@ -59,7 +61,7 @@ class BaseTrainer:
         self.micro_per_step = world * accum
         self.steps_per_epoch = len(self.train_pairs) // (self.batch_size * self.micro_per_step)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{len(self.train_pairs)} training pairs are fewer than one optimizer step "
+            raise DataError(f"{len(self.train_pairs)} training pairs are fewer than one optimizer step "
                              f"(batch {self.batch_size} x accumulation {accum} x {world} processes)")
         self.generators: Dict[str, torch.Generator] = {}
         self.step = 0

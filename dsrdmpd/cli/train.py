@@ -1,19 +1,24 @@
-"""Command line shared by scripts/train_stage1.py and scripts/train_stage2.py."""
+"""Train DS-RDMPD stage 1 or stage 2 (``dsrdmpd-train-stage1`` / ``dsrdmpd-train-stage2``).
+
+    dsrdmpd-train-stage1 --config configs/stage1_rsid.yaml --run-dir runs/stage1_rsid --set data.root=/data/RSID
+    dsrdmpd-train-stage2 --config configs/stage2_rsid.yaml --run-dir runs/stage2_rsid --resume auto
+    accelerate launch --multi_gpu --num_processes 4 scripts/train_stage2.py --config ... --run-dir ...
+
+A bad config, data folder or checkpoint is reported on one line naming the file or key
+(exit code 2); --debug shows the traceback.
+"""
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 from ..config import load_config
+from .errors import run_command
+from .options import parser
 
 
-def train_main(stage: int, argv: Optional[List[str]] = None) -> dict:
-    from . import Stage1Trainer, Stage2Trainer
-    ap = argparse.ArgumentParser(
-        description=f"Train DS-RDMPD stage {stage}. Single device: python scripts/train_stage{stage}.py ...; "
-                    f"multi-GPU / multi-node: accelerate launch scripts/train_stage{stage}.py ...")
+def build_parser(stage: int):
+    ap = parser(f"dsrdmpd-train-stage{stage}", __doc__.replace("stage 1 or stage 2", f"stage {stage}"))
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
     ap.add_argument("--run-dir", required=True, type=Path, help="folder for checkpoints, logs and samples")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -21,7 +26,14 @@ def train_main(stage: int, argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--resume", default=None,
                     help="'auto' (continue from RUN_DIR/checkpoints/last.pt if present) or a checkpoint path")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the run can be resumed)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def train_main(stage: int, argv: Optional[List[str]] = None) -> dict:
+    """Parse, train, return the trainer's summary (raises on errors)."""
+    import sys
+    from ..training import Stage1Trainer, Stage2Trainer
+    args = build_parser(stage).parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     trainer_cls = Stage1Trainer if stage == 1 else Stage2Trainer
     trainer = trainer_cls(cfg, args.run_dir, resume=args.resume, argv=sys.argv if argv is None else list(argv))
@@ -29,3 +41,11 @@ def train_main(stage: int, argv: Optional[List[str]] = None) -> dict:
     trainer.accelerator.print(f"done: step {summary['step']}, best {summary['best']}, "
                               f"{summary['it_per_s']:.2f} it/s, run folder {summary['run_dir']}")
     return summary
+
+
+def main_stage1(argv: Optional[List[str]] = None) -> int:
+    return run_command(lambda a: train_main(1, a), argv)
+
+
+def main_stage2(argv: Optional[List[str]] = None) -> int:
+    return run_command(lambda a: train_main(2, a), argv)

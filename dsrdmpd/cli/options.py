@@ -1,0 +1,98 @@
+"""Option groups shared by the commands, defined once, and what they resolve to."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from ..config import load_config
+from ..metrics import PROTOCOLS
+from .errors import UsageError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+    ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return ap
+
+
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("models")
+    g.add_argument("--stage1", required=True, help="stage-1 checkpoint (the authors' .pth or ours)")
+    g.add_argument("--stage2", required=True, help="stage-2 checkpoint (the authors' model-N.pt or ours)")
+    g.add_argument("--config", help="YAML config with the model sizes and sampling settings "
+                                    "(default: sizes read off the checkpoints)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, e.g. --set sampling.seed=3 (needs --config)")
+    g.add_argument("--weights", choices=["model", "ema"], default="model",
+                   help="stage-2 weights: raw ('model', what the authors' test script loads) or the EMA copy")
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("running")
+    g.add_argument("--device", default="auto", help="'auto' (a CUDA GPU if present, else the CPU), 'cpu', "
+                                                    "'cuda', 'cuda:1', ...; under accelerate launch each process "
+                                                    "takes its own GPU")
+    g.add_argument("--seed", type=int, default=None, help="start-noise seed (default: config sampling.seed, 0)")
+    g.add_argument("--tile", type=int, default=None, help="tile size for large scenes (multiple of 16, >= 64)")
+    g.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (feathered blend)")
+    g.add_argument("--tile-batch", type=int, default=1, help="tiles per network call")
+    g.add_argument("--precision", choices=["fp32", "bf16", "bf16-stage1"], default="fp32",
+                   help="bf16: bfloat16 autocast for both networks, bf16-stage1: stage 1 only (faster on GPUs; "
+                        "see the README for the accuracy cost)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC activations (faster convolutions on GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile both networks (the first image is slow)")
+
+
+def add_output_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("output")
+    g.add_argument("--output", required=True, type=Path, help="output folder")
+    g.add_argument("--resume", action="store_true", help="continue a killed run in the same output folder: "
+                                                         "finished items are kept, the rest is done")
+    g.add_argument("--save-coarse", action="store_true", help="also write the stage-1 outputs to coarse/")
+    g.add_argument("--panels", type=int, default=0, help="write side-by-side panels for the first N images")
+
+
+def add_protocol_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("scoring")
+    g.add_argument("--protocol", choices=sorted(PROTOCOLS), default="paper",
+                   help="metric protocol (README: 'paper' is the authors' metric code)")
+    g.add_argument("--resize", type=int, default=None,
+                   help="resize hazy and GT to N x N first, as the authors' test scripts did (512)")
+
+
+def resolve_device(name: str, local_index: int = 0) -> torch.device:
+    """'auto' -> this process's GPU if CUDA is present, else the CPU; other names are
+    checked, and an unavailable one is an error that says what is available."""
+    available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if name == "auto":
+        return torch.device(f"cuda:{local_index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name (available here: {', '.join(available)})") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name!r} is not available on this machine (available: {', '.join(available)})")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r} is not supported (available: {', '.join(available)})")
+    return dev
+
+
+def model_config(args) -> Dict[str, Any] | None:
+    if args.overrides and not args.config:
+        raise UsageError("--set needs --config (without a config the model sizes are read off the checkpoints)")
+    return load_config(args.config, args.overrides) if args.config else None
+
+
+def dehazer_options(args) -> Dict[str, Any]:
+    opts = dict(tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch, precision=args.precision,
+                channels_last=args.channels_last, compile=args.compile)
+    if args.seed is not None:
+        opts["seed"] = args.seed
+    return opts
