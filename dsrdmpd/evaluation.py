@@ -57,11 +57,20 @@ def output_bit_depth(path: Path, bit_depth: int) -> int:
     return bit_depth if path.suffix.lower() in TIFF_EXTENSIONS + (".png",) else 8
 
 
+def items_from_pairs(pairs) -> List[Item]:
+    """Items of image pairs, named by the hazy file's name, or by the pair key where file
+    names repeat (RealBlur: blur_1.png in every scene folder)."""
+    names = [p.hazy.name for p in pairs]
+    if len(set(names)) < len(names):
+        names = [f"{p.key}{p.hazy.suffix}" for p in pairs]
+    return [Item(n, p.hazy, p.gt) for n, p in zip(names, pairs)]
+
+
 def check_output_names(items: Sequence[Item]) -> None:
     """Two inputs that would write the same output file (e.g. a.jpg and a.png) are refused."""
     seen: Dict[str, Path] = {}
     for item in items:
-        out = output_name(item.hazy)
+        out = output_name(Path(item.name))
         if out in seen:
             raise DataError(f"{item.hazy} and {seen[out]} would both be written as {out}; rename one of them")
         seen[out] = item.hazy
@@ -103,7 +112,7 @@ def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "p
         raise DataError(f"size mismatch: {item.hazy} is {tuple(hazy.shape[-2:])} but {item.gt} is "
                         f"{tuple(gt.shape[-2:])}")
     result = dehazer(hazy)
-    name = output_name(item.hazy)
+    name = output_name(Path(item.name))
     depth = output_bit_depth(item.hazy, img.bit_depth)
     write_image(result.restored[0], out_dir / "restored" / name, depth)
     if save_coarse:
@@ -137,7 +146,7 @@ def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: 
     rows = []
     for k, item in tqdm(mine, desc="dehazing", unit="img", disable=not progress or rank != 0):
         record = _record_path(out_dir, item)
-        if resume and record.is_file() and (out_dir / "restored" / output_name(item.hazy)).is_file():
+        if resume and record.is_file() and (out_dir / "restored" / output_name(Path(item.name))).is_file():
             row = json.loads(record.read_text())
             if "error" not in row:
                 rows.append(row)

@@ -313,30 +313,6 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert "not from the paper's models" in (tmp_path / "demo" / "results" / "summary.md").read_text()
 
 
-def test_reproduce_tables_puts_ours_beside_paper(chain, tmp_path):
-    """One dataset present (the chain fixture, read as an RSID layout with split 'data'),
-    one missing: the table holds our means, the paper's value where given, empty where not,
-    and a skip note naming what was not found."""
-    from dsrdmpd.cli import reproduce as reproduce_tables
-    meta = json.loads((chain / "expected_metrics.json").read_text())
-    suite = {"protocol": "paper", "seed": meta["config"]["seed"], "weights": "model", "datasets": {
-        "chain": {"preset": "rsid", "root": str(chain), "split": "data", "stage1": str(chain / "stage1_official.pth"),
-                  "stage2": str(chain / "stage2_official.pt")},
-        "missing": {"preset": "rsid", "root": str(tmp_path / "nowhere"), "stage1": "a.pth", "stage2": "b.pt"}}}
-    paper = {"source": "test values", "datasets": {"chain": {"psnr": 12.34, "ssim": None}}}
-    (tmp_path / "suite.yaml").write_text(json.dumps(suite))
-    (tmp_path / "paper.yaml").write_text(json.dumps(paper))
-    reproduce_tables.run(["--suite", str(tmp_path / "suite.yaml"), "--paper", str(tmp_path / "paper.yaml"),
-                           "--output", str(tmp_path / "out")])
-    rows = {r["dataset"]: r for r in csv.DictReader(open(tmp_path / "out" / "tables.csv"))}
-    assert float(rows["chain"]["psnr"]) == pytest.approx(meta["mean_psnr"], abs=1e-3)
-    assert float(rows["chain"]["ssim"]) == pytest.approx(meta["mean_ssim"], abs=1e-4)
-    assert float(rows["chain"]["paper_psnr"]) == 12.34 and rows["chain"]["paper_ssim"] == ""
-    assert rows["missing"]["psnr"] == "" and "skipped: not found" in rows["missing"]["note"]
-    md = (tmp_path / "out" / "tables.md").read_text()
-    assert f"| chain | {meta['mean_psnr']:.2f} |" in md and "12.34" in md and "paper protocol" in md
-
-
 def test_resize_protocol_scores_at_the_given_size(chain, tmp_path):
     """--resize N: hazy and GT are resized to N x N before dehazing and scoring; results are N x N."""
     evaluate_cmd.run(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),

@@ -5,6 +5,18 @@ A key rule is a regular expression with one group, matched against the file stem
 ``<id>`` from ``<id>-inputs`` / ``<id>-targets``. Files whose stem does not match the rule,
 keys present on one side only, and two files with the same key all raise
 :class:`PairingError`, naming the files.
+
+Presets (the datasets' layouts as distributed; ``{split}`` is the split name):
+
+============  =====================================================================
+rsid          ``{split}/hazy/<n>.png`` + ``{split}/GT/<n>.png`` (train, test)
+satehaze1k    ``{split}/input/<n>-inputs.png`` + ``{split}/target/<n>-targets.png``
+              (train, valid, test; root ``Haze1k_<level>/dataset``; .jpg copies too)
+raindrop      ``{split}/data/<n>_rain.png`` + ``{split}/gt/<n>_clean.png`` (train, test_a, test_b)
+realblur      pairs listed in ``RealBlur_<J|R>_{split}_list.txt`` at the root, one
+              ``<gt path> <blurred path>`` per line (train, test); set ``list_file``
+paired        any layout: ``hazy_dir``, ``gt_dir`` (may contain ``{split}``), ``hazy_key``, ``gt_key``
+============  =====================================================================
 """
 from __future__ import annotations
 
@@ -41,7 +53,10 @@ class PairLayout:
 PRESETS: Dict[str, PairLayout] = {
     "rsid": PairLayout("{split}/hazy", "{split}/GT"),
     "satehaze1k": PairLayout("{split}/input", "{split}/target", r"(.+)-inputs", r"(.+)-targets"),
+    "raindrop": PairLayout("{split}/data", "{split}/gt", r"(.+)_rain", r"(.+)_clean"),
 }
+LIST_PRESETS = {"realblur": "RealBlur_J_{split}_list.txt"}   # default list file; RealBlur-R: set list_file
+PRESET_NAMES = (*PRESETS, *LIST_PRESETS, "paired")
 
 
 def _natural(key: str):
@@ -92,24 +107,56 @@ def find_pairs(hazy_dir: Union[str, Path], gt_dir: Union[str, Path], hazy_key: s
 
 
 def layout_from_config(data_cfg: dict) -> PairLayout:
-    """``data.preset`` ('rsid', 'satehaze1k' or 'paired'); 'paired' reads hazy_dir, gt_dir,
-    hazy_key and gt_key from the section (folders may contain '{split}')."""
+    """The folder layout of a config's ``data`` section: a preset's, or for 'paired' the
+    section's own hazy_dir, gt_dir, hazy_key and gt_key (folders may contain '{split}')."""
     preset = data_cfg.get("preset", "rsid")
     if preset in PRESETS:
         base = PRESETS[preset]
     elif preset == "paired":
         base = PairLayout("{split}/hazy", "{split}/GT")
     else:
-        raise PairingError(f"unknown data preset {preset!r} (choose rsid, satehaze1k or paired)")
+        raise PairingError(f"unknown data preset {preset!r} (choose {', '.join(PRESET_NAMES)})")
     fields = {f: data_cfg.get(f) or getattr(base, f) for f in ("hazy_dir", "gt_dir", "hazy_key", "gt_key")}
     return PairLayout(**fields)
+
+
+def listed_pairs(root: Union[str, Path], list_file: Union[str, Path]) -> List[ImagePair]:
+    """Pairs from a list file (RealBlur style): each line ``<gt path> <degraded path>``,
+    relative to ``root``. The key is the degraded path with '/' turned into '_' (file names
+    repeat across scenes). Missing files and repeated entries are named."""
+    root, list_path = Path(root), Path(root) / list_file
+    if not list_path.is_file():
+        raise PairingError(f"list file not found: {list_path}")
+    pairs, missing, seen = [], [], set()
+    for n, line in enumerate(list_path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2:
+            raise PairingError(f"{list_path}:{n}: expected '<gt path> <degraded path>', got {line.strip()!r}")
+        gt, hazy = root / parts[0], root / parts[1]
+        missing += [str(p) for p in (gt, hazy) if not p.is_file()]
+        key = str(Path(parts[1]).with_suffix("")).replace("/", "_").replace("\\", "_")
+        if key in seen:
+            raise PairingError(f"{list_path}:{n}: {parts[1]} is listed twice")
+        seen.add(key)
+        pairs.append(ImagePair(key, hazy, gt))
+    if missing:
+        raise PairingError(f"{list_path}: listed files not found: {', '.join(missing[:10])}"
+                           f"{' ...' if len(missing) > 10 else ''}")
+    if not pairs:
+        raise PairingError(f"{list_path}: no pairs listed")
+    return pairs
 
 
 def split_pairs(data_cfg: dict, split: str) -> List[ImagePair]:
     """Pairs of one split (e.g. 'train', 'test') of the dataset a config's ``data`` section names."""
     if not data_cfg.get("root"):
         raise PairingError("data.root is not set (the dataset folder)")
-    layout = layout_from_config(data_cfg)
     root = Path(data_cfg["root"])
+    preset = data_cfg.get("preset", "rsid")
+    if preset in LIST_PRESETS:
+        return listed_pairs(root, str(data_cfg.get("list_file") or LIST_PRESETS[preset]).format(split=split))
+    layout = layout_from_config(data_cfg)
     return find_pairs(root / layout.hazy_dir.format(split=split), root / layout.gt_dir.format(split=split),
                       layout.hazy_key, layout.gt_key)

@@ -31,7 +31,7 @@ class BaseTrainer:
     # save_every (last.pt), keep_every (step_<N>.pt snapshots)
     train_options = ("device", "tensorboard", "val_protocol", "val_every", "save_every", "keep_every")
     data_keys = ("preset", "root", "train_split", "val_split", "val_holdout", "val_limit", "crop", "flip", "resize",
-                 "resize_mode", "num_workers", "hazy_dir", "gt_dir", "hazy_key", "gt_key")
+                 "resize_mode", "num_workers", "hazy_dir", "gt_dir", "hazy_key", "gt_key", "list_file")
 
     def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None):
         check_keys("train", cfg.get("train") or {}, (*self.train_defaults, *self.train_options))
