@@ -164,8 +164,11 @@ def test_killed_run_resumes_to_identical_results(ckpts, pairs_folder, tmp_path):
     proc.wait()
     done = len(list((out / ".records").glob("*.json")))
     assert 2 <= done < 8, "the kill should land mid-folder"
+    finished = {p.stem: (out / "restored" / f"{p.stem}").stat().st_ino for p in (out / ".records").glob("*.json")}
     resumed = _cmd("test.py", *args, "--output", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    # finished images were kept, not redone (an atomic rewrite would give a new inode)
+    assert {n: (out / "restored" / n).stat().st_ino for n in finished} == finished
     assert _files(out) == _files(tmp_path / "straight")
     assert "metrics.csv" in _files(out) and len(_files(out)) == 8 + 3 + 2   # restored, panels, csv + summary
 
