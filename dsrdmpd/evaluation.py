@@ -37,6 +37,7 @@ from .visualize import error_map, save_panel
 
 METRIC_COLUMNS = ["psnr_stage1", "ssim_stage1", "psnr_stage2", "ssim_stage2"]
 RECORDS = ".records"
+PANEL_MIN_SIZE = 192        # small images are enlarged (nearest neighbour) in panels to stay legible
 # What makes one item fail without ending the run: bad files and sizes, and bad values.
 ITEM_ERRORS = (ImageReadError, DataError, ValueError, OSError)
 
@@ -124,9 +125,12 @@ def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "p
                    psnr_stage2=m2["psnr"][0], ssim_stage2=m2["ssim"][0])
     if panel:
         tiles = [("hazy", hazy), ("stage 1", result.coarse), ("stage 2", result.restored)]
+        captions = None
         if gt is not None:
             tiles += [("GT", gt), ("|stage 2 - GT|", error_map(result.restored, gt))]
-        save_panel(tiles, out_dir / "panels" / (Path(name).stem + ".png"))
+            scores = [psnr_ssim(hazy, gt, protocol), m1, m2]
+            captions = [f"{m['psnr'][0]:.2f} dB / {m['ssim'][0]:.3f}" for m in scores] + ["PSNR / SSIM", ""]
+        save_panel(tiles, out_dir / "panels" / (Path(name).stem + ".png"), captions, min_size=PANEL_MIN_SIZE)
     return row
 
 
