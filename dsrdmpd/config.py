@@ -24,7 +24,17 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads '2e-4' (no dot) as a string; configs and overrides read it
+    as the number it is, as YAML 1.2 does."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 class ConfigError(ValueError):
@@ -44,8 +54,8 @@ def check_keys(section: str, values: Dict[str, Any], known: Iterable[str], stric
         warnings.warn(msg, stacklevel=3)
 
 
-# Expected type of every known value: (kind, low, high) with kind int / number / bool /
-# str / ints / numbers (lists) / a tuple of choices; None allowed where marked optional.
+# Expected type of every known value: (kind, minimum, maximum, optional) with kind int /
+# number / bool / str / a list of ints or numbers / a tuple of choices.
 _INT, _NUM, _BOOL, _STR = "an integer", "a number", "true or false", "a string"
 SCHEMA: Dict[str, Tuple[Any, Optional[float], Optional[float], bool]] = {
     # key: (kind, minimum, maximum, optional)
@@ -110,7 +120,7 @@ def _check_value(key: str, value: Any, kind, lo, hi) -> Any:
         return value
     if kind == _NUM and isinstance(value, str):
         try:
-            value = float(value)        # '2e-4' in a YAML file is a string to YAML 1.1
+            value = float(value)        # a quoted number ("0.001") is accepted too
         except ValueError:
             fail(kind)
     checks = {_INT: _is_int, _NUM: _is_num, _BOOL: lambda v: isinstance(v, bool), _STR: lambda v: isinstance(v, str)}
@@ -163,7 +173,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> Dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"config {path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -181,11 +191,9 @@ def apply_override(cfg: Dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        value = float(value)       # YAML 1.1 reads '2e-4' (no dot) as a string
     node = cfg
     parts = key.strip().split(".")
     for p in parts[:-1]:

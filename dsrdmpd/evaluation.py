@@ -49,13 +49,16 @@ class Item:
     gt: Optional[Path] = None
 
 
+KEPT_FORMATS = TIFF_EXTENSIONS + (".png",)     # written back in their own format and bit depth
+
+
 def output_name(path: Path) -> str:
     """Same file name; TIFF and PNG stay as they are (bit depth kept), everything else becomes PNG."""
-    return path.name if path.suffix.lower() in TIFF_EXTENSIONS + (".png",) else path.stem + ".png"
+    return path.name if path.suffix.lower() in KEPT_FORMATS else path.stem + ".png"
 
 
 def output_bit_depth(path: Path, bit_depth: int) -> int:
-    return bit_depth if path.suffix.lower() in TIFF_EXTENSIONS + (".png",) else 8
+    return bit_depth if path.suffix.lower() in KEPT_FORMATS else 8
 
 
 def items_from_pairs(pairs) -> List[Item]:
@@ -139,9 +142,9 @@ def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: 
               progress: bool = True, resume: bool = False, rank: int = 0, world: int = 1) -> List[Dict[str, object]]:
     """Process this process's share of ``items`` (every ``world``-th from ``rank``) into
     ``out_dir``; panels for the first ``panels`` items. Returns their rows; a failed item's
-    row is ``{'name', 'error'}``; records also name the process that did the item. With ``resume``, items with a record and an output file
-    are skipped. Without it the records of an earlier run in ``out_dir`` are cleared first
-    (by process 0, before the others start: callers with world > 1 synchronise after)."""
+    row is ``{'name', 'error'}``; records also name the process that did the item. With
+    ``resume``, items with a record and an output file are skipped; a fresh run should
+    :func:`clear_records` of an earlier one first (once, before any process starts)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown metric protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     out_dir = Path(out_dir)

@@ -120,7 +120,7 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/evaluation.py", "mine = list(enumerate(items))[rank::world]", "mine = list(enumerate(items))",
              ("tests/test_cli.py::test_two_processes_give_the_files_of_one",)),
     Mutation("png16-as-8bit", "a 16-bit PNG is written back as 8-bit",
-             "dsrdmpd/evaluation.py", "return bit_depth if path.suffix.lower() in TIFF_EXTENSIONS + (\".png\",) else 8",
+             "dsrdmpd/evaluation.py", "return bit_depth if path.suffix.lower() in KEPT_FORMATS else 8",
              "return bit_depth if path.suffix.lower() in TIFF_EXTENSIONS else 8",
              ("tests/test_cli.py::test_bad_files_are_skipped_and_reported",)),
     Mutation("best-on-test", "best.pt chosen on the test split",

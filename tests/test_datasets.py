@@ -7,7 +7,6 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dsrdmpd.cli import reproduce
@@ -19,7 +18,7 @@ from dsrdmpd.training.common import plan_data
 from conftest import ROOT
 
 
-def _img(path, seed, ext=None):
+def _img(path, seed):
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = (np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8)
     Image.fromarray(arr).save(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 from ..evaluation import Item, clear_records, collect_rows, run_items, write_results
 from ..inference import Dehazer
@@ -37,18 +37,17 @@ class ProcessGroup:
             self.dist.destroy_process_group()
 
 
-def run_batch(args, items: Sequence[Item], title: str, protocol: str = "paper", resize=None,
-              notes: Sequence[str] = ()) -> Dict[str, float]:
+def run_batch(args, items: Sequence[Item], title: str, protocol: str = "paper", resize=None) -> Dict[str, float]:
     """Dehaze (and score, where items have GT) ``items`` into ``args.output``; returns the
     means. Raises ItemsFailed after writing the results when some items failed."""
     group = ProcessGroup()
     try:
-        return _run_batch(group, args, items, title, protocol, resize, notes)
+        return _run_batch(group, args, items, title, protocol, resize)
     finally:
         group.close()
 
 
-def _run_batch(group: ProcessGroup, args, items, title, protocol, resize, notes) -> Dict[str, float]:
+def _run_batch(group: ProcessGroup, args, items, title, protocol, resize) -> Dict[str, float]:
     cfg = model_config(args)
     device = resolve_device(args.device, group.local_rank)
     dehazer = Dehazer.from_checkpoints(args.stage1, args.stage2, cfg, device=device, weights=args.weights,
@@ -65,10 +64,10 @@ def _run_batch(group: ProcessGroup, args, items, title, protocol, resize, notes)
     if group.rank != 0:
         return {}
     done, failed = collect_rows(items, out)
-    header: List[str] = [f"Checkpoints: stage 1 `{args.stage1}`, stage 2 `{args.stage2}` ({args.weights} weights); "
+    notes = [f"Checkpoints: stage 1 `{args.stage1}`, stage 2 `{args.stage2}` ({args.weights} weights); "
                          f"seed {dehazer.seed}; {dehazer.steps} sampling steps"
                          + (f"; resized to {resize} (PIL bilinear, as the authors)" if resize else "") + "."]
-    means = write_results(done, out, protocol, title, [*header, *notes], failed)
+    means = write_results(done, out, protocol, title, notes, failed)
     print((out / "summary.md").read_text().split("Per image:")[0].strip())
     if failed:
         raise ItemsFailed(f"{len(failed)} of {len(items)} item(s) failed ({', '.join(str(r['name']) for r in failed[:5])}"

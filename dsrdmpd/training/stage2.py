@@ -122,10 +122,7 @@ class Stage2Trainer(BaseTrainer):
         return {"stage1": c[..., :h, :w], "stage2": r[..., :h, :w]}
 
     def val_weights(self) -> str:
-        weights = str(self.tcfg.get("val_weights", "model"))
-        if weights not in ("model", "ema"):
-            raise ConfigError(f"train.val_weights must be 'model' or 'ema', got {weights!r}")
-        return weights
+        return str(self.tcfg["val_weights"])      # 'model' or 'ema', checked with the config
 
     def weights_for_inference(self) -> Dict[str, Any]:
         ema = {k: v.detach().cpu().clone() for k, v in self.ema.ema_model.state_dict().items()}
