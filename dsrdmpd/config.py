@@ -91,6 +91,8 @@ SCHEMA: Dict[str, Tuple[Any, Optional[float], Optional[float], bool]] = {
     "train.val_weights": (("model", "ema"), None, None, False),
     "train.val_protocol": (("paper", "standard"), None, None, False),
     "train.precompute_coarse": (_BOOL, None, None, False),
+    "train.tf32": (_BOOL, None, None, False),
+    "train.deterministic": (_BOOL, None, None, False),
     "train.stage1_checkpoint": (_STR, None, None, True),
     "data.crop": (_INT, 16, None, True),
     "data.resize": (_INT, 16, None, True),

@@ -28,6 +28,7 @@ import csv
 import math
 import multiprocessing as mp
 import platform
+import queue
 import resource
 import statistics
 import sys
@@ -36,7 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = {"fp32": {}, "fp32+cl": {"channels_last": True}, "bf16-stage1": {"precision": "bf16-stage1"},
+VARIANTS = {"fp32": {}, "fp32+cl": {"channels_last": True}, "tf32": {"precision": "tf32"},
+            "tf32+cl": {"precision": "tf32", "channels_last": True}, "bf16-stage1": {"precision": "bf16-stage1"},
             "bf16-stage1+cl": {"precision": "bf16-stage1", "channels_last": True}, "bf16": {"precision": "bf16"},
             "bf16+cl": {"precision": "bf16", "channels_last": True},
             "bf16+cl+compile": {"precision": "bf16", "channels_last": True, "compile": True},
@@ -124,6 +126,9 @@ def _case(args, spec, queue):
             out["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
     elif kind in ("train_fast", "train_straightforward"):
         fast = kind == "train_fast"
+        if dev.startswith("cuda"):
+            from dsrdmpd.training.common import configure_cuda
+            configure_cuda(spec.get("tf32", True), spec.get("deterministic", True))
         s1, s2 = _models(args)
         s1.to(dev).requires_grad_(False)
         s2.to(dev).train()
@@ -172,10 +177,14 @@ def run_case(args, **spec):
     q = ctx.Queue()
     p = ctx.Process(target=_case, args=(args, spec, q))
     p.start()
-    res = q.get()
+    res = None
+    while res is None:
+        try:
+            res = q.get(timeout=1)
+        except queue.Empty:
+            if not p.is_alive() and q.empty():      # died before reporting (error printed above)
+                raise RuntimeError(f"benchmark case {spec} failed (exit {p.exitcode})") from None
     p.join()
-    if p.exitcode != 0:
-        raise RuntimeError(f"benchmark case {spec} failed (exit {p.exitcode})")
     print(f"  {spec}: {res['seconds']:.3f} s, peak {res['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     return res
 
@@ -197,6 +206,8 @@ def main(argv=None):
     ap.add_argument("--stage2", help="stage-2 checkpoint instead of random weights")
     ap.add_argument("--variants", nargs="*", default=["fp32"],
                     help=f"pipeline variants among {list(VARIANTS)} ('all': every one)")
+    ap.add_argument("--variant-sizes", type=int, nargs="*", help="sizes for the variants table (default: --sizes)")
+    ap.add_argument("--scene-variant", default=None, help="variant for the tiled scenes (default: the last variant)")
     ap.add_argument("--batch", type=int, default=1, help="images per pipeline call")
     ap.add_argument("--train-size", type=int, default=256, help="stage-2 training crop (0: skip training)")
     ap.add_argument("--train-batch", type=int, default=1, help="stage-2 training batch (paper: 1)")
@@ -214,6 +225,18 @@ def main(argv=None):
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)} (choose from {list(VARIANTS)})")
+
+    def save(lines, records):
+        """Write what is measured so far (a run cut short keeps its finished rows)."""
+        if not args.out:
+            return
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "benchmark.md").write_text("\n".join(lines) + "\n")
+        keys = sorted({k for r in records for k in r})
+        with open(args.out / "benchmark.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(records)
 
     import torch
     cuda = args.device.startswith("cuda")
@@ -243,33 +266,48 @@ def main(argv=None):
                          f"{_fmt(1 / (s1['seconds'] + fast['seconds']))} | "
                          f"{_fmt(slow and 1 / (s1['seconds'] + slow['seconds']))} | {s1['peak_mib']:.0f} / "
                          f"{fast['peak_mib']:.0f} / {_fmt(slow and slow['peak_mib'], '{:.0f}')} |")
+            save(lines, records)
         lines.append("")
 
-    if args.variants and args.sizes and (args.variants != ["fp32"] or args.batch > 1):
+    variant_sizes = args.sizes if args.variant_sizes is None else args.variant_sizes
+    if args.variants and variant_sizes and (args.variants != ["fp32"] or args.batch > 1):
         lines += [f"Pipeline variants (both stages through `Dehazer`, batch {args.batch}):", "",
                   "| size | variant | ms / image | img/s | PSNR vs fp32 (dB) | peak |", "|---|---|---|---|---|---|"]
-        for size in args.sizes:
+        for size in variant_sizes:
             for v in args.variants:
                 r = run_case(args, kind="pipeline", size=size, variant=v, batch=args.batch)
                 records.append(r)
                 lines.append(f"| {size} | {v} | {r['ms_per_image']:.1f} | {r['img_per_s']:.2f} | "
                              f"{_fmt(r.get('psnr_vs_fp32'), '{:.1f}') or 'reference'} | {r['peak_mib']:.0f} |")
+                save(lines, records)
         lines.append("")
 
     if args.train_size:
         fast = run_case(args, kind="train_fast", size=args.train_size)
         slow = run_case(args, kind="train_straightforward", size=args.train_size)
         records += [fast, slow]
-        lines += [f"Stage-2 training step ({args.train_size}x{args.train_size}, batch {args.train_batch}, Adam):", "",
+        cuda_note = " (CUDA: the trainer's defaults, TF32 on, deterministic algorithms)" if cuda else ""
+        lines += [f"Stage-2 training step ({args.train_size}x{args.train_size}, batch {args.train_batch}, "
+                  f"Adam){cuda_note}:", "",
                   "| path | s / step | it/s | peak |", "|---|---|---|---|",
                   f"| fast (cached stage 1, residual decoder only) | {fast['seconds']:.3f} | {fast['it_per_s']:.3f} | "
                   f"{fast['peak_mib']:.0f} |",
                   f"| straightforward (stage 1 every step, full network) | {slow['seconds']:.3f} | "
                   f"{slow['it_per_s']:.3f} | {slow['peak_mib']:.0f} |",
-                  f"| speed-up | {slow['seconds'] / fast['seconds']:.2f}x | | |", ""]
+                  f"| speed-up | {slow['seconds'] / fast['seconds']:.2f}x | | |"]
+        if cuda:
+            for label, opts in (("fast, not deterministic (train.deterministic: false)", {"deterministic": False}),
+                                ("fast, true float32 (train.tf32: false)", {"tf32": False})):
+                r = run_case(args, kind="train_fast", size=args.train_size, **opts)
+                records.append(r)
+                lines.append(f"| {label} | {r['seconds']:.3f} | {r['it_per_s']:.3f} | {r['peak_mib']:.0f} |")
+        lines.append("")
+        save(lines, records)
 
     if args.scene:
-        v = args.variants[-1] if args.variants else "fp32"
+        v = args.scene_variant or (args.variants[-1] if args.variants else "fp32")
+        if v not in VARIANTS:
+            ap.error(f"unknown scene variant {v!r}")
         lines += [f"Tiled scenes (tile {args.tile}, overlap {args.overlap}, {args.tile_batch} tile(s) per call, "
                   f"variant {v}; one run each):", "", "| scene | tiles | seconds | peak |", "|---|---|---|---|"]
         from dsrdmpd.inference import padded_size, tile_starts
@@ -280,16 +318,8 @@ def main(argv=None):
             lines.append(f"| {size}x{size} | {n} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |")
         lines.append("")
 
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "benchmark.md").write_text(table + "\n")
-        keys = sorted({k for r in records for k in r})
-        with open(args.out / "benchmark.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(records)
+    save(lines, records)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def test_unknown_precision_is_refused():
 
 
 @needs_cuda
-@pytest.mark.parametrize("opts,min_db", [({}, 80), ({"channels_last": True}, 60),
+@pytest.mark.parametrize("opts,min_db", [({}, 80), ({"channels_last": True}, 60), ({"precision": "tf32"}, 40),
                                          ({"precision": "bf16-stage1"}, 45),
                                          ({"precision": "bf16-stage1", "channels_last": True}, 45),
                                          ({"precision": "bf16"}, 30)])

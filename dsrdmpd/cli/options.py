@@ -8,6 +8,7 @@ from typing import Any, Dict
 import torch
 
 from ..config import load_config
+from ..inference import PRECISIONS
 from ..metrics import PROTOCOLS
 from .errors import UsageError
 
@@ -43,9 +44,10 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--tile", type=int, default=None, help="tile size for large scenes (multiple of 16, >= 64)")
     g.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (feathered blend)")
     g.add_argument("--tile-batch", type=int, default=1, help="tiles per network call")
-    g.add_argument("--precision", choices=["fp32", "bf16", "bf16-stage1"], default="fp32",
-                   help="bf16: bfloat16 autocast for both networks, bf16-stage1: stage 1 only (faster on GPUs; "
-                        "see the README for the accuracy cost)")
+    g.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="fp32: true float32 (the reference); tf32: TensorFloat-32 products on GPUs; bf16: bfloat16 "
+                        "autocast for both networks, bf16-stage1: stage 1 only (faster on GPUs; see the README for "
+                        "the accuracy cost)")
     g.add_argument("--channels-last", action="store_true", help="NHWC activations (faster convolutions on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks (the first image is slow)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
 import subprocess
 import sys
@@ -75,6 +76,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def configure_cuda(tf32: bool, deterministic: bool) -> None:
+    """Process-wide CUDA settings for training. ``tf32``: cuDNN convolutions and matrix
+    products may use TensorFloat-32 (PyTorch's default for convolutions; faster, ~3 digits).
+    ``deterministic``: deterministic cuDNN / cuBLAS algorithms, so a resumed run repeats the
+    uninterrupted one bit for bit (ops without a deterministic kernel warn)."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 class CSVLog:

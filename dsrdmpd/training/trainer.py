@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from ..config import check_keys, validate_config
 from ..data import DataError
 from ..visualize import save_panel
-from .common import (CSVLog, Throughput, capture_rng, load_training_state, make_loader, optional_tensorboard,
+from .common import (CSVLog, Throughput, capture_rng, configure_cuda, load_training_state, make_loader, optional_tensorboard,
                      prepare_run_dir, progress, resolve_resume, restore_rng, save_training_checkpoint,
                      plan_data, seed_everything)
 
@@ -28,8 +28,10 @@ class BaseTrainer:
     size_multiple: int = 1
     train_defaults: Dict[str, Any] = {}
     # train keys read without a default value: device ('auto' | 'cpu'), tensorboard, val_protocol, val_every,
-    # save_every (last.pt), keep_every (step_<N>.pt snapshots)
-    train_options = ("device", "tensorboard", "val_protocol", "val_every", "save_every", "keep_every")
+    # save_every (last.pt), keep_every (step_<N>.pt snapshots), tf32 and deterministic (CUDA only, see
+    # configure_cuda)
+    train_options = ("device", "tensorboard", "val_protocol", "val_every", "save_every", "keep_every", "tf32",
+                     "deterministic")
     data_keys = ("preset", "root", "train_split", "val_split", "val_holdout", "val_limit", "crop", "flip", "resize",
                  "resize_mode", "num_workers", "hazy_dir", "gt_dir", "hazy_key", "gt_key", "list_file")
 
@@ -45,6 +47,8 @@ class BaseTrainer:
         self.accelerator = Accelerator(mixed_precision=self.tcfg.get("mixed_precision", "no"),
                                        gradient_accumulation_steps=int(self.tcfg.get("grad_accum", 1)),
                                        cpu=device == "cpu")
+        if self.accelerator.device.type == "cuda":
+            configure_cuda(bool(self.tcfg.get("tf32", True)), bool(self.tcfg.get("deterministic", True)))
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
             prepare_run_dir(self.run_dir, cfg, argv)

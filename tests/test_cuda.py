@@ -1,0 +1,126 @@
+"""CUDA: training, exact resume, and the command line on a GPU (skipped without one).
+
+Speed-option accuracy on the GPU is in test_speed_options.py. Run on a GPU machine with
+``bash scripts/gpu_check.sh``.
+"""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from dsrdmpd.cli import dehaze
+from dsrdmpd.config import load_config
+from dsrdmpd.data.synthetic import make_synthetic_dataset
+from dsrdmpd.imageio import read_image
+from dsrdmpd.training import Stage1Trainer, Stage2Trainer
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), n_train=8, n_test=2, size=64, seed=1, n_valid=2)
+
+
+def _cfg(stage, root, **train):
+    cfg = load_config(ROOT / "configs" / f"stage{stage}_tiny.yaml", [f"data.root={root}", "data.val_limit=1"])
+    cfg["train"].update({"batch_size": 2, "log_every": 1, "save_every": 100, "val_every": 100, **train})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(data_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("s1")
+    Stage1Trainer(_cfg(1, data_root, epochs=1, device="cpu"), run).train()
+    return run / "checkpoints" / "last.pt"
+
+
+def _losses(run):
+    with open(run / "train_log.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def _make(stage, root, ckpt, device, **train):
+    if stage == 1:
+        return lambda run, resume=None: Stage1Trainer(_cfg(1, root, epochs=2, device=device, **train), run, resume)
+    train = {"steps": 8, "ema_update_after_step": 0, **train}
+    return lambda run, resume=None: Stage2Trainer(_cfg(2, root, device=device, stage1_checkpoint=str(ckpt), **train),
+                                                  run, resume)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gpu_training_follows_the_cpu_run(stage, data_root, stage1_ckpt, tmp_path):
+    """Same data order, crops and noise on both devices (CPU generators): in true float32
+    the GPU losses repeat the CPU ones to float rounding, step after step."""
+    runs = {}
+    for device in ("cpu", "auto"):
+        trainer = _make(stage, data_root, stage1_ckpt, device, tf32=False)(tmp_path / device)
+        assert trainer.accelerator.device.type == ("cpu" if device == "cpu" else "cuda")
+        trainer.train()
+        runs[device] = _losses(tmp_path / device)
+    assert len(runs["cpu"]) == len(runs["auto"]) >= 8
+    torch.testing.assert_close(torch.tensor(runs["auto"]), torch.tensor(runs["cpu"]), rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gpu_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
+    make = _make(stage, data_root, stage1_ckpt, "auto")       # default: tf32 on, deterministic on
+    make(tmp_path / "a").train()
+    interrupted = make(tmp_path / "b")
+    interrupted.train(max_steps=5)
+    del interrupted
+    resumed = make(tmp_path / "b", resume="auto")
+    assert resumed.step == 5
+    resumed.train()
+    sa = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)
+    sb = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    for key in ("model",) + (("ema",) if stage == 2 else ()):
+        for name in sa[key]:
+            assert torch.equal(sa[key][name], sb[key][name]), f"{key}.{name}"
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_gpu_bf16_mixed_precision_trains(data_root, stage1_ckpt, tmp_path):
+    trainer = _make(2, data_root, stage1_ckpt, "auto", mixed_precision="bf16", steps=20)(tmp_path)
+    trainer.train()
+    losses = _losses(tmp_path)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("precision,max_levels", [("fp32", 1), ("tf32", 4)])
+def test_dehaze_command_on_gpu_matches_cpu(chain, tmp_path, precision, max_levels):
+    """The same 8-bit files from ``dehaze --device cuda`` as on the CPU: at most one level
+    apart in true float32 (rounding at .5), a few levels with TensorFloat-32."""
+    args = ["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
+            "--input", str(chain / "data" / "hazy")]
+    assert dehaze.main(args + ["--output", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    assert dehaze.main(args + ["--output", str(tmp_path / "gpu"), "--device", "cuda",
+                               "--precision", precision]) == 0
+    cpu, gpu = tmp_path / "cpu" / "restored", tmp_path / "gpu" / "restored"
+    names = sorted(p.name for p in cpu.iterdir())
+    assert names and names == sorted(p.name for p in gpu.iterdir())
+    worst = max((read_image(cpu / n).tensor - read_image(gpu / n).tensor).abs().max().item() for n in names) * 255
+    assert worst <= max_levels + 1e-3
+
+
+def test_fp32_switches_tensorfloat32_off_for_the_call_only(chain):
+    from dsrdmpd.inference import Dehazer
+    seen = []
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        for precision in ("fp32", "tf32"):
+            d = Dehazer.from_checkpoints(str(chain / "stage1_official.pth"), str(chain / "stage2_official.pt"),
+                                         device="cuda", precision=precision)
+            d.stage1.register_forward_hook(lambda *_: seen.append((torch.backends.cudnn.allow_tf32,
+                                                                    torch.backends.cuda.matmul.allow_tf32)))
+            d(torch.rand(1, 3, 64, 64))
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen == [(False, False), (True, True)]
