@@ -69,7 +69,9 @@ def test_gpu_training_follows_the_cpu_run(stage, data_root, stage1_ckpt, tmp_pat
 @pytest.mark.parametrize("stage", [1, 2])
 def test_gpu_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
     make = _make(stage, data_root, stage1_ckpt, "auto")       # default: tf32 on, deterministic on
-    make(tmp_path / "a").train()
+    straight = make(tmp_path / "a")
+    assert straight.accelerator.device.type == "cuda"
+    straight.train()
     interrupted = make(tmp_path / "b")
     interrupted.train(max_steps=5)
     del interrupted
@@ -86,6 +88,7 @@ def test_gpu_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
 
 def test_gpu_bf16_mixed_precision_trains(data_root, stage1_ckpt, tmp_path):
     trainer = _make(2, data_root, stage1_ckpt, "auto", mixed_precision="bf16", steps=20)(tmp_path)
+    assert trainer.accelerator.device.type == "cuda"
     trainer.train()
     losses = _losses(tmp_path)
     assert all(torch.isfinite(torch.tensor(losses)))

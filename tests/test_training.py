@@ -215,3 +215,14 @@ def test_ema_follows_the_configured_decay(data_root, stage1_ckpt, tmp_path, deca
     for weights in ("model", "ema"):
         net = load_stage2(tmp_path / "checkpoints" / "last.pt", weights=weights).net.state_dict()
         assert torch.equal(net[key], ckpt[weights][key])
+
+
+def test_second_trainer_in_one_process_gets_its_own_settings(data_root, stage1_ckpt, tmp_path):
+    """accelerate keeps one state per process: without a fresh one, a second trainer keeps the
+    first one's device and refuses another mixed precision (found on a GPU machine)."""
+    first = Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=2), tmp_path / "a")
+    assert first.accelerator.mixed_precision == "no"
+    second = Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=2, mixed_precision="bf16"), tmp_path / "b")
+    assert second.accelerator.mixed_precision == "bf16"
+    second.train()
+    assert torch.isfinite(torch.tensor(_losses(tmp_path / "b"))).all()

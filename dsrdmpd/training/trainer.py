@@ -14,13 +14,25 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 
 from ..config import check_keys, validate_config
 from ..data import DataError
 from ..visualize import save_panel
-from .common import (CSVLog, Throughput, capture_rng, configure_cuda, load_training_state, make_loader, optional_tensorboard,
-                     prepare_run_dir, progress, resolve_resume, restore_rng, save_training_checkpoint,
-                     plan_data, seed_everything)
+from .common import (CSVLog, Throughput, capture_rng, configure_cuda, load_training_state, make_loader,
+                     optional_tensorboard, plan_data, prepare_run_dir, progress, resolve_resume, restore_rng,
+                     save_training_checkpoint, seed_everything)
+
+
+def make_accelerator(device: str, mixed_precision: str, grad_accum: int) -> Accelerator:
+    """An Accelerator with exactly these settings. accelerate keeps one state per process and
+    silently keeps the first trainer's device (or refuses another mixed precision) for a
+    second trainer in the same process (a notebook, stage 2 after stage 1); outside a
+    distributed launch that state is started afresh."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=device == "cpu")
 
 
 class BaseTrainer:
@@ -44,9 +56,8 @@ class BaseTrainer:
         self.tcfg = cfg["train"]
         self.run_dir = Path(run_dir)
         device = str(self.tcfg.get("device", "auto"))
-        self.accelerator = Accelerator(mixed_precision=self.tcfg.get("mixed_precision", "no"),
-                                       gradient_accumulation_steps=int(self.tcfg.get("grad_accum", 1)),
-                                       cpu=device == "cpu")
+        self.accelerator = make_accelerator(device, self.tcfg.get("mixed_precision", "no"),
+                                            int(self.tcfg.get("grad_accum", 1)))
         if self.accelerator.device.type == "cuda":
             configure_cuda(bool(self.tcfg.get("tf32", True)), bool(self.tcfg.get("deterministic", True)))
         self.is_main = self.accelerator.is_main_process
