@@ -53,17 +53,22 @@ def _make(stage, root, ckpt, device, **train):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_gpu_training_follows_the_cpu_run(stage, data_root, stage1_ckpt, tmp_path):
-    """Same data order, crops and noise on both devices (CPU generators): in true float32
-    the GPU losses repeat the CPU ones to float rounding, step after step."""
+def test_gpu_training_starts_where_the_cpu_run_does_and_learns(stage, data_root, stage1_ckpt, tmp_path):
+    """Same initial weights, data order, crops and noise on both devices (CPU generators): in
+    true float32 the first loss is the CPU one to float rounding, and the GPU run learns.
+    Later losses are not compared: Adam's first steps move every weight by about lr whatever
+    the size of its gradient, so rounding-level gradient differences (and L1's sign at ties)
+    grow into visible ones (H200 run: stage 1 equal at step 1, 6 % apart at step 5)."""
     runs = {}
     for device in ("cpu", "auto"):
         trainer = _make(stage, data_root, stage1_ckpt, device, tf32=False)(tmp_path / device)
         assert trainer.accelerator.device.type == ("cpu" if device == "cpu" else "cuda")
         trainer.train()
         runs[device] = _losses(tmp_path / device)
-    assert len(runs["cpu"]) == len(runs["auto"]) >= 8
-    torch.testing.assert_close(torch.tensor(runs["auto"]), torch.tensor(runs["cpu"]), rtol=2e-3, atol=1e-5)
+    gpu, cpu = runs["auto"], runs["cpu"]
+    assert len(cpu) == len(gpu) >= 8
+    assert gpu[0] == pytest.approx(cpu[0], rel=1e-5)
+    assert sum(gpu[-4:]) / 4 < 0.9 * sum(gpu[:4]) / 4
 
 
 @pytest.mark.parametrize("stage", [1, 2])
