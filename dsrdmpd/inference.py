@@ -15,9 +15,11 @@ Large scenes: with ``tile`` set, the padded image is cut into overlapping tiles 
 ``tile`` x ``tile`` pixels (stride ``tile - overlap``, the last tile flush with the edge);
 each tile runs through both stages, ``tile_batch`` tiles per network call, and the
 results are blended with feathered (linearly ramped) weights across each overlap, so
-seams do not show and network memory stays bounded by the tile size. Every tile uses
-its window of the whole image's start noise, so a scene that fits in one tile gives
-exactly the untiled result.
+seams do not show and network memory stays bounded by the tile size. A scene that fits
+in one tile gives exactly the untiled result; with several tiles, each tile takes its
+window of a block-keyed noise field (:func:`dsrdmpd.diffusion.window_noise`), so that
+a scene streamed from disk window by window (:mod:`dsrdmpd.raster`) gets the very same
+result as the scene tiled in memory.
 
 Speed options (all off by default; the default path is the reference float32 one):
 ``precision='fp32'`` is true float32 on GPUs too (TensorFloat-32 convolutions and
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 
 from .builders import load_stage1, load_stage2
 from .config import DEFAULTS, ConfigError, load_config
-from .diffusion import ResidualDiffusion, start_noise
+from .diffusion import ResidualDiffusion, start_noise, window_noise
 from .models import MCESSUNet
 from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE
 
@@ -155,37 +157,63 @@ class Dehazer:
         check_input(hazy)
         h, w = hazy.shape[-2:]
         size = padded_size(h, w)
+        seed = self.seed if seed is None else seed
         if noise is not None and tuple(noise.shape[-2:]) != size:
             raise ValueError(f"start noise must have the padded size {size}, got {tuple(noise.shape[-2:])}")
-        if noise is None:
-            noise = start_noise((hazy.shape[0], 3, *size), self.seed if seed is None else seed)
         with self._float32_mode():
             if self.tile is None:
+                if noise is None:
+                    noise = start_noise((hazy.shape[0], 3, *size), seed)
                 x = pad_to(hazy.to(self.device, torch.float32), size)
                 c, r = self._run(x, noise.to(self.device))
             else:
                 x = pad_to(hazy.float(), size)          # the whole scene stays on the CPU
-                c, r = self._tiled(x, noise)
+                c, r = self._tiled(x, self.tile_plan(h, w), seed, noise)
         return DehazeResult(c[..., :h, :w], r[..., :h, :w])
 
-    def _tiled(self, x: torch.Tensor, noise: torch.Tensor):
-        b, _, hp, wp = x.shape
-        th, tw = min(self.tile, hp), min(self.tile, wp)
-        windows = [(y, xx) for y in tile_starts(hp, th, self.overlap) for xx in tile_starts(wp, tw, self.overlap)]
-        if len(windows) == 1:                       # one tile covers the scene: plain run
-            c, r = self._run(x[..., :th, :tw].to(self.device), noise[..., :th, :tw].to(self.device))
+    def tile_plan(self, h: int, w: int, tile: Optional[int] = None) -> "TilePlan":
+        """The tiles of an h x w scene (``tile`` defaults to this Dehazer's)."""
+        return TilePlan.make(h, w, tile or self.tile, self.overlap)
+
+    def tile_noise(self, plan: "TilePlan", y: int, x: int, seed: Optional[int] = None) -> torch.Tensor:
+        """(1, 3, th, tw) start noise of the tile at (y, x): the untiled noise when one tile
+        covers the scene, else the tile's window of the block-keyed noise field."""
+        seed = self.seed if seed is None else seed
+        if len(plan.windows) == 1:
+            return start_noise((1, 3, *plan.padded), seed)[..., y:y + plan.tile_h, x:x + plan.tile_w]
+        return window_noise(seed, y, x, plan.tile_h, plan.tile_w)
+
+    @torch.inference_mode()
+    def run_tiles(self, tiles: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Both stages on a batch of padded tiles (N, 3, th, tw) in [0, 1] with their start
+        noise; returns (coarse, restored) on the CPU, float32."""
+        with self._float32_mode():
+            c, r = self._run(tiles.to(self.device, torch.float32), noise.to(self.device))
+        return c.cpu(), r.cpu()
+
+    def _tiled(self, x: torch.Tensor, plan: "TilePlan", seed: int, noise: Optional[torch.Tensor]):
+        b = x.shape[0]
+        th, tw = plan.tile_h, plan.tile_w
+
+        def tile_noise(i, y, xx):
+            if noise is not None:
+                return noise[i:i + 1, :, y:y + th, xx:xx + tw]
+            return self.tile_noise(plan, y, xx, seed)
+        if len(plan.windows) == 1:                       # one tile covers the scene: plain run
+            ns = torch.cat([tile_noise(i, 0, 0) for i in range(b)])
+            c, r = self._run(x[..., :th, :tw].to(self.device), ns.to(self.device))
             return c.cpu(), r.cpu()
-        weight = feather_weights(th, tw, self.overlap)
+        weight = plan.weight()
         acc_c = torch.zeros_like(x)
         acc_r = torch.zeros_like(x)
-        norm = torch.zeros((1, 1, hp, wp))        # the same windows for every image
-        for y, xx in windows:
+        norm = torch.zeros((1, 1, *plan.padded))        # the same windows for every image
+        for y, xx in plan.windows:
             norm[:, :, y:y + th, xx:xx + tw] += weight
-        jobs = [(i, y, xx) for i in range(b) for (y, xx) in windows]
+        jobs = [(i, y, xx) for i in range(b) for (y, xx) in plan.windows]
         for k in range(0, len(jobs), self.tile_batch):
             chunk = jobs[k:k + self.tile_batch]
             xs = torch.cat([x[i:i + 1, :, y:y + th, xx:xx + tw] for i, y, xx in chunk]).to(self.device)
-            ns = torch.cat([noise[i:i + 1, :, y:y + th, xx:xx + tw] for i, y, xx in chunk]).to(self.device)
+            ns = torch.cat([tile_noise(i, y, xx) for i, y, xx in chunk]).to(self.device)
             c, r = self._run(xs, ns)
             for j, (i, y, xx) in enumerate(chunk):
                 acc_c[i:i + 1, :, y:y + th, xx:xx + tw] += c[j:j + 1].cpu() * weight
@@ -193,6 +221,32 @@ class Dehazer:
         return acc_c / norm, acc_r / norm
 
     dehaze = __call__
+
+
+@dataclass
+class TilePlan:
+    """Overlapping tiles of an h x w scene padded to ``padded`` (bottom/right): tile size
+    (tile_h, tile_w), top-left corners ``windows`` in row-major order, the blend overlap,
+    and the padding mode (reflect, or replicate for scenes smaller than their padding)."""
+    height: int
+    width: int
+    padded: Tuple[int, int]
+    tile_h: int
+    tile_w: int
+    overlap: int
+    windows: list
+    pad_mode: str
+
+    @classmethod
+    def make(cls, h: int, w: int, tile: int, overlap: int) -> "TilePlan":
+        hp, wp = padded_size(h, w)
+        th, tw = min(tile, hp), min(tile, wp)
+        windows = [(y, x) for y in tile_starts(hp, th, overlap) for x in tile_starts(wp, tw, overlap)]
+        mode = "reflect" if hp - h < h and wp - w < w else "replicate"
+        return cls(h, w, (hp, wp), th, tw, overlap, windows, mode)
+
+    def weight(self) -> torch.Tensor:
+        return feather_weights(self.tile_h, self.tile_w, self.overlap)
 
 
 def check_input(hazy: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from dsrdmpd.builders import build_stage1, build_stage2, save_stage
 from dsrdmpd.imageio import read_image, write_image
+from dsrdmpd.diffusion import NOISE_BLOCK, window_noise
 from dsrdmpd.inference import Dehazer, tile_starts
 from dsrdmpd.metrics import psnr_ssim
 
@@ -131,7 +132,7 @@ def test_tiling_blends_tile_outputs(tiny_dehazer_parts):
     d = Dehazer(s1, s2, tile=128, overlap=32)
     out = d(x, seed=3)
     assert tile_starts(192, 128, 32) == [0, 64]
-    noise = torch.randn((1, 3, 128, 192), generator=torch.Generator().manual_seed(3))
+    noise = window_noise(3, 0, 0, 128, 192)         # several tiles: windows of the block-keyed noise field
     _, left = d._run(x[..., :, 0:128], noise[..., :, 0:128])
     _, right = d._run(x[..., :, 64:192], noise[..., :, 64:192])
     torch.testing.assert_close(out.restored[..., :, :64], left[..., :, :64], rtol=0, atol=1e-6)
@@ -141,9 +142,19 @@ def test_tiling_blends_tile_outputs(tiny_dehazer_parts):
     assert bool(((mid >= lo - 1e-6) & (mid <= hi + 1e-6)).all())
     assert (mid - left[..., 64:]).abs().max() > 0        # a real blend, not a copy
     # the difference from the untiled run is bounded by how much the tiles themselves differ from it
-    full = Dehazer(s1, s2)(x, seed=3).restored
+    full = Dehazer(s1, s2)(x, noise=noise).restored
     bound = torch.maximum((left - full[..., :128]).abs().max(), (right - full[..., 64:]).abs().max())
     assert (out.restored - full).abs().max() <= bound + 1e-6
+
+
+def test_window_noise_is_the_same_field_whatever_the_window():
+    big = window_noise(5, 100, 200, 3 * NOISE_BLOCK, 2 * NOISE_BLOCK + 7)
+    for y, x, h, w in [(100, 200, 1, 1), (300, 420, 70, 290), (100 + 3 * NOISE_BLOCK - 9, 210, 9, 64)]:
+        torch.testing.assert_close(window_noise(5, y, x, h, w), big[..., y - 100:y - 100 + h, x - 200:x - 200 + w],
+                                   rtol=0, atol=0)
+    assert not torch.equal(window_noise(6, 100, 200, 8, 8), big[..., :8, :8])          # the seed matters
+    assert not torch.equal(window_noise(5, 0, 0, 64, 64), window_noise(5, 0, 64, 64, 64))  # no repeats
+    assert abs(big.std().item() - 1) < 0.01 and abs(big.mean().item()) < 0.01
 
 
 class RowRampStage1(torch.nn.Module):

@@ -1,5 +1,5 @@
 """Residual diffusion (RDDM): schedules, training loss and sampler."""
-from .residual_diffusion import ResidualDiffusion, start_noise, to_signed, to_unit
+from .residual_diffusion import NOISE_BLOCK, ResidualDiffusion, start_noise, to_signed, to_unit, window_noise
 from .schedule import RDDMSchedule
 
-__all__ = ["ResidualDiffusion", "RDDMSchedule", "start_noise", "to_signed", "to_unit"]
+__all__ = ["NOISE_BLOCK", "ResidualDiffusion", "RDDMSchedule", "start_noise", "to_signed", "to_unit", "window_noise"]

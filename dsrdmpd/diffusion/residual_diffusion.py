@@ -6,6 +6,7 @@ mapped to [-1, 1] as in the official code.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Optional, Sequence
 
@@ -35,6 +36,30 @@ def start_noise(shape: Sequence[int], seed: int, device=None, dtype=torch.float3
     b, *rest = shape
     per_image = [torch.randn((1, *rest), generator=torch.Generator().manual_seed(int(seed))) for _ in range(b)]
     return torch.cat(per_image).to(device=device, dtype=dtype)
+
+
+NOISE_BLOCK = 256      # side of the squares that window noise is assembled from
+
+
+def _block_seed(seed: int, by: int, bx: int) -> int:
+    digest = hashlib.blake2b(f"dsrdmpd-noise:{int(seed)}:{by}:{bx}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+def window_noise(seed: int, y: int, x: int, h: int, w: int, channels: int = 3) -> torch.Tensor:
+    """Start noise of the window [y, y + h) x [x, x + w) of an unbounded noise field: the
+    field is made of NOISE_BLOCK-pixel squares, each drawn from its own CPU generator keyed
+    by (seed, square position), so any window of a scene can be made without the rest (tiled
+    and streamed scenes get the same noise). Returns (1, channels, h, w)."""
+    b = NOISE_BLOCK
+    out = torch.empty(1, channels, h, w)
+    for by in range(y // b, (y + h - 1) // b + 1):
+        for bx in range(x // b, (x + w - 1) // b + 1):
+            block = torch.randn((1, channels, b, b), generator=torch.Generator().manual_seed(_block_seed(seed, by, bx)))
+            y0, y1 = max(y, by * b), min(y + h, (by + 1) * b)
+            x0, x1 = max(x, bx * b), min(x + w, (bx + 1) * b)
+            out[..., y0 - y:y1 - y, x0 - x:x1 - x] = block[..., y0 - by * b:y1 - by * b, x0 - bx * b:x1 - bx * b]
+    return out
 
 
 class ResidualDiffusion(nn.Module):
