@@ -33,6 +33,7 @@ from .data import DataError
 from .imageio import TIFF_EXTENSIONS, ImageReadError, read_image, write_image, write_text_atomic
 from .inference import Dehazer
 from .metrics import PROTOCOLS, psnr_ssim
+from .raster import RasterOptions, is_raster, dehaze_raster
 from .visualize import error_map, save_panel
 
 METRIC_COLUMNS = ["psnr_stage1", "ssim_stage1", "psnr_stage2", "ssim_stage2"]
@@ -104,8 +105,16 @@ def _record_path(out_dir: Path, item: Item) -> Path:
 
 
 def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "paper", resize: Optional[int] = None,
-                 save_coarse: bool = False, panel: bool = False) -> Dict[str, object]:
-    """Dehaze one item, write its outputs; return its row (metrics when it has GT)."""
+                 save_coarse: bool = False, panel: bool = False,
+                 raster: Optional["RasterOptions"] = None) -> Dict[str, object]:
+    """Dehaze one item, write its outputs; return its row (metrics when it has GT). With
+    ``raster`` options, a TIFF without GT goes through :func:`dsrdmpd.raster.dehaze_raster`
+    (GeoTIFF out, streamed; no coarse output or panel)."""
+    if raster is not None and item.gt is None and is_raster(item.hazy):
+        if resize:
+            raise DataError(f"{item.hazy}: --resize does not apply to satellite rasters")
+        note = f"dehazed with DS-RDMPD (seed {dehazer.seed}, {dehazer.steps} sampling steps)"
+        return dehaze_raster(dehazer, item.hazy, out_dir / "restored" / output_name(Path(item.name)), raster, note)
     img = read_image(item.hazy)
     gt_img = read_image(item.gt) if item.gt is not None else None
     hazy, gt = img.tensor[None], (gt_img.tensor[None] if gt_img is not None else None)
@@ -139,7 +148,8 @@ def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "p
 
 def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: str = "paper",
               resize: Optional[int] = None, save_coarse: bool = False, panels: int = 0,
-              progress: bool = True, resume: bool = False, rank: int = 0, world: int = 1) -> List[Dict[str, object]]:
+              progress: bool = True, resume: bool = False, rank: int = 0, world: int = 1,
+              raster: Optional[RasterOptions] = None) -> List[Dict[str, object]]:
     """Process this process's share of ``items`` (every ``world``-th from ``rank``) into
     ``out_dir``; panels for the first ``panels`` items. Returns their rows; a failed item's
     row is ``{'name', 'error'}``; records also name the process that did the item. With
@@ -159,7 +169,7 @@ def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: 
                 rows.append(row)
                 continue
         try:
-            row = process_item(dehazer, item, out_dir, protocol, resize, save_coarse, k < panels)
+            row = process_item(dehazer, item, out_dir, protocol, resize, save_coarse, k < panels, raster)
         except ITEM_ERRORS as exc:
             row = {"name": item.name, "error": " ".join(str(exc).split()) or type(exc).__name__}
             tqdm.write(f"skipped: {row['error']}")
@@ -194,6 +204,8 @@ def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: st
     items that failed with their reasons), both written atomically; returns the means."""
     out_dir = Path(out_dir)
     fields = ["name", "height", "width"] + METRIC_COLUMNS
+    if any("scale" in r for r in rows):
+        fields += ["bands", "scale"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -213,6 +225,11 @@ def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: st
                              f"{r['psnr_stage2']:.3f} | {r['ssim_stage2']:.4f} |")
     else:
         lines.append(f"{len(rows)} image(s) dehazed; no ground truth, so no scores.")
+    rasters = [r for r in rows if "scale" in r]
+    if rasters:
+        lines += ["", "Rasters (GeoTIFF in, GeoTIFF out):", "", "| raster | width x height | RGB bands | scale |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['width']} x {r['height']} | {r['bands']} | {r['scale']} |" for r in rasters]
     if failed:
         lines += ["", f"## Failed: {len(failed)} item(s), not in the results above", "", "| item | reason |",
                   "|---|---|"]

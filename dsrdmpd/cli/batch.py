@@ -37,17 +37,18 @@ class ProcessGroup:
             self.dist.destroy_process_group()
 
 
-def run_batch(args, items: Sequence[Item], title: str, protocol: str = "paper", resize=None) -> Dict[str, float]:
+def run_batch(args, items: Sequence[Item], title: str, protocol: str = "paper", resize=None,
+              raster=None) -> Dict[str, float]:
     """Dehaze (and score, where items have GT) ``items`` into ``args.output``; returns the
     means. Raises ItemsFailed after writing the results when some items failed."""
     group = ProcessGroup()
     try:
-        return _run_batch(group, args, items, title, protocol, resize)
+        return _run_batch(group, args, items, title, protocol, resize, raster)
     finally:
         group.close()
 
 
-def _run_batch(group: ProcessGroup, args, items, title, protocol, resize) -> Dict[str, float]:
+def _run_batch(group: ProcessGroup, args, items, title, protocol, resize, raster) -> Dict[str, float]:
     cfg = model_config(args)
     device = resolve_device(args.device, group.local_rank)
     dehazer = Dehazer.from_checkpoints(args.stage1, args.stage2, cfg, device=device, weights=args.weights,
@@ -59,7 +60,7 @@ def _run_batch(group: ProcessGroup, args, items, title, protocol, resize) -> Dic
             clear_records(out)
     group.barrier()
     run_items(dehazer, items, out, protocol, resize, args.save_coarse, args.panels, resume=args.resume,
-              rank=group.rank, world=group.world)
+              rank=group.rank, world=group.world, raster=raster)
     group.barrier()
     if group.rank != 0:
         return {}

@@ -1,0 +1,324 @@
+"""Satellite products: a GDAL raster (GeoTIFF) in, a GeoTIFF out, streamed window by window.
+
+    from dsrdmpd.raster import RasterOptions, dehaze_raster
+    dehaze_raster(dehazer, "S2_scene.tif", "out/S2_scene.tif", RasterOptions(bands=[4, 3, 2]))
+
+* Bands: ``bands`` (1-based, GDAL's numbering) pick red, green and blue. Default: a
+  3-band file -> 1,2,3; otherwise bands whose colour interpretation or description says
+  red / green / blue (a 4-band RGB + alpha file -> 1,2,3, the alpha band acting as a
+  mask); anything else is refused with the band count and descriptions.
+* Radiometry: :mod:`dsrdmpd.radiometry` (``--scale``), statistics from a decimated read
+  of the valid pixels; written back in the input's units and data type, exactly inverted.
+* Nodata and masks: GDAL's per-band masks (nodata, alpha, internal masks) mark invalid
+  pixels; they are left out of the statistics, filled with the band's median for the
+  networks, and written back as nodata (or as the output's mask when the input has no
+  nodata value). Tiles with no valid pixel are not run at all.
+* Output: the same size, CRS, transform, nodata, data type, band order, descriptions,
+  colour interpretation, scales / offsets / units and tags, plus the mapping used
+  (``DSRDMPD_SCALE`` tags); tiled 256 x 256, DEFLATE with a predictor, BigTIFF when
+  needed; ``cog=True`` writes a Cloud-Optimized GeoTIFF. Bands not dehazed are dropped,
+  or copied unchanged with ``keep_other_bands``. The file appears only when complete.
+* Memory: the scene is read and written window by window. Tiles run through
+  :class:`~dsrdmpd.inference.Dehazer` exactly as an in-memory tiled scene would (same
+  tiles, batches, noise and blend order: the same result, tested); only a band of
+  rows (tile + stride + 256 rows, the full width) is held, so memory grows with the
+  scene's width, not its area.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import DataError
+from .inference import Dehazer, TilePlan
+from .radiometry import BandScale, ScaleError, ScaleSpec, cast_to, resolve_scale
+
+RASTER_EXTENSIONS = (".tif", ".tiff")
+DEFAULT_TILE = 512
+OUTPUT_BLOCK = 256          # output GeoTIFF tile side; rows are written in whole blocks
+STATS_PIXELS = 1 << 22      # at most ~4 Mpx read for the statistics
+
+
+class RasterError(DataError):
+    """A raster that cannot be dehazed as asked (bands, values, format)."""
+
+
+@dataclass
+class RasterOptions:
+    bands: Optional[List[int]] = None         # red, green, blue (1-based); None: from the file
+    scale: ScaleSpec = field(default_factory=lambda: ScaleSpec("auto"))
+    keep_other_bands: bool = False
+    cog: bool = False
+    tile: Optional[int] = None                # None: the Dehazer's tile, else DEFAULT_TILE
+    progress: bool = True
+
+
+def check_rasterio() -> None:
+    """rasterio (GDAL) is there, or a one-line error saying how to get it."""
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        raise RasterError("reading GeoTIFFs needs rasterio (GDAL): pip install rasterio") from None
+
+
+def is_raster(path: Path) -> bool:
+    return Path(path).suffix.lower() in RASTER_EXTENSIONS
+
+
+def parse_bands(text: str) -> List[int]:
+    """'4,3,2' -> [4, 3, 2]; three distinct positive integers."""
+    try:
+        bands = [int(b) for b in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise ValueError(f"--bands {text!r}: expected three band numbers such as 3,2,1") from None
+    if len(bands) != 3 or len(set(bands)) != 3 or min(bands) < 1:
+        raise ValueError(f"--bands {text!r}: expected three different band numbers (1-based) such as 3,2,1")
+    return bands
+
+
+def _band_summary(src) -> str:
+    parts = []
+    for i in range(1, src.count + 1):
+        desc = src.descriptions[i - 1] or "-"
+        parts.append(f"{i}: {desc} ({src.colorinterp[i - 1].name})")
+    return "; ".join(parts)
+
+
+def choose_bands(src, bands: Optional[Sequence[int]], name: str) -> Tuple[List[int], Optional[int]]:
+    """(red, green, blue band numbers, alpha band number or None) for an open dataset."""
+    from rasterio.enums import ColorInterp
+    interp = list(src.colorinterp)
+    alpha = next((i + 1 for i, c in enumerate(interp) if c == ColorInterp.alpha), None)
+    if bands is not None:
+        bad = [b for b in bands if b > src.count]
+        if bad:
+            raise RasterError(f"{name}: --bands {','.join(map(str, bands))} asks for band {bad[0]}, but the file has "
+                              f"{src.count} band(s) ({_band_summary(src)})")
+        return list(bands), alpha
+    if src.count == 3:
+        return [1, 2, 3], None
+    by_interp = [next((i + 1 for i, c in enumerate(interp) if c == want), None)
+                 for want in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)]
+    if None not in by_interp:
+        return by_interp, alpha
+    descs = [(d or "").lower() for d in src.descriptions]
+    by_desc = []
+    for word in ("red", "green", "blue"):
+        hits = [i + 1 for i, d in enumerate(descs) if word in d.replace("_", " ").split() or d == word]
+        by_desc.append(hits[0] if len(hits) == 1 else None)
+    if None not in by_desc and len(set(by_desc)) == 3:
+        return by_desc, alpha
+    raise RasterError(f"{name}: {src.count} band(s) and no way to tell which are red, green and blue "
+                      f"({_band_summary(src)}); choose them with --bands R,G,B, e.g. --bands 3,2,1 for "
+                      f"a blue, green, red, NIR product, --bands 4,3,2 for Sentinel-2")
+
+
+def _valid(masks: np.ndarray) -> np.ndarray:
+    """GDAL masks (C, h, w) uint8, 255 = valid -> (h, w) bool, valid in every band."""
+    return np.all(masks > 0, axis=0)
+
+
+def _statistics(src, bands: List[int]) -> Tuple[np.ndarray, np.ndarray]:
+    from rasterio.enums import Resampling
+    f = max(1, int(np.ceil(np.sqrt(src.height * src.width / STATS_PIXELS))))
+    shape = (len(bands), max(1, src.height // f), max(1, src.width // f))
+    sample = src.read(bands, out_shape=shape, resampling=Resampling.nearest)
+    masks = src.read_masks(bands, out_shape=shape, resampling=Resampling.nearest)
+    return sample, _valid(masks) & np.all(np.isfinite(sample), axis=0)
+
+
+def _pad(x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:
+    return x if ph == 0 and pw == 0 else F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def _output_profile(src, count: int) -> Dict:
+    profile = src.profile.copy()
+    for key in ("photometric", "blockxsize", "blockysize", "tiled", "compress", "predictor", "interleave"):
+        profile.pop(key, None)
+    kind = np.dtype(src.dtypes[0]).kind
+    profile.update(driver="GTiff", count=count, tiled=True, blockxsize=OUTPUT_BLOCK, blockysize=OUTPUT_BLOCK,
+                   compress="deflate", predictor=3 if kind == "f" else 2, bigtiff="if_safer", interleave="pixel")
+    return profile
+
+
+def _copy_metadata(src, dst, out_bands: List[int], scale: BandScale, dehazed: List[int], note: str) -> None:
+    dst.update_tags(**src.tags())
+    dst.update_tags(DSRDMPD=note, DSRDMPD_SCALE=scale.describe(dehazed))
+    for k, b in enumerate(out_bands, start=1):
+        if src.descriptions[b - 1]:
+            dst.set_band_description(k, src.descriptions[b - 1])
+        dst.update_tags(k, **src.tags(b))
+        if b in dehazed:
+            j = dehazed.index(b)
+            dst.update_tags(k, DSRDMPD_SCALE_MIN=f"{scale.lo[j]:.17g}", DSRDMPD_SCALE_MAX=f"{scale.hi[j]:.17g}")
+    try:
+        dst.colorinterp = [src.colorinterp[b - 1] for b in out_bands]
+    except Exception:       # some interpretations cannot be set on some band layouts: keep GDAL's
+        pass
+    dst.scales = [src.scales[b - 1] for b in out_bands]
+    dst.offsets = [src.offsets[b - 1] for b in out_bands]
+    dst.units = [src.units[b - 1] or "" for b in out_bands]
+
+
+def _avoid_nodata(values: np.ndarray, valid: np.ndarray, nodata) -> np.ndarray:
+    """Valid pixels whose output equals the nodata value are moved one step off it."""
+    if nodata is None or np.isnan(nodata):
+        return values
+    hit = (values == values.dtype.type(nodata)) & valid[None]
+    if hit.any():
+        kind = values.dtype.kind
+        if kind in "ui":
+            step = 1 if nodata < np.iinfo(values.dtype).max else -1
+            values[hit] = values.dtype.type(nodata + step)
+        else:
+            values[hit] = np.nextafter(values.dtype.type(nodata), values.dtype.type(np.inf))
+    return values
+
+
+def dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[RasterOptions] = None,
+                  note: str = "") -> Dict[str, object]:
+    """Dehaze one raster into ``dst_path`` (a GeoTIFF); returns a summary row."""
+    import rasterio
+    from rasterio.enums import MaskFlags
+    from rasterio.errors import RasterioIOError
+    from rasterio.windows import Window
+    options = options or RasterOptions()
+    src_path, dst_path = Path(src_path), Path(dst_path)
+    name = str(src_path)
+    try:
+        src = rasterio.open(src_path)
+    except RasterioIOError as exc:
+        raise RasterError(f"{name}: cannot be read as a raster ({' '.join(str(exc).split())})") from None
+    with src, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=256):
+        if len(set(src.dtypes)) != 1:
+            raise RasterError(f"{name}: bands of different data types ({', '.join(src.dtypes)}) are not supported")
+        dtype = np.dtype(src.dtypes[0])
+        if dtype.kind not in "uif":
+            raise RasterError(f"{name}: data type {dtype.name} is not supported (integers or floats only)")
+        rgb, alpha = choose_bands(src, options.bands, name)
+        others = [b for b in range(1, src.count + 1) if b not in rgb]
+        out_bands = sorted(rgb + others) if options.keep_other_bands else sorted(rgb)
+        order = [rgb.index(b) for b in sorted(rgb)]            # network channel of each written RGB band
+        try:
+            scale = resolve_scale(options.scale, dtype, *_statistics(src, rgb), name=name)
+        except ScaleError as exc:
+            raise RasterError(str(exc)) from None
+        h, w = src.height, src.width
+        plan = dehazer.tile_plan(h, w, options.tile or dehazer.tile or DEFAULT_TILE)
+        th, tw = plan.tile_h, plan.tile_w
+        stride = th - plan.overlap if len(plan.windows) > 1 else th
+        weight = plan.weight()[0]                             # (1, th, tw)
+        flags = src.mask_flag_enums[rgb[0] - 1]
+        write_mask = src.nodata is None and (MaskFlags.per_dataset in flags or MaskFlags.alpha in flags)
+        print(f"{src_path.name}: {w} x {h}, {src.count} band(s) {dtype.name}; RGB = bands {','.join(map(str, rgb))}; "
+              f"scale {scale.describe(rgb)}; {len(plan.windows)} tile(s) of {th} x {tw}")
+
+        def read_tile(y, x):
+            """Network input of the tile at (y, x) in padded coordinates: (3, th, tw), and whether
+            it has any valid pixel."""
+            rh, rw = min(th, h - y), min(tw, w - x)
+            win = Window(x, y, rw, rh)
+            values = src.read(rgb, window=win)
+            valid = _valid(src.read_masks(rgb, window=win)) & np.all(np.isfinite(values), axis=0)
+            unit = scale.to_unit(values, valid)
+            return _pad(unit[None], th - rh, tw - rw, plan.pad_mode)[0], bool(valid.any())
+
+        tmp_dir = dst_path.parent
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst_path.stem}.", suffix=".partial.tif", dir=tmp_dir)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            with rasterio.open(tmp, "w", **_output_profile(src, len(out_bands))) as dst:
+                _copy_metadata(src, dst, out_bands, scale, rgb, note)
+                per_row = len({x for _, x in plan.windows})
+                rows_per_chunk = -(-dehazer.tile_batch // per_row) + 1     # tile rows one chunk can touch
+                cap = th + stride * rows_per_chunk + OUTPUT_BLOCK
+                acc = torch.zeros(3, cap, plan.padded[1])
+                norm = torch.zeros(1, cap, plan.padded[1])
+                base = 0                                    # padded row held at acc[:, 0]
+
+                def flush(upto: int):
+                    """Write the finished rows [base, upto) (real rows only) and drop them."""
+                    nonlocal base
+                    y1 = min(upto, h)
+                    if y1 > base:
+                        n = y1 - base
+                        win = Window(0, base, w, n)
+                        restored = acc[:, :n, :w] / norm[:, :n, :w].clamp_min(1e-12)
+                        values = src.read(rgb, window=win)
+                        valid = _valid(src.read_masks(rgb, window=win)) & np.all(np.isfinite(values), axis=0)
+                        out = scale.from_unit(restored.clamp(0, 1), values, dtype)
+                        if src.nodata is not None:
+                            out = _avoid_nodata(out, valid, src.nodata)
+                            out[:, ~valid] = dtype.type(src.nodata)
+                        else:
+                            out[:, ~valid] = values[:, ~valid]      # masked pixels keep their values
+                        for k, b in enumerate(sorted(rgb)):
+                            dst.write(out[order[k]], out_bands.index(b) + 1, window=win)
+                        if options.keep_other_bands and others:
+                            for b in others:
+                                dst.write(src.read(b, window=win), out_bands.index(b) + 1, window=win)
+                        if write_mask:
+                            dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
+                    shift = min(max(0, upto - base), cap)
+                    if shift:
+                        for buf in (acc, norm):             # move the kept rows up, in place, no copy of the buffer
+                            for i in range(0, cap - shift, shift):
+                                m = min(shift, cap - shift - i)
+                                buf[:, i:i + m].copy_(buf[:, shift + i:shift + i + m])
+                            buf[:, cap - shift:].zero_()
+                        base = upto
+
+                jobs = list(plan.windows)
+                bar = tqdm(total=len(jobs), desc=src_path.name, unit="tile", disable=not options.progress,
+                           leave=False)
+                for k in range(0, len(jobs), dehazer.tile_batch):
+                    chunk = jobs[k:k + dehazer.tile_batch]
+                    tiles = [read_tile(y, x) for y, x in chunk]
+                    run = [j for j, (_, any_valid) in enumerate(tiles) if any_valid]
+                    if run:
+                        xs = torch.stack([tiles[j][0] for j in run])
+                        ns = torch.cat([dehazer.tile_noise(plan, *chunk[j]) for j in run])
+                        _, r = dehazer.run_tiles(xs, ns)
+                        for i, j in enumerate(run):
+                            y, x = chunk[j]
+                            if y + th - base > cap:
+                                raise RuntimeError("row buffer overflow (a bug)")
+                            acc[:, y - base:y - base + th, x:x + tw] += r[i] * weight
+                            norm[:, y - base:y - base + th, x:x + tw] += weight
+                    bar.update(len(chunk))
+                    done_rows = jobs[k + len(chunk)][0] if k + len(chunk) < len(jobs) else plan.padded[0]
+                    if done_rows >= plan.padded[0]:
+                        flush(plan.padded[0])
+                    else:
+                        flush(base + (done_rows - base) // OUTPUT_BLOCK * OUTPUT_BLOCK)
+                bar.close()
+            if options.cog:
+                _to_cog(tmp)
+            os.replace(tmp, dst_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return {"name": src_path.name, "height": h, "width": w, "bands": ",".join(map(str, rgb)),
+            "scale": scale.describe(rgb)}
+
+
+def _to_cog(path: Path) -> None:
+    """Rewrite the GeoTIFF at ``path`` as a Cloud-Optimized GeoTIFF (overviews included)."""
+    import rasterio.shutil
+    cog = path.with_name(path.name + ".cog.tif")
+    try:
+        with rasterio.open(path) as src:
+            predictor = "3" if np.dtype(src.dtypes[0]).kind == "f" else "2"
+        rasterio.shutil.copy(path, cog, driver="COG", COMPRESS="DEFLATE", PREDICTOR=predictor, BIGTIFF="IF_SAFER")
+        os.replace(cog, path)
+    finally:
+        cog.unlink(missing_ok=True)

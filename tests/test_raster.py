@@ -1,0 +1,262 @@
+"""Satellite rasters: GeoTIFFs the tests make themselves (rasterio), through
+``dsrdmpd.raster`` and ``scripts/dehaze.py``: georeferencing and metadata, band choice,
+the exact inverse of the radiometric mapping, nodata and masks, streamed = in-memory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+rasterio = pytest.importorskip("rasterio")
+from rasterio.enums import ColorInterp  # noqa: E402
+from rasterio.transform import from_origin  # noqa: E402
+
+from dsrdmpd.builders import build_stage1, build_stage2  # noqa: E402
+from dsrdmpd.cli import dehaze  # noqa: E402
+from dsrdmpd.inference import Dehazer  # noqa: E402
+from dsrdmpd.models.passthrough import PassThroughStage1, PassThroughStage2  # noqa: E402
+from dsrdmpd.radiometry import ScaleSpec, cast_to, parse_scale, resolve_scale  # noqa: E402
+from dsrdmpd.raster import (RasterError, RasterOptions, _avoid_nodata, _statistics, choose_bands,  # noqa: E402
+                            dehaze_raster, parse_bands)
+
+UTM = "EPSG:32633"
+TRANSFORM = from_origin(500000, 4000000, 10, 10)
+
+
+def write_raster(path, data, nodata=None, descriptions=None, crs=UTM, interp=None, tags=None):
+    """data: (C, H, W) in its final dtype."""
+    c, h, w = data.shape
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=c, dtype=data.dtype.name, crs=crs,
+                       transform=TRANSFORM, nodata=nodata) as dst:
+        dst.write(data)
+        if descriptions:
+            dst.descriptions = descriptions
+        if interp:
+            dst.colorinterp = interp
+        if tags:
+            dst.update_tags(**tags)
+        dst.update_tags(1, WAVELENGTH="490")
+    return path
+
+
+def twelve_bit_bgrn(seed=0, h=301, w=457):
+    """A 4-band (blue, green, red, NIR) uint16 scene with 12-bit values, a nodata corner (0)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 1500 + 1200 * np.sin(yy / 37.0) * np.cos(xx / 53.0)
+    data = np.stack([base + 300 * k + rng.normal(0, 80, (h, w)) for k in range(4)])
+    data = np.clip(np.rint(data), 1, 4095).astype(np.uint16)
+    data[:, :40, :60] = 0
+    return data
+
+
+@pytest.fixture()
+def passthrough():
+    return Dehazer(PassThroughStage1(), PassThroughStage2(), tile=128, overlap=32, tile_batch=3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_stage1({"dim": 32}).eval(), build_stage2({"dim": 8, "sampling_timesteps": 2}).eval()
+
+
+def test_scale_specs_parse_and_refuse():
+    assert parse_scale("auto") == ScaleSpec("auto")
+    assert parse_scale("0,4095") == ScaleSpec("range", 0, 4095)
+    assert parse_scale(" p0.5, p99.5 ") == ScaleSpec("percentiles", 0.5, 99.5)
+    assert parse_scale("-0.1,1e4") == ScaleSpec("range", -0.1, 10000)
+    for bad in ("4095,0", "p50,p10", "p0,p101", "linear", "0;1"):
+        with pytest.raises(ValueError, match="--scale"):
+            parse_scale(bad)
+    assert parse_bands("4, 3,2") == [4, 3, 2]
+    for bad in ("3,2", "1,1,2", "0,1,2", "r,g,b"):
+        with pytest.raises(ValueError, match="--bands"):
+            parse_bands(bad)
+
+
+def test_auto_scale_and_percentiles_leave_out_invalid_pixels():
+    sample = np.stack([np.arange(100, dtype=np.uint16).reshape(10, 10)] * 3)
+    valid = np.ones((10, 10), bool)
+    valid[0] = False                                   # values 0..9 are nodata
+    s = resolve_scale(ScaleSpec("auto"), np.uint16, sample, valid)
+    assert s.spec == ScaleSpec("percentiles", 0.5, 99.5)
+    np.testing.assert_allclose(s.lo, np.percentile(np.arange(10, 100), 0.5))
+    np.testing.assert_allclose(s.hi, np.percentile(np.arange(10, 100), 99.5))
+    assert resolve_scale(ScaleSpec("auto"), np.uint8, sample.astype(np.uint8), None).hi.tolist() == [255] * 3
+    assert resolve_scale(ScaleSpec("dtype"), np.uint16, sample, None).hi.tolist() == [65535] * 3
+    with pytest.raises(ValueError, match="needs integer data"):
+        resolve_scale(ScaleSpec("dtype"), np.float32, sample.astype(np.float32), None)
+    with pytest.raises(ValueError, match="no valid pixels"):
+        resolve_scale(ScaleSpec("auto"), np.uint16, sample, np.zeros((10, 10), bool))
+
+
+def test_mapping_back_puts_the_clipped_part_back():
+    s = resolve_scale(ScaleSpec("range", 100, 1100), np.uint16, np.full((3, 2, 2), 500, np.uint16), None)
+    v = np.array([[[50, 100], [600, 3000]]] * 3, np.uint16)
+    u = s.to_unit(v)
+    assert u[0].tolist() == [[0.0, 0.0], [0.5, 1.0]]
+    assert np.array_equal(s.from_unit(u, v, np.uint16), v)           # identity network: exact
+    brighter = s.from_unit(torch.full_like(u, 0.75), v, np.uint16)
+    assert brighter[0].tolist() == [[850 - 50, 850], [850, 850 + 1900]]      # 50 was 50 below lo, 3000 1900 above hi
+    assert cast_to(np.array([-3.0, 70000.0, 2.5]), np.uint16).tolist() == [0, 65535, 2]
+
+
+def test_a_valid_value_never_becomes_nodata():
+    out = np.array([[[0, 5, 0]]], np.uint16)
+    valid = np.array([[True, True, False]])
+    assert _avoid_nodata(out.copy(), valid, 0)[0].tolist() == [[1, 5, 0]]
+    out = np.array([[[65535, 7]]], np.uint16)
+    assert _avoid_nodata(out, np.array([[True, True]]), 65535)[0].tolist() == [[65534, 7]]
+
+
+def test_geotiff_round_trip_through_the_command(chain, tmp_path):
+    """The issue's case: 4-band uint16, 12-bit values, nodata, UTM, --bands 3,2,1."""
+    data = twelve_bit_bgrn()
+    (tmp_path / "in").mkdir()
+    src = write_raster(tmp_path / "in" / "scene.tif", data, nodata=0, descriptions=("Blue", "Green", "Red", "NIR"),
+                       tags={"ACQUISITION": "2026-06-01"})
+    args = ["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
+            "--input", str(src), "--bands", "3,2,1", "--device", "cpu"]
+    assert dehaze.main(args + ["--output", str(tmp_path / "out")]) == 0
+    assert dehaze.main(args + ["--output", str(tmp_path / "all"), "--keep-other-bands", "--scale", "0,4095"]) == 0
+    valid = np.all(data > 0, axis=0)
+    with rasterio.open(src) as a, rasterio.open(tmp_path / "out" / "restored" / "scene.tif") as b:
+        assert (b.crs, b.transform, b.nodata, b.dtypes, b.width, b.height, b.count) == \
+            (a.crs, a.transform, 0, ("uint16",) * 3, 457, 301, 3)
+        assert b.descriptions == ("Blue", "Green", "Red")
+        assert b.tags()["ACQUISITION"] == "2026-06-01" and b.tags()["DSRDMPD_SCALE"].startswith("p0.5,p99.5")
+        assert b.tags(1)["WAVELENGTH"] == "490" and "DSRDMPD_SCALE_MIN" in b.tags(3)
+        assert b.profile["tiled"] and b.profile["compress"] == "deflate"
+        out = b.read()
+    assert (out[:, ~valid] == 0).all() and (out[:, valid] > 0).all()
+    for k in range(3):                     # in the input's units: within the band's own valid range
+        band = data[k][valid]
+        assert band.min() <= out[k][valid].min() and out[k][valid].max() <= band.max()
+    assert not np.array_equal(out, data[:3])                      # the networks did something
+    with rasterio.open(tmp_path / "all" / "restored" / "scene.tif") as c:
+        assert c.count == 4 and c.descriptions == ("Blue", "Green", "Red", "NIR")
+        assert np.array_equal(c.read(4), data[3])                 # NIR passed through unchanged
+        assert "0,4095" in c.tags()["DSRDMPD_SCALE"]
+
+
+@pytest.mark.parametrize("kind", ["uint16-percentiles", "uint16-range", "uint8", "float32-nan", "int16"])
+def test_identity_networks_give_the_input_back(kind, passthrough, tmp_path):
+    rng = np.random.default_rng(1)
+    data, nodata, scale = twelve_bit_bgrn()[:3], 0, ScaleSpec("auto")
+    if kind == "uint16-range":
+        scale = ScaleSpec("range", 500, 3000)                     # clips both ends: the excess comes back
+    elif kind == "uint8":
+        data, nodata = (data // 16).astype(np.uint8), None
+    elif kind == "float32-nan":
+        data = (data / 10000).astype(np.float32)
+        data[:, :40, :60], nodata = np.nan, np.nan
+    elif kind == "int16":
+        data = (data.astype(np.int32) - 2000).astype(np.int16)
+        data[:, :40, :60], nodata = -9999, -9999
+        data[:, 100:104, 100:104] = rng.integers(-3000, 3000, (3, 4, 4))
+    src = write_raster(tmp_path / "in.tif", data, nodata=nodata)
+    dehaze_raster(passthrough, src, tmp_path / "out.tif", RasterOptions(scale=scale, progress=False))
+    with rasterio.open(tmp_path / "out.tif") as o:
+        out = o.read()
+        assert o.dtypes[0] == data.dtype.name
+    if kind == "float32-nan":
+        assert np.array_equal(np.isnan(out), np.isnan(data))
+        ok = ~np.isnan(data)
+        np.testing.assert_allclose(out[ok], data[ok], rtol=1e-6, atol=0)
+    else:
+        assert np.array_equal(out, data)
+
+
+@pytest.mark.parametrize("tile_batch,nodata_block", [(3, False), (1, True)])
+def test_streamed_scene_equals_the_scene_tiled_in_memory(tiny, tmp_path, tile_batch, nodata_block):
+    """Bit for bit. Tiles without a valid pixel are not run; that changes which tiles share
+    a network call (float rounding), so the nodata-block case runs one tile per call."""
+    data = twelve_bit_bgrn(seed=2, h=333, w=401)[:3]
+    if nodata_block:
+        data[:, 200:333, :150] = 0             # larger than a tile: the tile at (208, 0) is skipped
+    src = write_raster(tmp_path / "in.tif", data, nodata=0)
+    d = Dehazer(*tiny, tile=128, overlap=32, tile_batch=tile_batch)
+    run_tiles, ran = d.run_tiles, []
+    d.run_tiles = lambda xs, ns: (ran.append(len(xs)), run_tiles(xs, ns))[1]
+    dehaze_raster(d, src, tmp_path / "out.tif", RasterOptions(progress=False))
+    assert sum(ran) == (15 if nodata_block else 16)
+    with rasterio.open(src) as s:
+        scale = resolve_scale(ScaleSpec("auto"), np.uint16, *_statistics(s, [1, 2, 3]))
+        values, valid = s.read(), np.all(s.read_masks() > 0, axis=0)
+    restored = d(scale.to_unit(values, valid)[None]).restored[0]
+    want = scale.from_unit(restored.clamp(0, 1), values, np.uint16)
+    want[:, ~valid] = 0
+    with rasterio.open(tmp_path / "out.tif") as o:
+        got = o.read()
+    assert len(d.tile_plan(333, 401).windows) == 16
+    assert np.array_equal(got, want)
+
+
+def test_memory_is_held_for_a_band_of_rows_only(passthrough, tmp_path, monkeypatch):
+    """The accumulation buffer is (tile + stride + 256) rows x the padded width, whatever the height."""
+    import dsrdmpd.raster as raster
+    sizes = []
+    real_zeros = torch.zeros
+
+    def spy(*shape, **kw):
+        t = real_zeros(*shape, **kw)
+        sizes.append(t.numel())
+        return t
+    monkeypatch.setattr(raster.torch, "zeros", spy)
+    data = np.full((3, 2000, 96), 1000, np.uint16)
+    dehaze_raster(passthrough, write_raster(tmp_path / "tall.tif", data), tmp_path / "out.tif",
+                  RasterOptions(progress=False))
+    per_row = len({x for _, x in passthrough.tile_plan(2000, 96).windows})
+    rows = 128 + 96 * (-(-3 // per_row) + 1) + 256
+    assert max(sizes) == 3 * rows * 96 < data.size
+
+
+def test_band_choice(tmp_path):
+    data = np.ones((4, 64, 64), np.uint16)
+    cases = [
+        (None, None, None, ([3, 2, 1], None)),
+        (("Blue", "Green", "Red", "NIR"), None, None, ([3, 2, 1], None)),
+        (None, [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha], None, ([1, 2, 3], 4)),
+        (None, None, [4, 1, 2], ([4, 1, 2], None)),
+    ]
+    for k, (desc, interp, bands, want) in enumerate(cases):
+        path = write_raster(tmp_path / f"b{k}.tif", data, descriptions=desc, interp=interp)
+        with rasterio.open(path) as src:
+            if k == 0:
+                with pytest.raises(RasterError, match=r"4 band\(s\) and no way to tell.*--bands R,G,B"):
+                    choose_bands(src, bands, "b0.tif")
+            else:
+                assert choose_bands(src, bands, path.name) == want
+    with rasterio.open(tmp_path / "b0.tif") as src:
+        with pytest.raises(RasterError, match=r"asks for band 5, but the file has 4 band\(s\)"):
+            choose_bands(src, [5, 2, 1], "b0.tif")
+    three = write_raster(tmp_path / "rgb.tif", data[:3])
+    with rasterio.open(three) as src:
+        assert choose_bands(src, None, "rgb.tif") == ([1, 2, 3], None)
+
+
+def test_ambiguous_bands_fail_the_item_with_one_line(chain, tmp_path, capsys):
+    write_raster(tmp_path / "in.tif", twelve_bit_bgrn(h=70, w=70))
+    code = dehaze.main(["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
+                        "--input", str(tmp_path / "in.tif"), "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 1
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "in.tif" in summary and "--bands R,G,B" in summary
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_alpha_mask_and_cog(passthrough, tmp_path):
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(1, 255, (3, 150, 170)).astype(np.uint8)
+    alpha = np.full((1, 150, 170), 255, np.uint8)
+    alpha[0, :30] = 0
+    src = write_raster(tmp_path / "rgba.tif", np.concatenate([rgb, alpha]),
+                       interp=[ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha])
+    dehaze_raster(passthrough, src, tmp_path / "out.tif", RasterOptions(cog=True, progress=False))
+    with rasterio.open(tmp_path / "out.tif") as o:
+        assert o.count == 3 and o.crs == UTM and o.transform == TRANSFORM
+        assert o.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert np.array_equal(o.read(), rgb)
+        mask = o.dataset_mask()
+    assert (mask[:30] == 0).all() and (mask[30:] == 255).all()
