@@ -92,15 +92,18 @@ class BandScale:
     def from_unit(self, unit: torch.Tensor, original: np.ndarray, out_dtype) -> np.ndarray:
         """(C, h, w) network output in [0, 1] -> values in the input's units and ``out_dtype``,
         with the part of ``original`` that the stretch clipped off put back."""
-        lo, hi = self.lo[:, None, None], self.hi[:, None, None]
-        v = original.astype(np.float64)
+        # float32 is exact enough for integer data up to 16 bits (rounding error << 0.5); else float64
+        small = np.dtype(out_dtype).kind in "ui" and np.dtype(out_dtype).itemsize <= 2
+        ft = np.float32 if small else np.float64
+        lo, hi = self.lo[:, None, None].astype(ft), self.hi[:, None, None].astype(ft)
+        v = original.astype(ft)
         excess = v - np.clip(v, lo, hi)
-        out = lo + unit.numpy().astype(np.float64) * (hi - lo) + excess
+        out = lo + unit.numpy().astype(ft) * (hi - lo) + excess
         return cast_to(out, out_dtype)
 
 
 def cast_to(values: np.ndarray, dtype) -> np.ndarray:
-    """float64 values -> ``dtype``, rounded to nearest and clipped for integer types."""
+    """float values -> ``dtype``, rounded to nearest and clipped for integer types."""
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         info = np.iinfo(dtype)

@@ -7,8 +7,8 @@
   3-band file -> 1,2,3; otherwise bands whose colour interpretation or description says
   red / green / blue (a 4-band RGB + alpha file -> 1,2,3, the alpha band acting as a
   mask); anything else is refused with the band count and descriptions.
-* Radiometry: :mod:`dsrdmpd.radiometry` (``--scale``), statistics from a decimated read
-  of the valid pixels; written back in the input's units and data type, exactly inverted.
+* Radiometry: :mod:`dsrdmpd.radiometry` (``--scale``), statistics from the valid pixels
+  (of 64 windows of 256 x 256 spread over scenes above 4 Mpx); written back in the input's units and data type, exactly inverted.
 * Nodata and masks: GDAL's per-band masks (nodata, alpha, internal masks) mark invalid
   pixels; they are left out of the statistics, filled with the band's median for the
   networks, and written back as nodata (or as the output's mask when the input has no
@@ -44,7 +44,8 @@ from .radiometry import BandScale, ScaleError, ScaleSpec, cast_to, resolve_scale
 RASTER_EXTENSIONS = (".tif", ".tiff")
 DEFAULT_TILE = 512
 OUTPUT_BLOCK = 256          # output GeoTIFF tile side; rows are written in whole blocks
-STATS_PIXELS = 1 << 22      # at most ~4 Mpx read for the statistics
+STATS_PIXELS = 1 << 22      # scenes up to ~4 Mpx: statistics from every pixel
+STATS_WINDOWS = 8           # larger ones: 8 x 8 windows of 256 x 256 (4 Mpx) spread over the scene
 
 
 class RasterError(DataError):
@@ -127,12 +128,27 @@ def _valid(masks: np.ndarray) -> np.ndarray:
 
 
 def _statistics(src, bands: List[int]) -> Tuple[np.ndarray, np.ndarray]:
-    from rasterio.enums import Resampling
-    f = max(1, int(np.ceil(np.sqrt(src.height * src.width / STATS_PIXELS))))
-    shape = (len(bands), max(1, src.height // f), max(1, src.width // f))
-    sample = src.read(bands, out_shape=shape, resampling=Resampling.nearest)
-    masks = src.read_masks(bands, out_shape=shape, resampling=Resampling.nearest)
-    return sample, _valid(masks) & np.all(np.isfinite(sample), axis=0)
+    """Values (C, h, w) and validity (h, w) to take statistics from: the whole scene when it
+    has at most STATS_PIXELS pixels, else a mosaic of STATS_WINDOWS x STATS_WINDOWS windows
+    of 256 x 256 spread evenly over it (aligned to the file's blocks; GDAL's decimated reads
+    of a compressed file without overviews are far slower than reading whole blocks)."""
+    from rasterio.windows import Window
+    h, w = src.height, src.width
+    if h * w <= STATS_PIXELS:
+        values = src.read(bands)
+        return values, _valid(src.read_masks(bands)) & np.all(np.isfinite(values), axis=0)
+    side = 256
+    bh, bw = src.block_shapes[bands[0] - 1]
+    bh, bw = (b if b <= side else 1 for b in (bh, bw))       # strips span the width: no alignment across
+    starts = lambda n, b: sorted({min(n - side, int(round(p)) // b * b) for p in np.linspace(0, n - side, STATS_WINDOWS)})
+    rows = []
+    for y in starts(h, bh):
+        tiles = [(src.read(bands, window=Window(x, y, side, side)), src.read_masks(bands, window=Window(x, y, side, side)))
+                 for x in starts(w, bw)]
+        rows.append((np.concatenate([t[0] for t in tiles], axis=2), np.concatenate([t[1] for t in tiles], axis=2)))
+    values = np.concatenate([r[0] for r in rows], axis=1)
+    masks = np.concatenate([r[1] for r in rows], axis=1)
+    return values, _valid(masks) & np.all(np.isfinite(values), axis=0)
 
 
 def _pad(x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:
@@ -240,35 +256,38 @@ def dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raster
             with rasterio.open(tmp, "w", **_output_profile(src, len(out_bands))) as dst:
                 _copy_metadata(src, dst, out_bands, scale, rgb, note)
                 per_row = len({x for _, x in plan.windows})
-                rows_per_chunk = -(-dehazer.tile_batch // per_row) + 1     # tile rows one chunk can touch
-                cap = th + stride * rows_per_chunk + OUTPUT_BLOCK
+                extra_rows = -(-(dehazer.tile_batch - 1) // per_row)      # tile rows a chunk reaches past its first
+                cap = th + stride * extra_rows + OUTPUT_BLOCK
                 acc = torch.zeros(3, cap, plan.padded[1])
                 norm = torch.zeros(1, cap, plan.padded[1])
                 base = 0                                    # padded row held at acc[:, 0]
 
+                def write_rows(y0: int, y1: int):
+                    """Write the finished real rows [y0, y1) (held at acc[:, y0 - base])."""
+                    n, off = y1 - y0, y0 - base
+                    win = Window(0, y0, w, n)
+                    restored = acc[:, off:off + n, :w] / norm[:, off:off + n, :w].clamp_min(1e-12)
+                    values = src.read(rgb, window=win)
+                    valid = _valid(src.read_masks(rgb, window=win)) & np.all(np.isfinite(values), axis=0)
+                    out = scale.from_unit(restored.clamp(0, 1), values, dtype)
+                    if src.nodata is not None:
+                        out = _avoid_nodata(out, valid, src.nodata)
+                        out[:, ~valid] = dtype.type(src.nodata)
+                    else:
+                        out[:, ~valid] = values[:, ~valid]      # masked pixels keep their values
+                    for k, b in enumerate(sorted(rgb)):
+                        dst.write(out[order[k]], out_bands.index(b) + 1, window=win)
+                    if options.keep_other_bands and others:
+                        for b in others:
+                            dst.write(src.read(b, window=win), out_bands.index(b) + 1, window=win)
+                    if write_mask:
+                        dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
+
                 def flush(upto: int):
-                    """Write the finished rows [base, upto) (real rows only) and drop them."""
+                    """Write the finished rows [base, upto), OUTPUT_BLOCK rows at a time, and drop them."""
                     nonlocal base
-                    y1 = min(upto, h)
-                    if y1 > base:
-                        n = y1 - base
-                        win = Window(0, base, w, n)
-                        restored = acc[:, :n, :w] / norm[:, :n, :w].clamp_min(1e-12)
-                        values = src.read(rgb, window=win)
-                        valid = _valid(src.read_masks(rgb, window=win)) & np.all(np.isfinite(values), axis=0)
-                        out = scale.from_unit(restored.clamp(0, 1), values, dtype)
-                        if src.nodata is not None:
-                            out = _avoid_nodata(out, valid, src.nodata)
-                            out[:, ~valid] = dtype.type(src.nodata)
-                        else:
-                            out[:, ~valid] = values[:, ~valid]      # masked pixels keep their values
-                        for k, b in enumerate(sorted(rgb)):
-                            dst.write(out[order[k]], out_bands.index(b) + 1, window=win)
-                        if options.keep_other_bands and others:
-                            for b in others:
-                                dst.write(src.read(b, window=win), out_bands.index(b) + 1, window=win)
-                        if write_mask:
-                            dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
+                    for y0 in range(base, min(upto, h), OUTPUT_BLOCK):
+                        write_rows(y0, min(y0 + OUTPUT_BLOCK, upto, h))
                     shift = min(max(0, upto - base), cap)
                     if shift:
                         for buf in (acc, norm):             # move the kept rows up, in place, no copy of the buffer

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-rasterio = pytest.importorskip("rasterio")
+import rasterio  # noqa: E402  (a dependency: a missing install must fail, not skip)
 from rasterio.enums import ColorInterp  # noqa: E402
 from rasterio.transform import from_origin  # noqa: E402
 
@@ -208,7 +208,7 @@ def test_memory_is_held_for_a_band_of_rows_only(passthrough, tmp_path, monkeypat
     dehaze_raster(passthrough, write_raster(tmp_path / "tall.tif", data), tmp_path / "out.tif",
                   RasterOptions(progress=False))
     per_row = len({x for _, x in passthrough.tile_plan(2000, 96).windows})
-    rows = 128 + 96 * (-(-3 // per_row) + 1) + 256
+    rows = 128 + 96 * -(-(3 - 1) // per_row) + 256        # a chunk of 3 tiles reaches 2 tile rows further
     assert max(sizes) == 3 * rows * 96 < data.size
 
 
@@ -260,3 +260,24 @@ def test_alpha_mask_and_cog(passthrough, tmp_path):
         assert np.array_equal(o.read(), rgb)
         mask = o.dataset_mask()
     assert (mask[:30] == 0).all() and (mask[30:] == 255).all()
+
+
+def test_statistics_of_a_large_scene_come_from_windows_spread_over_it(tmp_path, monkeypatch):
+    import dsrdmpd.raster as raster
+    data = twelve_bit_bgrn(seed=4, h=700, w=900)[:3]
+    src = write_raster(tmp_path / "big.tif", data, nodata=0)
+    monkeypatch.setattr(raster, "STATS_PIXELS", 1000)          # "large": take windows
+    monkeypatch.setattr(raster, "STATS_WINDOWS", 3)
+    with rasterio.open(src) as s:
+        values, valid = raster._statistics(s, [3, 2, 1])
+    assert values.shape == (3, 3 * 256, 3 * 256)
+    with rasterio.open(src) as s:
+        bh, bw = (b if b <= 256 else 1 for b in s.block_shapes[0])   # a striped file: strips of bh rows
+    ys = sorted({min(700 - 256, int(round(p)) // bh * bh) for p in np.linspace(0, 444, 3)})
+    xs = sorted({min(900 - 256, int(round(p)) // bw * bw) for p in np.linspace(0, 644, 3)})
+    assert len(ys) == len(xs) == 3 and ys[0] == xs[0] == 0 and ys[-1] > 400 and xs[-1] == 644
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            window = values[:, 256 * i:256 * (i + 1), 256 * j:256 * (j + 1)]
+            assert np.array_equal(window, data[[2, 1, 0], y:y + 256, x:x + 256])
+    assert not valid[:40, :60].any() and valid[40:, 60:].all()   # the nodata corner is in the first window
