@@ -92,6 +92,7 @@ SCHEMA: Dict[str, Tuple[Any, Optional[float], Optional[float], bool]] = {
     "train.val_protocol": (("paper", "standard"), None, None, False),
     "train.precompute_coarse": (_BOOL, None, None, False),
     "train.tf32": (_BOOL, None, None, False),
+    "train.zero_init_residual_head": (_BOOL, None, None, False),
     "train.deterministic": (_BOOL, None, None, False),
     "train.stage1_checkpoint": (_STR, None, None, True),
     "data.crop": (_INT, 16, None, True),

@@ -51,7 +51,7 @@ def train_tiny(out: Path, args) -> tuple:
     s2_cfg = load_config(ROOT / "configs" / "stage2_tiny.yaml",
                          [f"data.root={data}", f"train.stage1_checkpoint={s1}", f"train.steps={args.stage2_steps}",
                           f"train.val_every={args.stage2_steps}", f"train.save_every={args.stage2_steps}",
-                          "train.log_every=10", f"train.seed={args.seed}"])
+                          "train.log_every=10", f"train.seed={args.seed}", "train.zero_init_residual_head=true"])
     t0 = time.time()
     Stage2Trainer(s2_cfg, out / "runs" / "stage2").train()
     s2 = out / "runs" / "stage2" / "checkpoints" / "last.pt"

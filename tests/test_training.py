@@ -226,3 +226,19 @@ def test_second_trainer_in_one_process_gets_its_own_settings(data_root, stage1_c
     assert second.accelerator.mixed_precision == "bf16"
     second.train()
     assert torch.isfinite(torch.tensor(_losses(tmp_path / "b"))).all()
+
+
+def test_zero_initialised_residual_head_starts_stage2_at_stage1(data_root, stage1_ckpt, tmp_path):
+    """train.zero_init_residual_head (the demo's setting): before any step, every sampling
+    step predicts a zero residual, so stage 2 returns stage 1's output (clamped to [0, 1])."""
+    t = Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=2, zero_init_residual_head=True), tmp_path)
+    head = t.model.net.residual_decoder.head
+    assert not head.weight.any() and not head.bias.any()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        coarse = t.stage1(x)
+        restored = t.model.sample(coarse, x, seed=0)
+    assert (coarse - coarse.clamp(0, 1)).abs().max() > 0.01          # the clamp is really exercised
+    torch.testing.assert_close(restored, coarse.clamp(0, 1), rtol=0, atol=1e-6)
+    plain = Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=2), tmp_path / "plain")
+    assert plain.model.net.residual_decoder.head.weight.abs().sum() > 0

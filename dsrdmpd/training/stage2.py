@@ -38,7 +38,7 @@ class Stage2Trainer(BaseTrainer):
     stage = 2
     size_multiple = 8           # stage 2's rule; stage 1 pads and crops back
     train_defaults = STAGE2_TRAIN_DEFAULTS
-    train_options = BaseTrainer.train_options + ("cache_on_cpu", "stage1_use_config")
+    train_options = BaseTrainer.train_options + ("cache_on_cpu", "stage1_use_config", "zero_init_residual_head")
 
     def build(self) -> None:
         ckpt = self.tcfg.get("stage1_checkpoint")
@@ -48,6 +48,12 @@ class Stage2Trainer(BaseTrainer):
         self.stage1.requires_grad_(False).eval().to(self.accelerator.device)
         self.cfg["stage1"] = {"dim": self.stage1.dim}
         self.model = build_stage2(self.cfg.get("stage2"))
+        if self.tcfg.get("zero_init_residual_head", False):
+            # the residual decoder starts by predicting a zero residual: stage 2 starts as an
+            # exact copy of stage 1's output and training can only move it from there
+            head = self.model.net.residual_decoder.head
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
         if self.model.objective == "pred_res":
             # pred_res trains the residual decoder only: the noise decoder gets no gradient
             # (as in the official code) and is not run at all here.
