@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -104,6 +105,9 @@ def choose_bands(src, bands: Optional[Sequence[int]], name: str) -> Tuple[List[i
             raise RasterError(f"{name}: --bands {','.join(map(str, bands))} asks for band {bad[0]}, but the file has "
                               f"{src.count} band(s) ({_band_summary(src)})")
         return list(bands), alpha
+    if src.count < 3:
+        raise RasterError(f"{name}: {src.count} band(s) ({_band_summary(src)}); dehazing needs red, green and "
+                          f"blue bands")
     if src.count == 3:
         return [1, 2, 3], None
     by_interp = [next((i + 1 for i, c in enumerate(interp) if c == want), None)
@@ -202,6 +206,13 @@ def _avoid_nodata(values: np.ndarray, valid: np.ndarray, nodata) -> np.ndarray:
 def dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[RasterOptions] = None,
                   note: str = "") -> Dict[str, object]:
     """Dehaze one raster into ``dst_path`` (a GeoTIFF); returns a summary row."""
+    from rasterio.errors import NotGeoreferencedWarning
+    with warnings.catch_warnings():             # plain TIFFs without georeferencing are fine
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return _dehaze_raster(dehazer, src_path, dst_path, options, note)
+
+
+def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[RasterOptions], note: str):
     import rasterio
     from rasterio.enums import MaskFlags
     from rasterio.errors import RasterioIOError

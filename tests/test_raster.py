@@ -231,6 +231,10 @@ def test_band_choice(tmp_path):
     with rasterio.open(tmp_path / "b0.tif") as src:
         with pytest.raises(RasterError, match=r"asks for band 5, but the file has 4 band\(s\)"):
             choose_bands(src, [5, 2, 1], "b0.tif")
+    gray = write_raster(tmp_path / "gray.tif", data[:1])
+    with rasterio.open(gray) as src:
+        with pytest.raises(RasterError, match=r"1 band\(s\) .*dehazing needs red, green and blue"):
+            choose_bands(src, None, "gray.tif")
     three = write_raster(tmp_path / "rgb.tif", data[:3])
     with rasterio.open(three) as src:
         assert choose_bands(src, None, "rgb.tif") == ([1, 2, 3], None)
@@ -281,3 +285,13 @@ def test_statistics_of_a_large_scene_come_from_windows_spread_over_it(tmp_path, 
             window = values[:, 256 * i:256 * (i + 1), 256 * j:256 * (j + 1)]
             assert np.array_equal(window, data[[2, 1, 0], y:y + 256, x:x + 256])
     assert not valid[:40, :60].any() and valid[40:, 60:].all()   # the nodata corner is in the first window
+
+
+def test_plain_tiff_without_georeferencing(passthrough, tmp_path, recwarn):
+    import tifffile
+    data = np.random.default_rng(5).integers(0, 65535, (80, 90, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "plain.tif", data)
+    dehaze_raster(passthrough, tmp_path / "plain.tif", tmp_path / "out.tif", RasterOptions(progress=False))
+    with rasterio.open(tmp_path / "out.tif") as o:
+        assert o.crs is None and np.array_equal(o.read(), data.transpose(2, 0, 1))
+    assert not [w for w in recwarn if "georeferenc" in str(w.message).lower()]

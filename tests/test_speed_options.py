@@ -115,3 +115,22 @@ def test_gpu_compile_matches_eager(chain_reference):
     eager = Dehazer.from_checkpoints(*ckpts, device="cuda")(hazy).restored
     compiled = Dehazer.from_checkpoints(*ckpts, device="cuda", compile=True)(hazy).restored
     assert psnr(compiled, eager) > 60
+
+
+@pytest.mark.parametrize("precision,inside", [("fp32", False), ("tf32", True), ("bf16", False)])
+def test_tensorfloat32_flags_for_a_cuda_dehazer(precision, inside):
+    """The flag logic alone (runs on the CPU: the flags can be set without a GPU): on a CUDA
+    device only precision='tf32' allows TF32, and PyTorch's flags come back afterwards."""
+    from dsrdmpd.builders import build_stage1
+    torch.manual_seed(0)
+    d = Dehazer(build_stage1({"dim": 32}), build_stage2({"dim": 8}), precision=precision)
+    d.device = torch.device("cuda")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for before in (True, False):
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = before
+            with d._float32_mode():
+                assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (inside, inside)
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (before, before)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
