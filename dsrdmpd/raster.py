@@ -8,7 +8,8 @@
   red / green / blue (a 4-band RGB + alpha file -> 1,2,3, the alpha band acting as a
   mask); anything else is refused with the band count and descriptions.
 * Radiometry: :mod:`dsrdmpd.radiometry` (``--scale``), statistics from the valid pixels
-  (of 64 windows of 256 x 256 spread over scenes above 4 Mpx); written back in the input's units and data type, exactly inverted.
+  (of 64 windows of 256 x 256 spread over scenes above 4 Mpx); written back in the
+  input's units and data type, exactly inverted.
 * Nodata and masks: GDAL's per-band masks (nodata, alpha, internal masks) mark invalid
   pixels; they are left out of the statistics, filled with the band's median for the
   networks, and written back as nodata (or as the output's mask when the input has no
@@ -144,11 +145,12 @@ def _statistics(src, bands: List[int]) -> Tuple[np.ndarray, np.ndarray]:
     side = 256
     bh, bw = src.block_shapes[bands[0] - 1]
     bh, bw = (b if b <= side else 1 for b in (bh, bw))       # strips span the width: no alignment across
-    starts = lambda n, b: sorted({min(n - side, int(round(p)) // b * b) for p in np.linspace(0, n - side, STATS_WINDOWS)})
+    def starts(n, b):
+        return sorted({min(n - side, int(round(p)) // b * b) for p in np.linspace(0, n - side, STATS_WINDOWS)})
     rows = []
     for y in starts(h, bh):
-        tiles = [(src.read(bands, window=Window(x, y, side, side)), src.read_masks(bands, window=Window(x, y, side, side)))
-                 for x in starts(w, bw)]
+        windows = [Window(x, y, side, side) for x in starts(w, bw)]
+        tiles = [(src.read(bands, window=win), src.read_masks(bands, window=win)) for win in windows]
         rows.append((np.concatenate([t[0] for t in tiles], axis=2), np.concatenate([t[1] for t in tiles], axis=2)))
     values = np.concatenate([r[0] for r in rows], axis=1)
     masks = np.concatenate([r[1] for r in rows], axis=1)

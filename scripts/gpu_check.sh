@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU session: the CUDA tests, then the GPU benchmark tables (about 6 minutes on
-# an H100/H200; torch.compile is left out: compiling the sampler took over 2 minutes; each part has its own time limit so a hang cannot eat the session).
+# an H100/H200). torch.compile is left out: compiling the sampler took over 2 minutes on the
+# H200. Each part has its own time limit (TEST_LIMIT, BENCH_LIMIT), so a hang cannot eat the session.
 # Usage (on a CUDA machine, inside the repo, environment from scripts/setup.sh with a CUDA torch):
 #   bash scripts/gpu_check.sh [OUT_DIR]          # PYTHON=python3 to use another interpreter
 set -uo pipefail

@@ -8,8 +8,9 @@
     accelerate launch --num_processes 4 scripts/dehaze.py ... --input archive/ --output out/   # 4 GPUs
 
 Results go to <output>/restored/ with the input's name (PNG keeps its bit depth, TIFFs come
-back as GeoTIFFs in the input's data type and units, other formats become PNG); summary.md lists what could not be processed and why (those
-files are skipped, the exit code is then 1).
+back as GeoTIFFs in the input's data type and units, other formats become PNG);
+summary.md lists what could not be processed and why (those files are skipped, the exit
+code is then 1).
 """
 from __future__ import annotations
 
