@@ -5,8 +5,6 @@ Speed-option accuracy on the GPU is in test_speed_options.py. Run on a GPU machi
 """
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from dsrdmpd.imageio import read_image
 from dsrdmpd.training import Stage1Trainer, Stage2Trainer
 
 from conftest import ROOT
+from test_training import _losses, run_straight_and_resumed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -37,11 +36,6 @@ def stage1_ckpt(data_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("s1")
     Stage1Trainer(_cfg(1, data_root, epochs=1, device="cpu"), run).train()
     return run / "checkpoints" / "last.pt"
-
-
-def _losses(run):
-    with open(run / "train_log.csv") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
 def _make(stage, root, ckpt, device, **train):
@@ -74,17 +68,9 @@ def test_gpu_training_starts_where_the_cpu_run_does_and_learns(stage, data_root,
 @pytest.mark.parametrize("stage", [1, 2])
 def test_gpu_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
     make = _make(stage, data_root, stage1_ckpt, "auto")       # default: tf32 on, deterministic on
-    straight = make(tmp_path / "a")
-    assert straight.accelerator.device.type == "cuda"
-    straight.train()
-    interrupted = make(tmp_path / "b")
-    interrupted.train(max_steps=5)
-    del interrupted
-    resumed = make(tmp_path / "b", resume="auto")
-    assert resumed.step == 5
-    resumed.train()
-    sa = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)
-    sb = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    def on_gpu(trainer):
+        assert trainer.accelerator.device.type == "cuda"
+    _, sa, sb = run_straight_and_resumed(make, tmp_path, on_gpu)
     for key in ("model",) + (("ema",) if stage == 2 else ()):
         for name in sa[key]:
             assert torch.equal(sa[key][name], sb[key][name]), f"{key}.{name}"

@@ -81,6 +81,23 @@ def _states_equal(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def run_straight_and_resumed(make, tmp_path, check=lambda trainer: None):
+    """Train once straight through (run a/) and once killed after 5 steps then resumed (run b/);
+    ``make(run_dir, resume=None)`` builds a trainer, ``check`` looks at the straight one before
+    it trains. Returns (the straight trainer, last.pt of a, last.pt of b)."""
+    straight = make(tmp_path / "a")
+    check(straight)
+    straight.train()
+    interrupted = make(tmp_path / "b")
+    interrupted.train(max_steps=5)          # stops mid-epoch and writes last.pt
+    del interrupted
+    resumed = make(tmp_path / "b", resume="auto")
+    assert resumed.step == 5
+    resumed.train()
+    load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=False)
+    return straight, load("a"), load("b")
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
     if stage == 1:
@@ -89,16 +106,7 @@ def test_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
         make = lambda run, resume=None: Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=8, val_every=4,
                                                                  save_every=100, ema_update_every=1,
                                                                  ema_update_after_step=0), run, resume)
-    straight = make(tmp_path / "a")
-    straight.train()
-    interrupted = make(tmp_path / "b")
-    interrupted.train(max_steps=5)          # stops mid-epoch and writes last.pt
-    del interrupted
-    resumed = make(tmp_path / "b", resume="auto")
-    assert resumed.step == 5
-    resumed.train()
-    sa = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)
-    sb = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    straight, sa, sb = run_straight_and_resumed(make, tmp_path)
     assert sa["step"] == sb["step"] == straight.total_steps()
     _states_equal(sa["model"], sb["model"])
     if stage == 2:
