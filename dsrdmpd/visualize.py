@@ -64,3 +64,16 @@ def save_panel(tiles: Sequence[Tuple[str, torch.Tensor]], path: Union[str, Path]
     from .imageio import write_atomic
     panel = make_panel(tiles, captions=captions, min_size=min_size)
     write_atomic(Path(path), lambda p: panel.save(p))
+
+
+def stack_panels(paths: Sequence[Union[str, Path]], path: Union[str, Path], gap: int = 10) -> None:
+    """Panel PNGs one under the other (left-aligned, white between) in one PNG, written atomically."""
+    from .imageio import write_atomic
+    images = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1)),
+                       (255, 255, 255))
+    y = 0
+    for img in images:
+        canvas.paste(img, (0, y))
+        y += img.height + gap
+    write_atomic(Path(path), lambda p: canvas.save(p))

@@ -27,7 +27,6 @@ import argparse
 import csv
 import math
 import multiprocessing as mp
-import platform
 import queue
 import resource
 import statistics
@@ -283,8 +282,9 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but CUDA is not available")
+    from dsrdmpd.machine import cpu_model
     machine = (torch.cuda.get_device_name() if cuda else
-               f"{platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} threads")
+               f"{cpu_model()}, {args.threads or torch.get_num_threads()} threads")
     mem = "GPU max allocated" if cuda else "process peak RSS"
     records = []
     lines = [f"Device: {args.device} ({machine}); torch {torch.__version__}; stage-1 dim {args.dim1}, stage-2 dim "

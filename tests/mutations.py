@@ -151,6 +151,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("accelerate-state-kept", "a second trainer in one process keeps the first one's accelerate state",
              "dsrdmpd/training/trainer.py", "    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):",
              "    if False:", ("tests/test_training.py::test_second_trainer_in_one_process_gets_its_own_settings",)),
+    Mutation("synthetic-test-leak", "the demo's training crops drawn from the held-out part of each source image",
+             "dsrdmpd/data/synthetic.py", "generator=g))][0], size, g)", "generator=g))][1], size, g)",
+             ("tests/test_data.py::test_synthetic_test_scenes_come_from_pixels_training_never_sees",)),
 ]
 
 

@@ -158,3 +158,54 @@ def test_augmentation_is_deterministic_and_the_same_for_hazy_and_gt(tmp_path):
         assert torch.equal(item["hazy"], item["gt"]), f"epoch {e}: hazy and GT augmented differently"
         crops.add(tuple(item["hazy"].flatten()[:4].tolist()))
     assert len(crops) > 3
+
+
+def _two_region_sources():
+    """Sources whose red channel says where a pixel came from: below 0.5 in the first 70 %
+    of the longer side (the training part), above 0.5 in the last 30 % (held out)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for h, w in ((200, 300), (320, 180)):
+        img = 0.35 + 0.3 * torch.rand((3, h, w), generator=g)          # texture, passes the flatness check
+        red = torch.full((h, w), 0.2)
+        if w >= h:
+            red[:, round(w * 0.7):] = 0.8
+        else:
+            red[round(h * 0.7):, :] = 0.8
+        img[0] = red + 0.05 * torch.rand((h, w), generator=g)
+        out.append(img)
+    return out
+
+
+def test_synthetic_test_scenes_come_from_pixels_training_never_sees(tmp_path, monkeypatch):
+    """Every source is split along its longer side; training and validation crops come from
+    the first part only, test crops from the held-out part only (told apart by the red level,
+    in the haze-free GT)."""
+    from dsrdmpd.data import synthetic
+    src = torch.arange(3 * 40 * 100, dtype=torch.float32).reshape(3, 40, 100)
+    train, held = synthetic.split_regions(src)
+    assert held.shape == (3, 40, 30) and torch.equal(torch.cat([train, held], -1), src)
+    train, held = synthetic.split_regions(src.transpose(1, 2))
+    assert held.shape == (3, 30, 40)
+    monkeypatch.setattr(synthetic, "source_images", _two_region_sources)
+    root = synthetic.make_synthetic_dataset(tmp_path, n_train=12, n_test=6, size=32, seed=4, n_valid=3, test_size=48)
+    for split, n, size in (("train", 12, 32), ("valid", 3, 32), ("test", 6, 48)):
+        reds = [read_image(root / split / "GT" / f"{i:04d}.png").tensor for i in range(n)]
+        assert all(r.shape == (3, size, size) for r in reds)
+        if split == "test":
+            assert all(float(r[0].min()) > 0.5 for r in reds)
+        else:
+            assert all(float(r[0].max()) < 0.5 for r in reds)
+
+
+def test_synthetic_test_split_does_not_depend_on_the_training_split(tmp_path):
+    """Same seed: the same test scenes whatever n_train / n_valid; the training pairs are a
+    function of the seed (a longer training split starts with the shorter one)."""
+    from dsrdmpd.data.synthetic import make_synthetic_dataset
+    a = make_synthetic_dataset(tmp_path / "a", n_train=2, n_test=2, size=32, seed=5, test_size=48)
+    b = make_synthetic_dataset(tmp_path / "b", n_train=3, n_test=2, size=32, seed=5, n_valid=1, test_size=48)
+    c = make_synthetic_dataset(tmp_path / "c", n_train=2, n_test=2, size=32, seed=6, test_size=48)
+    for sub in ("test/hazy/0000.png", "test/GT/0001.png", "train/hazy/0000.png", "train/GT/0001.png"):
+        assert torch.equal(read_image(a / sub).tensor, read_image(b / sub).tensor), sub
+        assert not torch.equal(read_image(a / sub).tensor, read_image(c / sub).tensor), sub
+    assert read_image(a / "test/hazy/0000.png").tensor.shape == (3, 48, 48)

@@ -313,15 +313,56 @@ def test_runs_on_real_data(tiny_checkpoints, folder, tmp_path):
 def test_demo_end_to_end_small(tmp_path, capsys):
     """The README's main command, shrunk: synthetic data, both tiny stages trained,
     held-out scenes dehazed, table printed, results and panels written."""
-    import demo as demo_script  # scripts/demo.py
-    demo_script.main(["--output", str(tmp_path / "demo"), "--size", "64", "--train-images", "6", "--test-images",
-                      "2", "--stage1-epochs", "1", "--stage2-steps", "4", "--device", "cpu"])
+    from dsrdmpd.cli import demo as demo_cmd
+    assert demo_cmd.main(["--output", str(tmp_path / "demo"), "--size", "64", "--train-images", "6", "--test-images",
+                      "2", "--test-size", "64", "--stage1-epochs", "1", "--stage2-steps", "4", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "| stage 2 (RDMPD, 5 steps) |" in printed and "TINY models" in printed
     rows = _read_csv(tmp_path / "demo" / "results" / "metrics.csv")
     assert len(rows) == 2 and all(np.isfinite(float(r["psnr_stage2"])) for r in rows.values())
     assert len(list((tmp_path / "demo" / "results" / "panels").glob("*.png"))) == 2
+    panel = read_image(tmp_path / "demo" / "results" / "panels" / "0000.png").tensor
+    overview = read_image(tmp_path / "demo" / "results" / "overview.png").tensor
+    assert panel.shape[-2] >= 192 and overview.shape[-2] == 2 * panel.shape[-2] + 10     # two panels stacked
     assert "not from the paper's models" in (tmp_path / "demo" / "results" / "summary.md").read_text()
+
+
+def test_demo_bad_usage_is_one_line_and_keeps_other_files(tmp_path, capsys):
+    """Usage errors end with one line and exit code 2; a demo run only replaces the
+    folders it writes (data/, runs/, results/), never other files in --output."""
+    from dsrdmpd.cli import demo as demo_cmd
+    assert demo_cmd.main(["--stage1", "s1.pth"]) == 2
+    assert capsys.readouterr().err.strip() == "error: give both --stage1 and --stage2, or neither"
+    assert demo_cmd.main(["--seeds", "0", "1", "--stage1", "a", "--stage2", "b", "--input", "x"]) == 2
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep me")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "old.csv").write_text("stale")
+    assert demo_cmd.main(["--output", str(tmp_path), "--train-images", "4", "--valid-images", "1", "--test-images",
+                          "1", "--test-size", "64", "--size", "64", "--stage1-epochs", "1", "--stage2-steps", "1",
+                          "--device", "cpu"]) == 0
+    assert mine.read_text() == "keep me" and not (tmp_path / "results" / "old.csv").exists()
+
+
+def test_demo_seed_table_counts_the_seeds_where_stage_2_wins_on_both(tmp_path):
+    """demo.py --seeds: one row per seed with stage 2 minus stage 1, the spread, and how
+    many seeds have stage 2 above stage 1 on PSNR and SSIM; CSV with the same numbers."""
+    from dsrdmpd.cli import demo as demo_cmd
+    base = {"psnr_hazy": 12.0, "ssim_hazy": 0.6, "psnr_stage1": 20.0, "ssim_stage1": 0.8, "seconds": 200.0}
+    results = [{**base, "seed": 0, "psnr_stage2": 20.5, "ssim_stage2": 0.81},
+               {**base, "seed": 1, "psnr_stage2": 21.0, "ssim_stage2": 0.79},      # PSNR up, SSIM down
+               {**base, "seed": 2, "psnr_stage2": 19.75, "ssim_stage2": 0.8125, "seconds": 250.0}]
+    demo_cmd.write_seeds(results, tmp_path, "test machine", "python scripts/demo.py --seeds 0 1 2")
+    md = (tmp_path / "seeds.md").read_text()
+    assert "| 0 | 12.00 / 0.6000 | 20.00 / 0.8000 | 20.50 / 0.8100 | +0.50 dB / +0.0100 | 200 |" in md
+    assert "| 1 |" in md and "+1.00 dB / -0.0100" in md and "-0.25 dB / +0.0125" in md
+    assert "PSNR -0.25 to +1.00 dB (mean +0.42)" in md and "SSIM -0.0100 to +0.0125 (mean +0.0042)" in md
+    assert "stage 2 above stage 1 on both in 1 of 3 seeds" in md and "longest run 250 s" in md
+    assert "Machine: test machine." in md
+    rows = list(csv.DictReader(open(tmp_path / "seeds.csv")))
+    assert [r["seed"] for r in rows] == ["0", "1", "2"] and float(rows[2]["psnr_stage2"]) == 19.75
+    from dsrdmpd.machine import machine_description
+    assert machine_description("cpu").endswith(f"threads, torch {torch.__version__}")
 
 
 def test_resize_protocol_scores_at_the_given_size(chain, tmp_path):
