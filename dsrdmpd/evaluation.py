@@ -198,6 +198,17 @@ def mean_metrics(rows: Sequence[Dict[str, object]]) -> Dict[str, float]:
     return {c: sum(float(r[c]) for r in scored) / len(scored) for c in METRIC_COLUMNS} if scored else {}
 
 
+def write_rows_csv(path: Path, rows: Sequence[Dict[str, object]], fields: Sequence[str]) -> None:
+    """``rows`` as CSV with the columns ``fields`` (other keys ignored), floats with 6
+    decimals, written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_text_atomic(path, buf.getvalue())
+
+
 def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: str, title: str,
                   notes: Sequence[str] = (), failed: Sequence[Dict[str, object]] = ()) -> Dict[str, float]:
     """``metrics.csv`` (one row per image) and ``summary.md`` (means, per image, and the
@@ -206,12 +217,7 @@ def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: st
     fields = ["name", "height", "width"] + METRIC_COLUMNS
     if any("scale" in r for r in rows):
         fields += ["bands", "scale"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    write_text_atomic(out_dir / "metrics.csv", buf.getvalue())
+    write_rows_csv(out_dir / "metrics.csv", rows, fields)
     means = mean_metrics(rows)
     lines = [f"# {title}", "", f"Metric protocol: {PROTOCOLS[protocol]}.", *[f"{n}" for n in notes], ""]
     if means:

@@ -16,8 +16,6 @@ the authors' released) checkpoints on --input instead.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import shutil
 import statistics
 import sys
@@ -30,7 +28,7 @@ import torch
 from ..config import load_config
 from ..data import find_pairs
 from ..data.synthetic import make_synthetic_dataset
-from ..evaluation import Item, run_items, write_results
+from ..evaluation import Item, run_items, write_results, write_rows_csv
 from ..imageio import list_images, read_image, write_text_atomic
 from ..inference import Dehazer
 from ..machine import machine_description
@@ -149,12 +147,7 @@ def seeds_table(results: list, machine: str, command: str) -> str:
 
 
 def write_seeds(results: list, out: Path, machine: str, command: str) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SEED_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in results:
-        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    write_text_atomic(out / "seeds.csv", buf.getvalue())
+    write_rows_csv(out / "seeds.csv", results, SEED_COLUMNS)
     write_text_atomic(out / "seeds.md", seeds_table(results, machine, command))
 
 
