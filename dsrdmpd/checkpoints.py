@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
+
+from .atomicfile import atomic_path, remove_stale_temporaries
 
 PathLike = Union[str, os.PathLike]
 Rule = Tuple[str, Union[str, Callable[[re.Match], str]]]
@@ -174,25 +175,11 @@ def is_project_checkpoint(obj: object) -> bool:
 
 
 def save_atomic(obj: object, path: PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash never leaves a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):   # left by a writer that was killed
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """torch.save through :func:`dsrdmpd.atomicfile.atomic_path` (temporary file, fsync,
+    umask's mode, rename): a crash never leaves a half-written file under the final name."""
+    remove_stale_temporaries(path)          # left by a writer that was killed
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def stage_state_dict(obj: object, stage: int, path: PathLike, weights: str = "model") -> Dict[str, torch.Tensor]:

@@ -9,15 +9,15 @@ file in the same folder, then a rename, so a killed run never leaves half an ima
 """
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from .atomicfile import write_atomic, write_text_atomic  # noqa: F401  (re-exported)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -128,20 +128,6 @@ def to_uint(image: torch.Tensor, bit_depth: int = 8) -> np.ndarray:
     return arr.astype(np.uint16 if bit_depth == 16 else np.uint8)
 
 
-def write_atomic(path: Union[str, Path], write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary name in the same folder (same extension), then
-    rename it over ``path``: readers never see a partly written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_image(image: torch.Tensor, path: Union[str, Path], bit_depth: int = 8) -> None:
     """Write (3, H, W) in [0, 1], atomically. TIFF and PNG are written with ``bit_depth``
     (8 or 16); JPEG and BMP are 8-bit."""
@@ -160,10 +146,6 @@ def write_image(image: torch.Tensor, path: Union[str, Path], bit_depth: int = 8)
         write_atomic(path, lambda p: Image.fromarray(to_uint(image, 8)).save(p, quality=95))
     else:
         write_atomic(path, lambda p: Image.fromarray(to_uint(image, 8)).save(p))
-
-
-def write_text_atomic(path: Union[str, Path], text: str) -> None:
-    write_atomic(path, lambda p: p.write_text(text))
 
 
 def list_images(folder: Union[str, Path]) -> list:
