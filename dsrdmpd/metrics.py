@@ -6,6 +6,11 @@
 ``standard`` BasicSR / scikit-image style: images rounded to uint8 RGB, PSNR on the
              0-255 scale; SSIM with the same Gaussian window over the valid region only
              (no padding), population covariance, computed in float64.
+``y``        BasicSR's Y-channel protocol: BT.601 luma of the [0, 1] RGB,
+             Y = 16 + 65.481 R + 128.553 G + 24.966 B (on the 16-235 scale), in float64;
+             PSNR on the 0-255 scale, SSIM as ``standard`` on that one channel.
+:func:`ciede2000` is an extra colour-difference score (not a protocol): the mean over the
+image of scikit-image's CIEDE2000 between the two images' CIELAB values.
 Inputs: (3, H, W) or (B, 3, H, W) tensors in [0, 1]; outputs: per-image float lists.
 """
 from __future__ import annotations
@@ -19,7 +24,10 @@ import torch.nn.functional as F
 PROTOCOLS = {
     "paper": "paper protocol: float RGB clamped to [0,1]; SSIM Gaussian 11x11 (sigma 1.5), zero padding, borders included",
     "standard": "standard protocol: uint8 RGB; SSIM Gaussian 11x11 (sigma 1.5), valid region only (BasicSR / skimage)",
+    "y": "y protocol: BT.601 luma Y = 16 + 65.481 R + 128.553 G + 24.966 B of [0,1] RGB, float64 on the 0-255 "
+         "scale; SSIM Gaussian 11x11 (sigma 1.5), valid region only (BasicSR test_y_channel)",
 }
+BT601_Y = (65.481, 128.553, 24.966)     # BasicSR's luma weights for R, G, B in [0, 1]; offset 16
 
 
 def _batch(x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +53,24 @@ def _ssim_map(a: torch.Tensor, b: torch.Tensor, padding: int, data_range: float)
     return ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
 
 
+def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma as BasicSR computes it: (B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W)
+    float64 in [16, 235] (white 235, black 16)."""
+    w = torch.tensor(BT601_Y, dtype=torch.float64).view(1, 3, 1, 1)
+    return 16.0 + (x.double() * w).sum(1, keepdim=True)
+
+
+def ciede2000(pred: torch.Tensor, target: torch.Tensor) -> List[float]:
+    """Per-image mean CIEDE2000 colour difference (scikit-image ``rgb2lab`` then
+    ``deltaE_ciede2000``, D65) of (B, 3, H, W) RGB in [0, 1]; both clamped to [0, 1]."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+    pred, target = _batch(pred).detach().double().cpu(), _batch(target).detach().double().cpu()
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(target.shape)} differ in shape")
+    lab = lambda x: rgb2lab(x.clamp(0, 1).permute(1, 2, 0).numpy())
+    return [float(deltaE_ciede2000(lab(a), lab(b)).mean()) for a, b in zip(pred, target)]
+
+
 def psnr_ssim(pred: torch.Tensor, target: torch.Tensor, protocol: str = "paper") -> Dict[str, List[float]]:
     """Per-image PSNR (dB) and SSIM of ``pred`` against ``target`` under ``protocol``."""
     if protocol not in PROTOCOLS:
@@ -58,10 +84,13 @@ def psnr_ssim(pred: torch.Tensor, target: torch.Tensor, protocol: str = "paper")
         psnr = [20 * math.log10(1.0 / math.sqrt(m)) if m > 0 else float("inf") for m in mse.tolist()]
         ssim = _ssim_map(a, b, padding=5, data_range=1.0).flatten(1).mean(1).tolist()
         return {"psnr": psnr, "ssim": ssim}
-    a = (pred.clamp(0, 1) * 255).round().double()
-    b = (target.clamp(0, 1) * 255).round().double()
+    if protocol == "y":
+        a, b = rgb_to_y(pred.clamp(0, 1)), rgb_to_y(target.clamp(0, 1))
+    else:
+        a = (pred.clamp(0, 1) * 255).round().double()
+        b = (target.clamp(0, 1) * 255).round().double()
     if min(a.shape[-2:]) < 11:
-        raise ValueError(f"standard SSIM needs images of at least 11x11, got {tuple(a.shape[-2:])}")
+        raise ValueError(f"{protocol} SSIM needs images of at least 11x11, got {tuple(a.shape[-2:])}")
     mse = ((a - b) ** 2).flatten(1).mean(1)
     psnr = [10 * math.log10(255.0 ** 2 / m) if m > 0 else float("inf") for m in mse.tolist()]
     ssim = _ssim_map(a, b, padding=0, data_range=255.0).flatten(1).mean(1).tolist()

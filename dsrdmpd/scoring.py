@@ -1,0 +1,193 @@
+"""Scoring results that already exist: a folder of restored images (any method's) against
+ground truth, under one or more metric protocols (:data:`dsrdmpd.metrics.PROTOCOLS`),
+with the mean CIEDE2000 colour difference as an extra column.
+
+Restored files are matched to ground truth by name key, never by order: a restored
+file's key (its stem, or the group of ``restored_key``) must equal one of a reference
+pair's names: its key, its hazy file's stem or its GT file's stem (so outputs named like
+the inputs, like the GT or by the bare key all pair up). Unmatched files on either side,
+and a file matching two references, raise :class:`ScoringError`, naming the files.
+
+A pair that cannot be scored (unreadable file, sizes that differ) fails alone: it is
+listed with its reason in ``summary.md`` and left out of the means.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .atomicfile import write_text_atomic
+from .data import DataError, ImagePair, PairingError
+from .data.pairing import _keyed, _natural
+from .evaluation import ITEM_ERRORS, resize_image, write_rows_csv
+from .imageio import read_image
+from .metrics import PROTOCOLS, ciede2000, psnr_ssim
+
+CIEDE_COLUMN = "ciede2000"
+
+
+class ScoringError(PairingError):
+    """Restored and ground-truth folders whose names do not match; the message names the files."""
+
+
+def parse_protocols(text: str) -> List[str]:
+    """'paper,y' -> ['paper', 'y']; an unknown or repeated name is an error."""
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    bad = [n for n in names if n not in PROTOCOLS]
+    if bad or not names or len(set(names)) < len(names):
+        raise ValueError(f"--protocol {text!r}: give one or more of {', '.join(sorted(PROTOCOLS))}, "
+                         "comma-separated, each once")
+    return names
+
+
+def metric_columns(protocols: Sequence[str]) -> List[str]:
+    """psnr_<protocol>, ssim_<protocol> per protocol, then ciede2000."""
+    return [f"{m}_{p}" for p in protocols for m in ("psnr", "ssim")] + [CIEDE_COLUMN]
+
+
+def gt_references(gt_dir: Path, gt_key: str = r"(.+)") -> List[ImagePair]:
+    """The GT folder as reference pairs (hazy = GT), keyed by ``gt_key`` as in pairing,
+    in natural key order; an empty folder is an error."""
+    keyed = _keyed(Path(gt_dir), gt_key, "ground-truth")
+    if not keyed:
+        raise ScoringError(f"no images found in {gt_dir}")
+    return [ImagePair(k, keyed[k], keyed[k]) for k in sorted(keyed, key=_natural)]
+
+
+def match_restored(restored_dir: Path, references: Sequence[ImagePair],
+                   restored_key: str = r"(.+)") -> List[ImagePair]:
+    """Pairs (key, restored file, GT file) in the references' order. Each restored key
+    must name exactly one reference (its key, hazy stem or GT stem) and every reference
+    must have one restored file; otherwise :class:`ScoringError` lists what is unmatched."""
+    restored = _keyed(Path(restored_dir), restored_key, "restored")
+    by_name: Dict[str, List[int]] = {}
+    for i, ref in enumerate(references):
+        for name in {ref.key, ref.hazy.stem, ref.gt.stem}:
+            by_name.setdefault(name, []).append(i)
+    found: Dict[int, List[Path]] = {}
+    orphans = []
+    for key, path in restored.items():
+        refs = by_name.get(key, [])
+        if len(refs) > 1:
+            raise ScoringError(f"{path}: matches more than one ground truth "
+                               f"({', '.join(references[i].gt.name for i in refs)}); rename it or set --restored-key")
+        if refs:
+            found.setdefault(refs[0], []).append(path)
+        else:
+            orphans.append(path.name)
+    twice = [paths for paths in found.values() if len(paths) > 1]
+    if twice:
+        raise ScoringError(f"{restored_dir}: {' and '.join(p.name for p in twice[0])} are restored versions of the "
+                           "same ground truth")
+    missing = [references[i].gt.name for i in range(len(references)) if i not in found]
+    if orphans or missing:
+        lines = [f"restored files in {restored_dir} do not match the ground truth by name"]
+        if orphans:
+            lines.append(f"  restored without ground truth ({len(orphans)}): {', '.join(orphans[:10])}"
+                         f"{' ...' if len(orphans) > 10 else ''}")
+        if missing:
+            lines.append(f"  ground truth without restored ({len(missing)}): {', '.join(missing[:10])}"
+                         f"{' ...' if len(missing) > 10 else ''}")
+        raise ScoringError("\n".join(lines))
+    return [ImagePair(references[i].key, found[i][0], references[i].gt) for i in sorted(found)]
+
+
+def crop_border(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., H, W) without ``n`` pixels on each side (BasicSR's crop_border)."""
+    if n <= 0:
+        return x
+    if min(x.shape[-2:]) <= 2 * n:
+        raise DataError(f"--crop-border {n} leaves nothing of a {tuple(x.shape[-2:])} image")
+    return x[..., n:-n, n:-n]
+
+
+def score_pair(pair: ImagePair, protocols: Sequence[str], border: int = 0,
+               resize: Optional[int] = None) -> Dict[str, object]:
+    """One pair's row: name, gt, height, width, PSNR / SSIM per protocol, CIEDE2000.
+    ``resize`` resizes the GT to N x N first (as dsrdmpd-test --resize); sizes must then agree."""
+    out, gt_img = read_image(pair.hazy), read_image(pair.gt)
+    a, b = out.tensor[None], gt_img.tensor[None]
+    if resize:
+        b = resize_image(b, resize, gt_img.bit_depth)
+    if a.shape != b.shape:
+        raise DataError(f"size mismatch: {pair.hazy} is {tuple(a.shape[-2:])} but {pair.gt} is "
+                        f"{tuple(b.shape[-2:])}" + (f" (resized to {resize})" if resize else ""))
+    a, b = crop_border(a, border), crop_border(b, border)
+    row: Dict[str, object] = {"name": pair.hazy.name, "gt": pair.gt.name, "height": a.shape[-2], "width": a.shape[-1]}
+    for p in protocols:
+        m = psnr_ssim(a, b, p)
+        row[f"psnr_{p}"], row[f"ssim_{p}"] = m["psnr"][0], m["ssim"][0]
+    row[CIEDE_COLUMN] = ciede2000(a, b)[0]
+    return row
+
+
+def score_pairs(pairs: Sequence[ImagePair], protocols: Sequence[str], border: int = 0, resize: Optional[int] = None,
+                progress: bool = True) -> Tuple[List[Dict[str, object]], List[Dict[str, object]]]:
+    """Rows of the pairs that could be scored, and ``{'name', 'error'}`` of those that could not."""
+    done, failed = [], []
+    for pair in tqdm(pairs, desc="scoring", unit="img", disable=not progress):
+        try:
+            done.append(score_pair(pair, protocols, border, resize))
+        except ITEM_ERRORS as exc:
+            failed.append({"name": pair.hazy.name, "error": " ".join(str(exc).split()) or type(exc).__name__})
+            tqdm.write(f"skipped: {failed[-1]['error']}")
+    return done, failed
+
+
+def mean_scores(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> Dict[str, float]:
+    """Mean of each column over the rows (each image weighs the same); {} without rows."""
+    return {c: sum(float(r[c]) for r in rows) / len(rows) for c in columns} if rows else {}
+
+
+def protocol_notes(protocols: Sequence[str], border: int = 0, resize: Optional[int] = None) -> List[str]:
+    """One line per protocol, plus what was done to every pair before scoring."""
+    lines = [f"- `{p}`: {PROTOCOLS[p]}." for p in protocols]
+    lines.append(f"- `{CIEDE_COLUMN}`: mean CIEDE2000 colour difference (scikit-image rgb2lab, D65; lower is better).")
+    if border:
+        lines.append(f"- {border} pixel(s) cropped from every border before scoring (all columns).")
+    if resize:
+        lines.append(f"- ground truth resized to {resize} x {resize} (PIL bilinear, as the authors' test scripts).")
+    return lines
+
+
+def write_scores(rows: Sequence[Dict[str, object]], out_dir: Path, protocols: Sequence[str], title: str,
+                 notes: Sequence[str] = (), failed: Sequence[Dict[str, object]] = ()) -> Dict[str, float]:
+    """``metrics.csv`` (one row per scored pair) and ``summary.md`` (the protocols, the
+    means, per image, and the pairs that failed with their reasons); returns the means."""
+    out_dir = Path(out_dir)
+    cols = metric_columns(protocols)
+    write_rows_csv(out_dir / "metrics.csv", rows, ["name", "gt", "height", "width"] + cols)
+    means = mean_scores(rows, cols)
+    heads = [f"{m} {p}" for p in protocols for m in ("PSNR", "SSIM")] + ["CIEDE2000"]
+    cells = lambda values: [f"{v:.3f}" if c.startswith("psnr") or c == CIEDE_COLUMN else f"{v:.4f}"
+                            for c, v in zip(cols, values)]
+    lines = [f"# {title}", "", "Metric protocols:", "", *notes, ""]
+    if means:
+        lines += ["| images | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|",
+                  f"| {len(rows)} | " + " | ".join(cells([means[c] for c in cols])) + " |", "",
+                  "Per image:", "", "| image | ground truth | " + " | ".join(heads) + " |",
+                  "|---" * (len(heads) + 2) + "|"]
+        lines += [f"| {r['name']} | {r['gt']} | " + " | ".join(cells([r[c] for c in cols])) + " |" for r in rows]
+    else:
+        lines.append("No pair could be scored.")
+    if failed:
+        lines += ["", f"## Failed: {len(failed)} pair(s), not in the results above", "", "| image | reason |",
+                  "|---|---|"]
+        lines += [f"| {r['name']} | {str(r['error']).replace('|', '/')} |" for r in failed]
+    write_text_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
+    return means
+
+
+def score_folder(restored_dir: Path, references: Sequence[ImagePair], out_dir: Path, protocols: Sequence[str],
+                 border: int = 0, resize: Optional[int] = None, restored_key: str = r"(.+)",
+                 title: str = "Scores", notes: Sequence[str] = (),
+                 progress: bool = True) -> Tuple[Dict[str, float], List[Dict[str, object]]]:
+    """Match, score and write ``out_dir``/metrics.csv + summary.md; returns (means, failed rows)."""
+    pairs = match_restored(restored_dir, references, restored_key)
+    rows, failed = score_pairs(pairs, protocols, border, resize, progress)
+    notes = protocol_notes(protocols, border, resize) + (["", *notes] if notes else [])
+    return write_scores(rows, out_dir, protocols, title, notes, failed), failed
+
