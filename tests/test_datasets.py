@@ -152,18 +152,18 @@ def test_suite_with_two_datasets_present_and_the_rest_absent(chain, tmp_path):
     for item in sets:
         argv += ["--set", item]
     rows = {r["dataset"]: r for r in reproduce.run(argv)}
-    assert len(rows) == 9
+    assert len(rows) == 10            # 9 datasets and the SateHaze1k average
     sh_row = rows["SateHaze1k-thin"]
     ours = {r["name"]: r for r in csv.DictReader(open(tmp_path / "out" / "SateHaze1k-thin" / "metrics.csv"))}
     assert len(ours) == 2
     assert sh_row["psnr"] == pytest.approx(np.mean([float(r["psnr_stage2"]) for r in ours.values()]), abs=1e-5)
     assert sh_row["reported_psnr"] == 26.03 and sh_row["reported_ssim"] == 0.9191
     assert sh_row["diff_psnr"] == pytest.approx(sh_row["psnr"] - 26.03)
-    assert sh_row["source"] == "EM-SNN, Tables 1-2 (second-hand)"
+    assert sh_row["source"] == "EM-SNN, Table 2 (second-hand)"
     assert rows["RealBlur-J"]["psnr"] is not None and rows["RealBlur-J"]["reported_psnr"] is None
     assert len(list((tmp_path / "out" / "RealBlur-J" / "restored").iterdir())) == 4
     for ds in ("RSID", "LHID", "DHID", "RainDrop-test_a", "RealBlur-R", "SateHaze1k-thick"):
         assert rows[ds]["psnr"] is None and rows[ds]["note"].startswith("skipped: not found: root=")
     md = (tmp_path / "out" / "tables.md").read_text()
-    assert "| LHID |  |  | 29.39 | 0.8854 |  |  | EM-SNN, Tables 1-2 (second-hand) |" in md
+    assert "| LHID |  |  | 29.39 | 0.8854 |  |  | EM-SNN, Table 1 (second-hand) |" in md
     assert "EM-SNN: Shao et al." in md and "| DehazeFormer-b |" in md

@@ -1,27 +1,33 @@
 """Reproduce the paper's tables: evaluate every dataset listed in a suite file and write
-one table with our numbers beside the reported ones, their difference and their source.
+one table with our numbers beside the reported ones, their difference and their source,
+and other methods beside them: as reported, and scored here where their outputs are given.
 
     dsrdmpd-reproduce --suite configs/reproduce.yaml --output results/tables \\
-        [--set datasets.RSID.root=/data/RSID] [--device cuda]
+        [--set datasets.RSID.root=/data/RSID] [--device cuda] [--peer NAME=DIR ...]
 
 Writes <output>/<dataset>/ (as dsrdmpd-test) and <output>/tables.md + tables.csv.
-Reported values come from configs/paper_results.yaml, each with its source; values read
-from another paper's table (not checked against the DS-RDMPD paper) are marked so.
-Datasets whose folders or checkpoints are missing are skipped with a note.
+Reported values come from configs/paper_results.yaml, each with its source, table, the
+source's metric protocol and whether it is first-hand, second-hand or unknown.
+--peer NAME=DIR scores another method's outputs, DIR/<dataset>/ for each suite dataset
+(named as in the suite), with dsrdmpd-score against the same ground truth under the
+same protocol as ours (into <output>/peers/NAME/<dataset>/). Datasets whose folders or
+checkpoints are missing are skipped with a note.
 """
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import load_config
-from ..evaluation import fmt, mean_metrics
+from ..data import split_pairs
+from ..evaluation import ITEM_ERRORS, fmt, mean_metrics
 from ..imageio import write_text_atomic
 from ..metrics import PROTOCOLS
+from ..scoring import score_folder
 from . import evaluate
-from .errors import ItemsFailed, run_command
+from .errors import USER_ERRORS, ItemsFailed, UsageError, run_command
 from .options import parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +36,8 @@ DATASET_OPTIONS = {"preset": "--preset", "root": "--data-root", "split": "--spli
                    "hazy_dir": "--hazy-subdir", "gt_dir": "--gt-subdir", "hazy_key": "--hazy-key",
                    "gt_key": "--gt-key", "resize": "--resize"}
 FIELDS = ["dataset", "psnr", "ssim", "reported_psnr", "reported_ssim", "diff_psnr", "diff_ssim", "source",
-          "checked_against_paper", "psnr_stage1", "ssim_stage1", "note"]
+          "checked_against_paper", "hand", "reported_protocol", "psnr_stage1", "ssim_stage1", "note"]
+HANDS = ("first-hand", "second-hand", "unknown")
 
 
 def load_means(folder: Path) -> dict:
@@ -38,66 +45,170 @@ def load_means(folder: Path) -> dict:
         return mean_metrics(list(csv.DictReader(f)))
 
 
+def hand_of(ref: Dict[str, Any]) -> str:
+    """'first-hand' / 'second-hand' / 'unknown' (the ``hand`` field; older files: from
+    ``checked_against_paper``; 'unknown' where no value was reported)."""
+    if not ref.get("source"):
+        return "unknown"
+    hand = ref.get("hand") or ("first-hand" if ref.get("checked_against_paper") else "second-hand")
+    if hand not in HANDS:
+        raise UsageError(f"paper results: hand {hand!r} is not one of {', '.join(HANDS)}")
+    return hand
+
+
 def source_label(ref: Dict[str, Any]) -> str:
-    """'EM-SNN, Tables 1-2 (second-hand)' / '' when no value was reported."""
+    """'EM-SNN, Table 2 (second-hand)' / '' when no value was reported."""
     if not ref.get("source"):
         return ""
     label = str(ref["source"]) + (f", {ref['table']}" if ref.get("table") else "")
-    return label + ("" if ref.get("checked_against_paper") else " (second-hand)")
+    return label + (" (second-hand)" if hand_of(ref) == "second-hand" else "")
 
 
-def table_row(name: str, ours: Dict[str, float], ref: Dict[str, Any], note: str) -> Dict[str, Any]:
+def source_protocol(paper: Dict[str, Any], ref: Dict[str, Any]) -> str:
+    """The metric protocol of the source a value was read in ('unknown' where not stated)."""
+    if not ref.get("source"):
+        return ""
+    return str(((paper.get("sources") or {}).get(ref["source"]) or {}).get("protocol") or "unknown")
+
+
+def table_row(name: str, ours: Dict[str, float], ref: Dict[str, Any], note: str,
+              paper: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """One dataset's row: ours, reported, ours - reported (None where either is missing)."""
     diff = lambda a, b: None if a is None or b is None else a - b
     psnr, ssim = ours.get("psnr_stage2"), ours.get("ssim_stage2")
     return {"dataset": name, "psnr": psnr, "ssim": ssim, "reported_psnr": ref.get("psnr"),
             "reported_ssim": ref.get("ssim"), "diff_psnr": diff(psnr, ref.get("psnr")),
             "diff_ssim": diff(ssim, ref.get("ssim")), "source": source_label(ref),
-            "checked_against_paper": bool(ref.get("checked_against_paper")) if ref.get("source") else None,
+            "checked_against_paper": hand_of(ref) == "first-hand" if ref.get("source") else None,
+            "hand": hand_of(ref), "reported_protocol": source_protocol(paper or {}, ref),
             "psnr_stage1": ours.get("psnr_stage1"), "ssim_stage1": ours.get("ssim_stage1"),
-            "note": note or ref.get("note", "")}
+            "note": note or ref.get("note", ""), "scored": {}}
+
+
+def average_rows(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Rows for the reported averages (``average_of`` in paper_results.yaml) whose parts
+    are all in the suite: ours (and each scored peer) as the mean of the parts' means,
+    None when a part has no value."""
+    by_name = {r["dataset"]: r for r in rows}
+    out = []
+    for name, ref in (paper.get("datasets") or {}).items():
+        parts = ref.get("average_of")
+        if not parts or not all(p in by_name for p in parts):
+            continue
+        mean = lambda values: None if any(v is None for v in values) else sum(values) / len(values)
+        ours = {k: mean([by_name[p][col] for p in parts]) for k, col in
+                (("psnr_stage2", "psnr"), ("ssim_stage2", "ssim"), ("psnr_stage1", "psnr_stage1"),
+                 ("ssim_stage1", "ssim_stage1"))}
+        row = table_row(name, {k: v for k, v in ours.items() if v is not None}, ref,
+                        "mean of " + ", ".join(parts), paper)
+        peers = {m for p in parts for m in by_name[p]["scored"]}
+        for m in sorted(peers):
+            cells = [by_name[p]["scored"].get(m, {}) for p in parts]
+            row["scored"][m] = {k: mean([c.get(k) for c in cells]) for k in ("psnr", "ssim")}
+        out.append(row)
+    return out
 
 
 def signed(x: Optional[float], digits: int) -> str:
     return "" if x is None else f"{x:+.{digits}f}"
 
 
+def pair_cell(psnr: Optional[float], ssim: Optional[float]) -> str:
+    return f"{fmt(psnr, 2)} / {fmt(ssim, 4)}" if psnr is not None else ""
+
+
 def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, protocol: str) -> str:
     """tables.csv (one row per dataset) and tables.md (ours | reported | difference |
-    source, then the sources and the peers reported beside DS-RDMPD); returns the markdown."""
+    source | scored peers, the protocol of every column, the sources, then the other
+    methods: as reported, and as scored here); returns the markdown."""
+    scored = sorted({m for r in rows for m in r.get("scored", {})})
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    fields = FIELDS + [f"{m}_{k}_scored" for m in scored for k in ("psnr", "ssim")]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
-    w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
-    write_text_atomic(out / "tables.csv", buf.getvalue())
-    lines = ["# DS-RDMPD: our results beside the reported ones", "", f"Metric protocol (ours): {PROTOCOLS[protocol]}.",
-             "", "| dataset | PSNR ours | SSIM ours | PSNR reported | SSIM reported | PSNR diff | SSIM diff | "
-             "reported in | stage 1 PSNR / SSIM (ours) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        s1 = f"{fmt(r['psnr_stage1'], 2)} / {fmt(r['ssim_stage1'], 4)}" if r["psnr_stage1"] is not None else ""
-        lines.append(f"| {r['dataset']} | {fmt(r['psnr'], 2)} | {fmt(r['ssim'], 4)} | {fmt(r['reported_psnr'], 2)} | "
-                     f"{fmt(r['reported_ssim'], 4)} | {signed(r['diff_psnr'], 2)} | {signed(r['diff_ssim'], 4)} | "
-                     f"{r['source']} | {s1} | {r['note']} |")
-    used = sorted({str(ref.get("source")) for ref in (paper.get("datasets") or {}).values() if ref.get("source")})
+        flat = {**r, **{f"{m}_{k}_scored": v for m, cell in r.get("scored", {}).items() for k, v in cell.items()}}
+        w.writerow({k: ("" if flat.get(k) is None else flat[k]) for k in fields})
+    write_text_atomic(out / "tables.csv", buf.getvalue())
+    ours_protocol = PROTOCOLS[protocol]
+    heads = ["dataset", "PSNR ours", "SSIM ours", "PSNR reported", "SSIM reported", "PSNR diff", "SSIM diff",
+             "reported in", "stage 1 PSNR / SSIM (ours)", "note", "protocol of the reported value"]
+    heads += [f"{m} PSNR / SSIM (scored here)" for m in scored]
+    lines = ["# DS-RDMPD: our results beside the reported ones", "", f"Metric protocol (ours): {ours_protocol}.", "",
+             "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+    for r in rows:
+        s1 = pair_cell(r["psnr_stage1"], r["ssim_stage1"])
+        cells = [r["dataset"], fmt(r["psnr"], 2), fmt(r["ssim"], 4), fmt(r["reported_psnr"], 2),
+                 fmt(r["reported_ssim"], 4), signed(r["diff_psnr"], 2), signed(r["diff_ssim"], 4), r["source"], s1,
+                 r["note"], r.get("reported_protocol", "")]
+        cells += [pair_cell(r["scored"].get(m, {}).get("psnr"), r["scored"].get(m, {}).get("ssim"))
+                  for m in scored]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "Protocol of every column:", "",
+              f"- PSNR / SSIM ours, stage 1 (ours){''.join(f', {m} (scored here)' for m in scored)}: "
+              f"scored by this package on the same ground truth, {ours_protocol}.",
+              "- PSNR / SSIM reported: as printed in the source named under 'reported in', under that source's "
+              "protocol ('protocol of the reported value'; unknown where the source does not state it). "
+              "diff = ours - reported, so it mixes protocols where they differ.",
+              "- '(second-hand)': read in a paper that reports DS-RDMPD, not in the DS-RDMPD paper itself; "
+              "an empty reported cell: no value known."]
+    used = sorted({str(ref.get("source")) for group in [paper.get("datasets") or {}, *(paper.get("peers") or {})
+                                                        .values()] for ref in group.values() if ref.get("source")})
     if used:
-        lines += ["", "Sources of the reported values (diff = ours - reported; '(second-hand)': read from a paper "
-                      "that cites DS-RDMPD, not yet checked against the DS-RDMPD paper itself):"]
+        lines += ["", "Sources of the reported values:"]
         for key in used:
             src = (paper.get("sources") or {}).get(key, {})
             lines.append(f"- {key}: {' '.join(str(src.get('citation', key)).split())}"
+                         + (f" Protocol: {src['protocol']}." if src.get("protocol") else "")
                          + (f" {' '.join(str(src['protocol_notes']).split())}" if src.get("protocol_notes") else ""))
     peers = paper.get("peers") or {}
-    if peers:
+    if peers or scored:
         names = [r["dataset"] for r in rows]
-        lines += ["", "Other methods as reported in the same sources (PSNR / SSIM):", "",
-                  "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += ["", "Other methods (PSNR / SSIM): as reported, and as scored here from their outputs:", "",
+                  "| method | " + " | ".join(names) + " | source (protocol) |", "|---" * (len(names) + 2) + "|"]
         for method, values in peers.items():
-            cells = [f"{fmt(values[n]['psnr'], 2)} / {fmt(values[n]['ssim'], 4)}" if n in values else ""
+            cells = [pair_cell(values[n].get("psnr"), values[n].get("ssim")) if n in values else "" for n in names]
+            labels = sorted({f"{source_label(v)}; protocol {source_protocol(paper, v)}"
+                             for v in values.values() if v.get("source")})
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {'; '.join(labels)} |")
+        by_name = {r["dataset"]: r for r in rows}
+        for m in scored:
+            cells = [pair_cell(by_name[n]["scored"].get(m, {}).get("psnr"), by_name[n]["scored"].get(m, {}).get("ssim"))
                      for n in names]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {m} (scored here) | " + " | ".join(cells) + f" | dsrdmpd-score; {ours_protocol} |")
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "tables.md", text)
     return text
+
+
+def parse_peers(items: Sequence[str]) -> Dict[str, Path]:
+    """['NAME=DIR', ...] -> {NAME: DIR}."""
+    peers = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise UsageError(f"--peer {item!r}: expected NAME=DIR (DIR holding one folder per dataset)")
+        peers[name.strip()] = Path(folder.strip())
+    return peers
+
+
+def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protocol: str,
+               out: Path) -> Dict[str, Any]:
+    """Score one method's outputs for one dataset (``folder``/``dataset``) against the
+    dataset's ground truth under ``protocol``: {'psnr', 'ssim'} or {'note'} (why not)."""
+    outputs = folder / dataset
+    if not outputs.is_dir():
+        return {}
+    try:
+        refs = split_pairs(ds, ds.get("split", "test"))
+        means, failed = score_folder(outputs, refs, out / "peers" / name / dataset, [protocol],
+                                     resize=ds.get("resize"), title=f"{name} on {dataset}", progress=False)
+    except (*USER_ERRORS, *ITEM_ERRORS) as exc:
+        return {"note": f"{name} not scored: {' '.join(str(exc).split())}"}
+    cell = {"psnr": means.get(f"psnr_{protocol}"), "ssim": means.get(f"ssim_{protocol}")}
+    if failed:
+        cell["note"] = f"{name}: {len(failed)} pair(s) not scored (see peers/{name}/{dataset}/summary.md)"
+    return cell
 
 
 def run(argv: Optional[List[str]] = None) -> List[dict]:
@@ -108,10 +219,13 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     ap.add_argument("--output", required=True, type=Path)
     ap.add_argument("--device", default="auto", help="as dsrdmpd-test --device")
     ap.add_argument("--config", help="model config for every dataset (default: sizes read off the checkpoints)")
+    ap.add_argument("--peer", action="append", default=[], metavar="NAME=DIR",
+                    help="another method's outputs, DIR/<dataset>/ per suite dataset, scored as ours")
     args = ap.parse_args(argv)
     suite = load_config(args.suite, args.overrides, defaults={})
     paper = load_config(args.paper, defaults={})
     protocol = suite.get("protocol", "paper")
+    peers = {**{k: Path(v) for k, v in (suite.get("peers") or {}).items()}, **parse_peers(args.peer)}
     rows = []
     for name, ds in (suite.get("datasets") or {}).items():
         missing = [k for k in ("root", "stage1", "stage2") if not ds.get(k) or not Path(ds[k]).exists()]
@@ -134,7 +248,15 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
             except ItemsFailed as exc:
                 ours = load_means(args.output / name)
                 note += f"; {exc}"
-        rows.append(table_row(name, ours, (paper.get("datasets") or {}).get(name, {}), note))
+        row = table_row(name, ours, (paper.get("datasets") or {}).get(name, {}), note, paper)
+        for peer, folder in peers.items():
+            cell = score_peer(peer, folder, name, ds, protocol, args.output)
+            if cell.get("note"):
+                row["note"] = "; ".join(n for n in (row["note"], cell.pop("note")) if n)
+            if cell:
+                row["scored"][peer] = cell
+        rows.append(row)
+    rows += average_rows(rows, paper)
     print(write_tables(rows, paper, args.output, protocol))
     return rows
 
