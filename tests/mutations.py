@@ -154,6 +154,25 @@ MUTATIONS: List[Mutation] = [
     Mutation("synthetic-test-leak", "the demo's training crops drawn from the held-out part of each source image",
              "dsrdmpd/data/synthetic.py", "generator=g))][0], size, g)", "generator=g))][1], size, g)",
              ("tests/test_data.py::test_synthetic_test_scenes_come_from_pixels_training_never_sees",)),
+    # scoring existing results (dsrdmpd-score) and the reproduce table's peers (issue 21)
+    Mutation("y-coeffs-swapped", "Y protocol with the R and B luma weights swapped (a BGR / RGB mix-up)",
+             "dsrdmpd/metrics.py", "BT601_Y = (65.481, 128.553, 24.966)", "BT601_Y = (24.966, 128.553, 65.481)",
+             ("tests/test_score.py::test_y_of_known_colours",
+              "tests/test_score.py::test_every_protocol_on_odd_8bit_images_against_skimage_and_numpy")),
+    Mutation("crop-border-ignored", "dsrdmpd-score --crop-border ignored",
+             "dsrdmpd/scoring.py", "a, b = crop_border(a, border), crop_border(b, border)", "a, b = a, b",
+             ("tests/test_score.py::test_crop_border_drops_the_border_from_every_column",)),
+    Mutation("ciede-of-mean-colour", "CIEDE2000 of the images' mean colours instead of the mean per-pixel difference",
+             "dsrdmpd/metrics.py", "float(deltaE_ciede2000(lab(a), lab(b)).mean())",
+             "float(deltaE_ciede2000(lab(a).mean((0, 1)), lab(b).mean((0, 1))))",
+             ("tests/test_score.py::test_ciede2000_on_published_pairs",)),
+    Mutation("restored-orphans-ignored", "restored files matching no ground truth silently ignored",
+             "dsrdmpd/scoring.py", "    if orphans or missing:", "    if missing:",
+             ("tests/test_score.py::test_mismatched_names_are_a_named_error",)),
+    Mutation("peer-wrong-protocol", "peers' outputs scored under the paper protocol whatever the suite's protocol",
+             "dsrdmpd/cli/reproduce.py", "cell = score_peer(peer, folder, name, ds, protocol, args.output)",
+             "cell = score_peer(peer, folder, name, ds, \"paper\", args.output)",
+             ("tests/test_score.py::test_reproduce_table_with_a_scored_peer_column",)),
 ]
 
 
