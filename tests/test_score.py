@@ -208,6 +208,9 @@ def test_mismatched_names_are_a_named_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "x.png" in err and "3.png" in err
     assert not (tmp_path / "s" / "metrics.csv").exists()
+    save(tmp_path / "out" / "3.png", img)                     # every GT matched, one restored file left over
+    with pytest.raises(ScoringError, match=r"restored without ground truth \(1\): x\.png$"):
+        match_restored(tmp_path / "out", gt_references(tmp_path / "gt"))
 
 
 def test_outputs_named_by_input_key_or_gt_pair_with_a_preset_dataset(tmp_path):
