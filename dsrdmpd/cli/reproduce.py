@@ -150,8 +150,8 @@ def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, p
               "- PSNR / SSIM reported: as printed in the source named under 'reported in', under that source's "
               "protocol ('protocol of the reported value'; unknown where the source does not state it). "
               "diff = ours - reported, so it mixes protocols where they differ.",
-              "- '(second-hand)': read in a paper that reports DS-RDMPD, not in the DS-RDMPD paper itself; "
-              "an empty reported cell: no value known."]
+              "- '(second-hand)': read in another paper that reports the method, not in the method's own paper "
+              "(for DS-RDMPD: not in the DS-RDMPD paper itself); an empty reported cell: no value known."]
     used = sorted({str(ref.get("source")) for group in [paper.get("datasets") or {}, *(paper.get("peers") or {})
                                                         .values()] for ref in group.values() if ref.get("source")})
     if used:
