@@ -325,3 +325,23 @@ def test_reproduce_table_with_a_scored_peer_column(tmp_path):
     table = list(csv.DictReader(open(tmp_path / "t" / "tables.csv")))
     assert float(table[1]["Mine_psnr_scored"]) == pytest.approx(want["B"], abs=1e-6)
     assert (tmp_path / "t" / "peers" / "Mine" / "A" / "metrics.csv").is_file()
+
+
+def test_thin_script_runs_the_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+    save(tmp_path / "gt" / "1.png", np.zeros((12, 12, 3), np.uint8))
+    save(tmp_path / "out" / "2.png", np.zeros((12, 12, 3), np.uint8))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "score.py"), "--restored", str(tmp_path / "out"),
+                           "--gt", str(tmp_path / "gt"), "--output", str(tmp_path / "s")], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: restored files in")
+    assert "2.png" in proc.stderr and "1.png" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_value_marked_with_an_unknown_hand_is_refused():
+    from dsrdmpd.cli.errors import UsageError
+    with pytest.raises(UsageError, match="third-hand"):
+        reproduce.table_row("A", {}, {"psnr": 1.0, "ssim": 0.5, "source": "S", "hand": "third-hand"}, "")
+    assert reproduce.table_row("A", {}, {"psnr": 1.0, "source": "S", "hand": "first-hand"}, "")["source"] == "S"
