@@ -230,11 +230,11 @@ def gdal_message(exc: BaseException) -> str:
     parts, seen = [], set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        text = " ".join(str(exc).split())
-        if text and text not in parts:
+        text = " ".join(str(exc).replace("See previous exception for details.", "").split()).rstrip(".")
+        if text and not any(text in p for p in parts):
             parts.append(text)
         exc = exc.__cause__ or exc.__context__
-    return ": ".join(parts) or "read failed"
+    return "; ".join(parts) or "read failed"
 
 
 def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[RasterOptions], note: str):
