@@ -302,6 +302,9 @@ def test_plain_tiff_without_georeferencing(passthrough, tmp_path, recwarn):
 def test_a_sparse_huge_raster_is_refused_before_reading(passthrough, tmp_path):
     """A sparse GeoTIFF declaring 200000 x 200000 pixels is 2 MB on disk; it is refused by its
     declared size (the limit named), and a lower limit refuses small rasters the same way."""
+    small = write_raster(tmp_path / "small.tif", np.full((3, 40, 50), 7, np.uint8))
+    with pytest.raises(RasterError, match=r"50 x 40 pixels .* limit of 0.001 Mpx"):
+        dehaze_raster(passthrough, small, tmp_path / "out" / "small.tif", RasterOptions(max_pixels=1000))
     huge = tmp_path / "huge.tif"
     with rasterio.open(huge, "w", driver="GTiff", width=200000, height=200000, count=3, dtype="uint8", crs=UTM,
                        transform=TRANSFORM, tiled=True, blockxsize=512, blockysize=512, compress="deflate",
@@ -311,9 +314,6 @@ def test_a_sparse_huge_raster_is_refused_before_reading(passthrough, tmp_path):
     with pytest.raises(RasterError, match=r"huge\.tif: 200000 x 200000 pixels \(40000 Mpx\) is above the raster "
                                           r"size limit of 4000 Mpx \(--max-raster-pixels\)"):
         dehaze_raster(passthrough, huge, tmp_path / "out" / "huge.tif", RasterOptions(progress=False))
-    small = write_raster(tmp_path / "small.tif", np.full((3, 40, 50), 7, np.uint8))
-    with pytest.raises(RasterError, match=r"50 x 40 pixels .* limit of 0.001 Mpx"):
-        dehaze_raster(passthrough, small, tmp_path / "out" / "small.tif", RasterOptions(max_pixels=1000))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
