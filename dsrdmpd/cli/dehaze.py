@@ -10,7 +10,10 @@
 Results go to <output>/restored/ with the input's name (PNG keeps its bit depth, TIFFs come
 back as GeoTIFFs in the input's data type and units, other formats become PNG);
 summary.md lists what could not be processed and why (those files are skipped, the exit
-code is then 1).
+code is then 1); a full disk ends the run (exit code 1). Images above --max-pixels are
+refused from their header; large ones run tiled (--max-untiled-pixels). One run per output
+folder at a time (<output>/.lock); --resume refuses a folder made with other settings
+(<output>/run.json). README: "Batch runs survive".
 """
 from __future__ import annotations
 
