@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -147,3 +148,42 @@ def test_resume_also_clears_stale_temporaries(setup):
     stale.write_bytes(b"half")
     assert run(setup, "--resume") == 0
     assert not stale.exists()
+
+
+SLOW_RUN = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from dsrdmpd.cli import dehaze
+from dsrdmpd.inference import Dehazer
+from dsrdmpd.models.passthrough import PassThroughStage1, PassThroughStage2
+real_run = Dehazer._run
+def slow(self, x, noise):
+    time.sleep(0.3)
+    return real_run(self, x, noise)
+Dehazer._run = slow
+Dehazer.from_checkpoints = staticmethod(lambda *a, **k: Dehazer(PassThroughStage1(), PassThroughStage2()))
+sys.exit(dehaze.main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_ends_the_run_as_an_interruption_and_resume_finishes_it(setup):
+    for i in range(3, 12):
+        write_image(torch.rand(3, 32, 48), setup / "in" / f"{i}.png")
+    args = ["--stage1", str(setup / "s1.pt"), "--stage2", str(setup / "s2.pt"), "--input", str(setup / "in"),
+            "--output", str(setup / "out")]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(ROOT), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    records = setup / "out" / ".records"
+
+    def finished():
+        return len([p for p in records.glob("*.json") if not p.name.startswith(".")]) if records.is_dir() else 0
+    deadline = time.time() + 120
+    while time.time() < deadline and finished() < 2:
+        time.sleep(0.02)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+    assert 2 <= finished() < 12
+    assert not [p for p in (setup / "out").rglob(".*") if ".tmp" in p.name], "temporaries left behind"
+    assert run(setup, "--resume") == 0
+    assert finished() == 12
