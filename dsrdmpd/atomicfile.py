@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 TEMP_MARK = ".tmp"
+TEMP_STEM = 100         # characters of the name kept in a temporary's name (a 255-byte name stays legal)
 
 
 def default_file_mode() -> int:
@@ -31,7 +32,7 @@ def default_file_mode() -> int:
 def temporary_name_pattern(path: PathLike) -> str:
     """Glob pattern of the temporaries :func:`atomic_path` makes for ``path``."""
     p = Path(path)
-    return f".{p.stem}.*{TEMP_MARK}{p.suffix}"
+    return f".{p.stem[:TEMP_STEM]}.*{TEMP_MARK}{p.suffix}"
 
 
 def remove_stale_temporaries(path: PathLike) -> int:
@@ -76,7 +77,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     and ``path`` keeps its old content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{TEMP_MARK}{path.suffix}", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem[:TEMP_STEM]}.", suffix=f"{TEMP_MARK}{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 import warnings
 from pathlib import Path
@@ -67,7 +68,7 @@ SCHEMA: Dict[str, Tuple[Any, Optional[float], Optional[float], bool]] = {
     "stage2.timesteps": (_INT, 1, None, False),
     "stage2.sampling_timesteps": (_INT, 1, None, False),
     "stage2.sum_scale": (_NUM, 1e-12, None, False),
-    "sampling.seed": (_INT, 0, None, False),
+    "sampling.seed": (_INT, 0, 2**63 - 1, False),
     "sampling.eta": (_NUM, 0, None, False),
     "sampling.fast": (_BOOL, None, None, False),
     "train.lr": (_NUM, 0, None, False),
@@ -77,8 +78,8 @@ SCHEMA: Dict[str, Tuple[Any, Optional[float], Optional[float], bool]] = {
     "train.steps": (_INT, 1, None, False),
     "train.batch_size": (_INT, 1, None, False),
     "train.grad_accum": (_INT, 1, None, False),
-    "train.seed": (_INT, 0, None, False),
-    "train.sample_seed": (_INT, 0, None, False),
+    "train.seed": (_INT, 0, 2**63 - 1, False),
+    "train.sample_seed": (_INT, 0, 2**63 - 1, False),
     "train.log_every": (_INT, 1, None, False),
     "train.val_every": (_INT, 1, None, True),
     "train.save_every": (_INT, 1, None, True),
@@ -137,6 +138,8 @@ def _check_value(key: str, value: Any, kind, lo, hi) -> Any:
             fail(kind)
         items = list(value)
     for v in items:
+        if not math.isfinite(v):
+            fail(f"a finite {kind.removeprefix('a ').removeprefix('an ')}")
         if lo is not None and v < lo:
             fail(f"{kind} >= {lo}")
         if hi is not None and v > hi:
@@ -144,9 +147,20 @@ def _check_value(key: str, value: Any, kind, lo, hi) -> Any:
     return value
 
 
+# Top-level entries that must be sections (key: value mappings) when present.
+SECTIONS = ("stage1", "stage2", "sampling", "train", "data")
+
+
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Check every known value's type and range in place (numbers written as strings are
-    converted); the error names the key: ``train.lr: expected a number, got 'abc'``."""
+    converted); the error names the key: ``train.lr: expected a number, got 'abc'``. NaN and
+    infinite numbers are refused; sections must be mappings (``--set stage1=5`` is an error);
+    ``stage2.sampling_timesteps`` may not exceed ``stage2.timesteps``."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a config must be a mapping, not {type(cfg).__name__}")
+    for section in SECTIONS:
+        if section in cfg and cfg[section] is not None and not isinstance(cfg[section], dict):
+            raise ConfigError(f"{section}: expected a section of key: value entries, got {cfg[section]!r}")
     for dotted, (kind, lo, hi, optional) in SCHEMA.items():
         section, key = dotted.split(".")
         node = cfg.get(section)
@@ -157,6 +171,11 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 raise ConfigError(f"{dotted}: expected {kind if isinstance(kind, str) else 'a value'}, got null")
             continue
         node[key] = _check_value(dotted, node[key], kind, lo, hi)
+    s2 = cfg.get("stage2") or {}
+    if _is_int(s2.get("sampling_timesteps")) and _is_int(s2.get("timesteps")) \
+            and s2["sampling_timesteps"] > s2["timesteps"]:
+        raise ConfigError(f"stage2.sampling_timesteps: {s2['sampling_timesteps']} is more than the "
+                          f"{s2['timesteps']} diffusion steps (stage2.timesteps)")
     return cfg
 
 

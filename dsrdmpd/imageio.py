@@ -6,12 +6,18 @@ dropped), palette (converted to RGB). Every conversion is documented here and ev
 failure names the file. 16-bit PNGs are read and written with pypng (Pillow reduces
 16-bit colour PNGs to 8 bits and cannot write them). Every write is atomic: a temporary
 file in the same folder, then a rename, so a killed run never leaves half an image.
+
+Size limit: before anything is decoded, the size is read from the file's header (PNG's
+IHDR, TIFF's first page, Pillow's lazy open for the rest) and an image of more than
+``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, 100 Mpx; ``None``: no limit)
+is refused with the limit named; Pillow's own decompression-bomb limit is replaced by it.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,6 +27,7 @@ from .atomicfile import write_atomic, write_text_atomic  # noqa: F401  (re-expor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 100_000_000    # 100 Mpx: ~1.2 GB per float32 RGB copy; a run holds a few copies
 
 
 class ImageReadError(ValueError):
@@ -82,11 +89,57 @@ def _read_png16(path: Path) -> np.ndarray:
     return arr.reshape(height, width, planes) if planes > 1 else arr.reshape(height, width)
 
 
-def read_image(path: Union[str, Path]) -> LoadedImage:
-    """Read an image file as (3, H, W) float32 in [0, 1]."""
+@contextlib.contextmanager
+def _pillow_limit_off():
+    """Pillow's decompression-bomb check off (our own pixel limit was checked from the header)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def image_size(path: Union[str, Path]) -> Tuple[int, int]:
+    """(height, width) from the file's header, nothing decoded; ImageReadError when unreadable."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(33)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+    if path.suffix.lower() in TIFF_EXTENSIONS:
+        try:
+            import tifffile
+            with tifffile.TiffFile(str(path)) as tif:
+                page = tif.pages[0]
+                return int(page.imagelength), int(page.imagewidth)
+        except Exception as exc:
+            raise ImageReadError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
+    try:
+        with _pillow_limit_off(), Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a readable image file") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: cannot read image header (truncated or corrupt?): {exc}") from None
+
+
+def check_pixel_limit(path: Union[str, Path], max_pixels: Optional[int]) -> Tuple[int, int]:
+    """(height, width) of the image, or ImageReadError when it has more than ``max_pixels``."""
+    h, w = image_size(path)
+    if max_pixels is not None and h * w > max_pixels:
+        raise ImageReadError(f"{path}: {w} x {h} pixels ({h * w / 1e6:.0f} Mpx) is above the pixel limit of "
+                             f"{max_pixels / 1e6:g} Mpx (--max-pixels); not decoded")
+    return h, w
+
+
+def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read an image file as (3, H, W) float32 in [0, 1]; more than ``max_pixels`` pixels
+    (read from the header, before decoding) is an ImageReadError."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
+    check_pixel_limit(path, max_pixels)
     palette = False
     if path.suffix.lower() in TIFF_EXTENSIONS:
         try:
@@ -98,7 +151,7 @@ def read_image(path: Union[str, Path]) -> LoadedImage:
         arr = _read_png16(path)
     else:
         try:
-            with Image.open(path) as im:
+            with _pillow_limit_off(), Image.open(path) as im:
                 im.load()
                 if im.mode == "P":
                     palette = True

@@ -18,7 +18,13 @@
   colour interpretation, scales / offsets / units and tags, plus the mapping used
   (``DSRDMPD_SCALE`` tags); tiled 256 x 256, DEFLATE with a predictor, BigTIFF when
   needed; ``cog=True`` writes a Cloud-Optimized GeoTIFF. Bands not dehazed are dropped,
-  or copied unchanged with ``keep_other_bands``. The file appears only when complete.
+  or copied unchanged with ``keep_other_bands``. The file appears only when complete
+  (written through :func:`dsrdmpd.atomicfile.atomic_path`: synced, the umask's mode).
+  An output that is not finite is refused (nothing written).
+* Size limit: a raster of more than ``max_pixels`` pixels (default
+  :data:`DEFAULT_MAX_RASTER_PIXELS`, 4000 Mpx; a sparse file can declare any size) is
+  refused before anything is read. A file GDAL cannot read (a corrupt tile) is reported
+  with the file's name and GDAL's own cause.
 * Memory: the scene is read and written window by window. Tiles run through
   :class:`~dsrdmpd.inference.Dehazer` exactly as an in-memory tiled scene would (same
   tiles, batches, noise and blend order: the same result, tested); only a band of
@@ -28,7 +34,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .atomicfile import atomic_path
 from .data import DataError
 from .inference import Dehazer, TilePlan
 from .radiometry import BandScale, ScaleError, ScaleSpec, cast_to, resolve_scale
@@ -48,6 +54,7 @@ DEFAULT_TILE = 512
 OUTPUT_BLOCK = 256          # output GeoTIFF tile side; rows are written in whole blocks
 STATS_PIXELS = 1 << 22      # scenes up to ~4 Mpx: statistics from every pixel
 STATS_WINDOWS = 8           # larger ones: 8 x 8 windows of 256 x 256 (4 Mpx) spread over the scene
+DEFAULT_MAX_RASTER_PIXELS = 4_000_000_000   # ~63000 x 63000; a 4-band uint16 scene this size is 32 GB
 
 
 class RasterError(DataError):
@@ -62,6 +69,7 @@ class RasterOptions:
     cog: bool = False
     tile: Optional[int] = None                # None: the Dehazer's tile, else DEFAULT_TILE
     progress: bool = True
+    max_pixels: Optional[int] = DEFAULT_MAX_RASTER_PIXELS    # None: no limit
 
 
 def check_rasterio() -> None:
@@ -208,10 +216,25 @@ def _avoid_nodata(values: np.ndarray, valid: np.ndarray, nodata) -> np.ndarray:
 def dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[RasterOptions] = None,
                   note: str = "") -> Dict[str, object]:
     """Dehaze one raster into ``dst_path`` (a GeoTIFF); returns a summary row."""
-    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
     with warnings.catch_warnings():             # plain TIFFs without georeferencing are fine
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return _dehaze_raster(dehazer, src_path, dst_path, options, note)
+        try:
+            return _dehaze_raster(dehazer, src_path, dst_path, options, note)
+        except RasterioIOError as exc:          # e.g. a corrupt tile: "Read failed. See previous exception."
+            raise RasterError(f"{src_path}: {gdal_message(exc)}") from None
+
+
+def gdal_message(exc: BaseException) -> str:
+    """``exc`` and the GDAL errors chained to it (its causes), on one line, without repeats."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = " ".join(str(exc).replace("See previous exception for details.", "").split()).rstrip(".")
+        if text and not any(text in p for p in parts):
+            parts.append(text)
+        exc = exc.__cause__ or exc.__context__
+    return "; ".join(parts) or "read failed"
 
 
 def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[RasterOptions], note: str):
@@ -227,6 +250,10 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
     except RasterioIOError as exc:
         raise RasterError(f"{name}: cannot be read as a raster ({' '.join(str(exc).split())})") from None
     with src, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=256):
+        if options.max_pixels is not None and src.width * src.height > options.max_pixels:
+            raise RasterError(f"{name}: {src.width} x {src.height} pixels ({src.width * src.height / 1e6:.0f} Mpx) "
+                              f"is above the raster size limit of {options.max_pixels / 1e6:g} Mpx "
+                              f"(--max-raster-pixels)")
         if len(set(src.dtypes)) != 1:
             raise RasterError(f"{name}: bands of different data types ({', '.join(src.dtypes)}) are not supported")
         dtype = np.dtype(src.dtypes[0])
@@ -260,12 +287,7 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
             unit = scale.to_unit(values, valid)
             return _pad(unit[None], th - rh, tw - rw, plan.pad_mode)[0], bool(valid.any())
 
-        tmp_dir = dst_path.parent
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst_path.stem}.", suffix=".partial.tif", dir=tmp_dir)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with atomic_path(dst_path) as tmp:
             with rasterio.open(tmp, "w", **_output_profile(src, len(out_bands))) as dst:
                 _copy_metadata(src, dst, out_bands, scale, rgb, note)
                 per_row = len({x for _, x in plan.windows})
@@ -280,6 +302,11 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
                     n, off = y1 - y0, y0 - base
                     win = Window(0, y0, w, n)
                     restored = acc[:, off:off + n, :w] / norm[:, off:off + n, :w].clamp_min(1e-12)
+                    bad = int((~torch.isfinite(restored)).sum())
+                    if bad:
+                        raise RasterError(f"{name}: the output has {bad} NaN or infinite value(s) in rows "
+                                          f"{y0}-{y1 - 1} (check the checkpoint and the sampling settings); "
+                                          f"nothing written")
                     values = src.read(rgb, window=win)
                     valid = _valid(src.read_masks(rgb, window=win)) & np.all(np.isfinite(values), axis=0)
                     out = scale.from_unit(restored.clamp(0, 1), values, dtype)
@@ -336,9 +363,6 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
                 bar.close()
             if options.cog:
                 _to_cog(tmp)
-            os.replace(tmp, dst_path)
-        finally:
-            tmp.unlink(missing_ok=True)
     return {"name": src_path.name, "height": h, "width": w, "bands": ",".join(map(str, rgb)),
             "scale": scale.describe(rgb)}
 

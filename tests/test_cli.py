@@ -2,6 +2,7 @@
 and reported, 16-bit PNG kept, resumable runs, and runs split over processes."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -145,8 +146,9 @@ def pairs_folder(tmp_path_factory):
 
 
 def _files(folder: Path) -> dict:
+    """The run's outputs (records, the lock and the fingerprint file left out)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and ".records" not in p.parts}
+            if p.is_file() and ".records" not in p.parts and p.name not in (".lock", "run.json")}
 
 
 def test_killed_run_resumes_to_identical_results(ckpts, pairs_folder, tmp_path):
@@ -164,7 +166,8 @@ def test_killed_run_resumes_to_identical_results(ckpts, pairs_folder, tmp_path):
     proc.wait()
     done = len(list((out / ".records").glob("*.json")))
     assert 2 <= done < 8, "the kill should land mid-folder"
-    finished = {p.stem: (out / "restored" / f"{p.stem}").stat().st_ino for p in (out / ".records").glob("*.json")}
+    names = [json.loads(p.read_text())["name"] for p in (out / ".records").glob("*.json")]
+    finished = {n: (out / "restored" / n).stat().st_ino for n in names}
     resumed = _cmd("test.py", *args, "--output", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     # finished images were kept, not redone (an atomic rewrite would give a new inode)
@@ -182,6 +185,6 @@ def test_two_processes_give_the_files_of_one(ckpts, pairs_folder, tmp_path):
                             capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert launch.returncode == 0, launch.stderr[-2000:]
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
-    import json
+    assert (tmp_path / "two" / "run.json").read_bytes() == (tmp_path / "one" / "run.json").read_bytes()
     procs = [json.loads(p.read_text())["process"] for p in (tmp_path / "two" / ".records").glob("*.json")]
     assert len(procs) == 8 and sorted(set(procs)) == [0, 1] and procs.count(0) == 4   # each item once, split

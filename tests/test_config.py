@@ -38,3 +38,18 @@ def test_base_chain_and_overrides_merge_in_order(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize("item, problem", [
+    ("train.lr=.nan", r"train\.lr: expected a finite number, got nan"),
+    ("train.grad_clip=-.inf", r"train\.grad_clip: expected a finite number, got -inf"),
+    ("train.betas=[0.9, .nan]", r"train\.betas: expected a finite list of numbers"),
+    ("sampling=3", r"sampling: expected a section of key: value entries, got 3"),
+    ("train=[1, 2]", r"train: expected a section"),
+    ("stage2.timesteps=4", r"stage2\.sampling_timesteps: 5 is more than the 4 diffusion steps"),
+    ("train.seed=9223372036854775808", r"train\.seed: expected an integer <= 9223372036854775807"),
+])
+def test_non_finite_values_and_non_sections_are_refused_by_key(item, problem):
+    with pytest.raises(ConfigError, match=problem):
+        load_config(None, [item])
+    assert load_config(None, ["stage2.timesteps=5", "sampling.seed=9223372036854775807"])["stage2"]["timesteps"] == 5

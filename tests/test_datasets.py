@@ -106,6 +106,46 @@ def test_realblur_list_naming_a_missing_file(tmp_path):
         split_pairs({"preset": "realblur", "root": str(root)}, "test")
 
 
+@pytest.mark.parametrize("line, problem", [
+    ("../outside/gt.png x/blur/blur_1.png", "'../outside/gt.png' is not a path inside the dataset root"),
+    ("/etc/gt.png x/blur/blur_1.png", "'/etc/gt.png' is not a path inside the dataset root"),
+    ("a/../../gt.png x/blur/blur_1.png", "'a/../../gt.png' is not a path inside the dataset root"),
+    ("a.png b.png c.png", "expected '<gt path> <degraded path>' \\(two paths without spaces\\), got 'a.png b.png c.png'"),
+])
+def test_realblur_list_lines_are_strict_and_stay_inside_the_root(tmp_path, line, problem):
+    root = make_realblur(tmp_path / "RealBlur")
+    (tmp_path / "outside").mkdir()
+    _img(tmp_path / "outside" / "gt.png", 1)
+    (root / "RealBlur_J_test_list.txt").write_text("\n" + line + "\n")
+    with pytest.raises(PairingError, match=rf"RealBlur_J_test_list\.txt:2: {problem}"):
+        split_pairs({"preset": "realblur", "root": str(root)}, "test")
+
+
+def test_realblur_list_symlink_out_of_the_root_is_refused(tmp_path):
+    root = make_realblur(tmp_path / "RealBlur")
+    _img(tmp_path / "secret.png", 1)
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    (root / "RealBlur_J_test_list.txt").write_text("link.png link.png\n")
+    with pytest.raises(PairingError, match=r":1: 'link.png' leads outside the dataset root"):
+        split_pairs({"preset": "realblur", "root": str(root)}, "test")
+
+
+def test_realblur_distinct_paths_are_never_listed_twice(tmp_path):
+    """a_b/c.png and a/b_c.png give the same underscore key: both are kept, with distinct
+    keys (and output names); the same path twice is named with both lines."""
+    root = tmp_path / "rb"
+    for rel in ("a_b/c.png", "a/b_c.png", "g1.png", "g2.png"):
+        _img(root / rel, 3)
+    (root / "list.txt").write_text("g1.png a_b/c.png\ng2.png a/b_c.png\n")
+    pairs = split_pairs({"preset": "realblur", "root": str(root), "list_file": "list.txt"}, "test")
+    assert [p.hazy for p in pairs] == [root / "a_b" / "c.png", root / "a" / "b_c.png"]
+    assert len({p.key for p in pairs}) == 2 and all(p.key.startswith("a_b_c-") for p in pairs)
+    assert len({i.name for i in items_from_pairs(pairs)}) == 2
+    (root / "list.txt").write_text("g1.png a_b/c.png\ng2.png ./a_b/c.png\n")
+    with pytest.raises(PairingError, match=r"list\.txt:2: ./a_b/c.png is listed twice \(first on line 1\)"):
+        split_pairs({"preset": "realblur", "root": str(root), "list_file": "list.txt"}, "test")
+
+
 @pytest.mark.parametrize("name", ["lhid", "dhid"])
 def test_lhid_dhid_configs_on_the_generic_preset(tmp_path, name):
     root = make_paired(tmp_path / name.upper())

@@ -3,6 +3,8 @@
 the exact inverse of the radiometric mapping, nodata and masks, streamed = in-memory."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -295,3 +297,60 @@ def test_plain_tiff_without_georeferencing(passthrough, tmp_path, recwarn):
     with rasterio.open(tmp_path / "out.tif") as o:
         assert o.crs is None and np.array_equal(o.read(), data.transpose(2, 0, 1))
     assert not [w for w in recwarn if "georeferenc" in str(w.message).lower()]
+
+
+def test_a_sparse_huge_raster_is_refused_before_reading(passthrough, tmp_path):
+    """A sparse GeoTIFF declaring 200000 x 200000 pixels is 2 MB on disk; it is refused by its
+    declared size (the limit named), and a lower limit refuses small rasters the same way."""
+    small = write_raster(tmp_path / "small.tif", np.full((3, 40, 50), 7, np.uint8))
+    with pytest.raises(RasterError, match=r"50 x 40 pixels .* limit of 0.001 Mpx"):
+        dehaze_raster(passthrough, small, tmp_path / "out" / "small.tif", RasterOptions(max_pixels=1000))
+    huge = tmp_path / "huge.tif"
+    with rasterio.open(huge, "w", driver="GTiff", width=200000, height=200000, count=3, dtype="uint8", crs=UTM,
+                       transform=TRANSFORM, tiled=True, blockxsize=512, blockysize=512, compress="deflate",
+                       bigtiff="yes", sparse_ok=True):
+        pass
+    assert huge.stat().st_size < 5e6
+    with pytest.raises(RasterError, match=r"huge\.tif: 200000 x 200000 pixels \(40000 Mpx\) is above the raster "
+                                          r"size limit of 4000 Mpx \(--max-raster-pixels\)"):
+        dehaze_raster(passthrough, huge, tmp_path / "out" / "huge.tif", RasterOptions(progress=False))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_corrupt_tile_is_reported_with_the_file_and_gdals_cause(passthrough, tmp_path):
+    path = tmp_path / "corrupt.tif"
+    data = np.random.default_rng(0).integers(0, 255, (3, 512, 512), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=512, height=512, count=3, dtype="uint8", crs=UTM,
+                       transform=TRANSFORM, tiled=True, blockxsize=256, blockysize=256, compress="deflate") as dst:
+        dst.write(data)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 2000] = b"\xff" * 2000
+    path.write_bytes(bytes(raw))
+    with pytest.raises(RasterError) as caught:
+        dehaze_raster(passthrough, path, tmp_path / "out" / "corrupt.tif", RasterOptions(progress=False))
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "See previous exception" not in message
+    assert "IReadBlock failed" in message and "Decod" in message          # GDAL's own cause, not only 'failed'
+    assert not list((tmp_path / "out").glob("*")), "no partial output may stay"
+
+
+def test_raster_outputs_get_the_umask_mode(passthrough, tmp_path):
+    src = write_raster(tmp_path / "s.tif", np.full((3, 40, 50), 9, np.uint8))
+    old = os.umask(0o022)
+    try:
+        dehaze_raster(passthrough, src, tmp_path / "out" / "s.tif", RasterOptions(progress=False))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "s.tif").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["s.tif"]
+
+
+def test_a_non_finite_raster_output_is_refused(tmp_path):
+    class NanStage2(PassThroughStage2):
+        def sample(self, coarse, hazy, **_):
+            return coarse * float("nan")
+    src = write_raster(tmp_path / "s.tif", np.full((3, 40, 50), 9, np.uint8))
+    with pytest.raises(RasterError, match=r"s\.tif: the output has 6000 NaN or infinite value\(s\)"):
+        dehaze_raster(Dehazer(PassThroughStage1(), NanStage2()), src, tmp_path / "out" / "s.tif",
+                      RasterOptions(progress=False))
+    assert not list((tmp_path / "out").glob("*"))

@@ -10,7 +10,10 @@
 Results go to <output>/restored/ with the input's name (PNG keeps its bit depth, TIFFs come
 back as GeoTIFFs in the input's data type and units, other formats become PNG);
 summary.md lists what could not be processed and why (those files are skipped, the exit
-code is then 1).
+code is then 1); a full disk ends the run (exit code 1). Images above --max-pixels are
+refused from their header; large ones run tiled (--max-untiled-pixels). One run per output
+folder at a time (<output>/.lock); --resume refuses a folder made with other settings
+(<output>/run.json). README: "Batch runs survive".
 """
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..radiometry import ScaleSpec, parse_scale
-from ..raster import RasterOptions, check_rasterio, is_raster, parse_bands
+from ..raster import DEFAULT_MAX_RASTER_PIXELS, RasterOptions, check_rasterio, is_raster, parse_bands
 from .batch import run_batch
 from .errors import run_command
 from .evaluate import input_items
-from .options import add_model_options, add_output_options, add_run_options, parser
+from .options import parse_pixels, add_model_options, add_output_options, add_run_options, parser
 
 
 def build_parser():
@@ -44,6 +47,8 @@ def build_parser():
                    help="copy the bands that are not dehazed (NIR, SWIR, alpha) unchanged into the output "
                         "(default: the output holds the three dehazed bands)")
     g.add_argument("--cog", action="store_true", help="write Cloud-Optimized GeoTIFFs (with overviews)")
+    g.add_argument("--max-raster-pixels", type=parse_pixels, default=DEFAULT_MAX_RASTER_PIXELS,
+                   help="refuse (per item, before reading) rasters of more pixels (0: no limit)")
     return ap
 
 
@@ -63,7 +68,8 @@ def _scale(text: str):
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = build_parser().parse_args(argv)
-    raster = RasterOptions(bands=args.bands, scale=args.scale, keep_other_bands=args.keep_other_bands, cog=args.cog)
+    raster = RasterOptions(bands=args.bands, scale=args.scale, keep_other_bands=args.keep_other_bands, cog=args.cog,
+                           max_pixels=args.max_raster_pixels)
     items = input_items(args.input)
     if any(is_raster(i.hazy) for i in items):
         check_rasterio()

@@ -10,7 +10,9 @@ from typing import Callable, List, Optional
 from ..checkpoints import CheckpointError
 from ..config import ConfigError
 from ..data import DataError, PairingError
+from ..evaluation import RunStopped
 from ..imageio import ImageReadError
+from ..runfolder import RunFolderError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -24,8 +26,8 @@ class ItemsFailed(RuntimeError):
 
 
 # Problems with what the user gave us: exit code 2.
-USER_ERRORS = (UsageError, ConfigError, CheckpointError, ImageReadError, PairingError, DataError, FileNotFoundError,
-               NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (UsageError, ConfigError, CheckpointError, ImageReadError, PairingError, DataError, RunFolderError,
+               FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -48,7 +50,9 @@ def run_command(fn: Callable[[Optional[List[str]]], object], argv: Optional[List
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except ItemsFailed as exc:
+    except (ItemsFailed, RunStopped) as exc:      # the run ended; its reason is the message
+        if debug:
+            traceback.print_exc()
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except USER_ERRORS as exc:

@@ -9,7 +9,8 @@ Writes <output>/restored/ (same names; PNG and TIFF keep their bit depth), metri
 (per image, stage 1 and stage 2), summary.md (means, naming the metric protocol; items
 that failed, with the reason) and, with --panels N, side-by-side panels. A file that
 cannot be used is reported and skipped; the exit code is then 1. --resume continues a
-killed run in the same output folder.
+killed run in the same output folder (made with the same settings: <output>/run.json);
+one run per output folder at a time. README: "Batch runs survive".
 """
 from __future__ import annotations
 

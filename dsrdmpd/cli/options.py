@@ -8,6 +8,8 @@ from typing import Any, Dict
 import torch
 
 from ..config import load_config
+from ..evaluation import DEFAULT_MAX_UNTILED_PIXELS
+from ..imageio import DEFAULT_MAX_PIXELS
 from ..inference import PRECISIONS
 from ..metrics import PROTOCOLS
 from .errors import UsageError
@@ -50,6 +52,26 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
                         "the accuracy cost)")
     g.add_argument("--channels-last", action="store_true", help="NHWC activations (faster convolutions on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks (the first image is slow)")
+    g.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS,
+                   help="refuse (per item, from the file's header, before decoding) images of more pixels "
+                        "(0: no limit); satellite rasters have --max-raster-pixels")
+    g.add_argument("--max-untiled-pixels", type=parse_pixels, default=DEFAULT_MAX_UNTILED_PIXELS,
+                   help="without --tile, images of more pixels run in 512 x 512 tiles (0: only when an image "
+                        "runs out of memory whole, which is retried tiled either way)")
+
+
+def parse_pixels(text: str) -> int | None:
+    """A pixel count (0 or less: no limit -> None); '100e6' and '4096*4096' are accepted."""
+    try:
+        parts = [float(p) for p in text.lower().split("*")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pixel count such as 100000000 or 4096*4096") from None
+    n = 1.0
+    for p in parts:
+        n *= p
+    if n != n or n == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite pixel count")
+    return int(n) if n > 0 else None
 
 
 def add_output_options(ap: argparse.ArgumentParser) -> None:
@@ -93,6 +115,8 @@ def model_config(args) -> Dict[str, Any] | None:
 
 
 def dehazer_options(args) -> Dict[str, Any]:
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed {args.seed}: must be in [0, 2^63)")
     opts = dict(tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch, precision=args.precision,
                 channels_last=args.channels_last, compile=args.compile)
     if args.seed is not None:

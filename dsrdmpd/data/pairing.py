@@ -20,8 +20,10 @@ paired        any layout: ``hazy_dir``, ``gt_dir`` (may contain ``{split}``), ``
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from pathlib import Path
 from typing import Dict, List, Union
 
@@ -120,33 +122,53 @@ def layout_from_config(data_cfg: dict) -> PairLayout:
     return PairLayout(**fields)
 
 
+def _listed_path(root: Path, text: str, where: str) -> Path:
+    """A list file's path, relative to ``root`` and confined to it (no absolute paths, no '..',
+    no symlink leading out)."""
+    rel = PurePosixPath(text.replace("\\", "/"))
+    if rel.is_absolute() or re.match(r"^[A-Za-z]:", text) or ".." in rel.parts:
+        raise PairingError(f"{where}: {text!r} is not a path inside the dataset root {root}")
+    path = root / Path(*rel.parts)
+    real_root = root.resolve()
+    if path.exists() and real_root not in path.resolve().parents:
+        raise PairingError(f"{where}: {text!r} leads outside the dataset root {root} (to {path.resolve()})")
+    return path
+
+
 def listed_pairs(root: Union[str, Path], list_file: Union[str, Path]) -> List[ImagePair]:
-    """Pairs from a list file (RealBlur style): each line ``<gt path> <degraded path>``,
-    relative to ``root``. The key is the degraded path with '/' turned into '_' (file names
-    repeat across scenes). Missing files and repeated entries are named."""
+    """Pairs from a list file (RealBlur style): each line ``<gt path> <degraded path>``
+    (exactly two paths), relative to ``root`` and inside it. The key is the degraded path
+    with '/' turned into '_' (file names repeat across scenes); where two different paths
+    give the same key, both keys get a short hash of their path. Missing files, paths outside
+    the root, malformed lines and a path listed twice are named (file:line)."""
     root, list_path = Path(root), Path(root) / list_file
     if not list_path.is_file():
         raise PairingError(f"list file not found: {list_path}")
-    pairs, missing, seen = [], [], set()
+    entries, missing, seen = [], [], {}
     for n, line in enumerate(list_path.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
-        if len(parts) < 2:
-            raise PairingError(f"{list_path}:{n}: expected '<gt path> <degraded path>', got {line.strip()!r}")
-        gt, hazy = root / parts[0], root / parts[1]
+        where = f"{list_path}:{n}"
+        if len(parts) != 2:
+            raise PairingError(f"{where}: expected '<gt path> <degraded path>' (two paths without spaces), got "
+                               f"{line.strip()!r}")
+        gt, hazy = (_listed_path(root, p, where) for p in parts)
         missing += [str(p) for p in (gt, hazy) if not p.is_file()]
-        key = str(Path(parts[1]).with_suffix("")).replace("/", "_").replace("\\", "_")
-        if key in seen:
-            raise PairingError(f"{list_path}:{n}: {parts[1]} is listed twice")
-        seen.add(key)
-        pairs.append(ImagePair(key, hazy, gt))
+        norm = PurePosixPath(parts[1].replace("\\", "/")).as_posix()
+        if norm in seen:
+            raise PairingError(f"{where}: {parts[1]} is listed twice (first on line {seen[norm]})")
+        seen[norm] = n
+        entries.append((norm, hazy, gt))
     if missing:
         raise PairingError(f"{list_path}: listed files not found: {', '.join(missing[:10])}"
                            f"{' ...' if len(missing) > 10 else ''}")
-    if not pairs:
+    if not entries:
         raise PairingError(f"{list_path}: no pairs listed")
-    return pairs
+    keys = [str(PurePosixPath(norm).with_suffix("")).replace("/", "_") for norm, _, _ in entries]
+    clash = {k for k in keys if keys.count(k) > 1}
+    keys = [f"{k}-{hashlib.sha256(e[0].encode()).hexdigest()[:8]}" if k in clash else k for k, e in zip(keys, entries)]
+    return [ImagePair(k, hazy, gt) for k, (_, hazy, gt) in zip(keys, entries)]
 
 
 def split_pairs(data_cfg: dict, split: str) -> List[ImagePair]:

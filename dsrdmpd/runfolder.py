@@ -1,0 +1,197 @@
+"""The rules of a batch run's output folder, in one place.
+
+* One run per folder at a time: :meth:`RunFolder.lock` takes a kernel lock
+  (``fcntl.flock``) on ``<out>/.lock``. The lock file is never deleted (deleting it would
+  let two runs hold locks on two different files); the kernel drops the lock when the
+  process ends, however it ends. A second run gets :class:`RunFolderError` naming the
+  folder and the holder's pid and host.
+* The run's fingerprint: everything that decides the outputs (the checkpoints' SHA-256,
+  weights, seed, steps, eta, tiling, precision, bands, scale, resize, protocol, the
+  config, the package version) is written to ``<out>/run.json``; every record carries its
+  digest. ``--resume`` on a folder made with another fingerprint is refused, naming the
+  fields that differ. A fresh run (no ``--resume``) clears the earlier records, under the
+  lock, and writes its own ``run.json``; earlier images are overwritten as items are done.
+* Records: ``.records/<sha256 of the item name>.json`` (the name's length never matters;
+  the name is inside). An unreadable record (truncated, empty, not an object) or one with
+  another fingerprint means "not done"; unreadable ones are named in a warning.
+* Temporaries left by a killed writer (``.<name>.<random>.tmp<ext>``, and the
+  ``.<name>.<random>.partial.tif`` files of earlier versions) are removed under the lock.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .atomicfile import write_text_atomic
+
+RECORDS = ".records"
+LOCK = ".lock"
+RUN_FILE = "run.json"
+OUTPUT_SUBFOLDERS = ("restored", "coarse", "panels", RECORDS)
+# Temporaries of dsrdmpd.atomicfile (.<stem>.<mkstemp's 8 characters>.tmp<ext>, possibly followed by
+# '.cog.tif' for the COG rewrite) and the '.partial.tif' files earlier versions of raster.py left.
+STALE = re.compile(r"^\..*\.[A-Za-z0-9_]{8}\.(tmp(\..*)?|partial\.tif(\.cog\.tif)?)$")
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used for this run (locked, or made with another fingerprint)."""
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(fingerprint: Dict[str, Any]) -> str:
+    """A short, stable id of a fingerprint (sha256 of its sorted JSON, 16 hex digits)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def record_name(item_name: str) -> str:
+    """File name of an item's record: fixed length whatever the item's name."""
+    return hashlib.sha256(item_name.encode("utf-8", "surrogateescape")).hexdigest()[:40] + ".json"
+
+
+class RunFolder:
+    """An output folder of a batch run; see the module docstring for its rules."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.records = self.path / RECORDS
+        self._fd: Optional[int] = None
+
+    # -- the lock ---------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the folder's lock (creating the folder) or raise RunFolderError naming the holder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunFolderError(f"{self.path}: another run is using this output folder ({holder}); wait for it "
+                                 f"to end or choose another --output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def unlock(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)          # closing the descriptor releases the flock; the file stays
+            self._fd = None
+
+    # -- preparing a run (under the lock) ---------------------------------------------------
+    def remove_stale_files(self) -> List[Path]:
+        """Delete temporaries and partial rasters a killed run left; returns them."""
+        removed = []
+        for folder in (self.path, *(self.path / s for s in OUTPUT_SUBFOLDERS)):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if STALE.match(p.name) and p.is_file():
+                        p.unlink(missing_ok=True)
+                        removed.append(p)
+        return removed
+
+    def read_fingerprint(self) -> Optional[Dict[str, Any]]:
+        path = self.path / RUN_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return data.get("fingerprint") if isinstance(data, dict) else None
+
+    def prepare(self, fingerprint: Dict[str, Any], resume: bool) -> None:
+        """Check (``resume``) or start (fresh) the folder for a run with ``fingerprint``;
+        call with the lock held. Removes stale temporaries either way."""
+        self.remove_stale_files()
+        old = self.read_fingerprint()
+        if resume and old is not None and old != fingerprint:
+            fields = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            shown = "; ".join(f"{k}: {old.get(k)!r} then, {fingerprint.get(k)!r} now" for k in fields[:4])
+            raise RunFolderError(f"{self.path}: --resume with other settings than the run that made this folder "
+                                 f"({shown}{' ...' if len(fields) > 4 else ''}); resume with the same settings, "
+                                 f"or start afresh without --resume (or use another --output)")
+        if not resume:
+            shutil.rmtree(self.records, ignore_errors=True)
+        write_text_atomic(self.path / RUN_FILE, json.dumps({"fingerprint": fingerprint, "id": digest(fingerprint)},
+                                                           indent=1, sort_keys=True) + "\n")
+
+    # -- records ----------------------------------------------------------------------------
+    def record_path(self, item_name: str) -> Path:
+        return self.records / record_name(item_name)
+
+    def write_record(self, item_name: str, row: Dict[str, Any], run_id: str, process: int = 0) -> None:
+        write_text_atomic(self.record_path(item_name), json.dumps({**row, "name": item_name, "run": run_id,
+                                                                   "process": process}))
+
+    def read_record(self, item_name: str, run_id: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        """The item's record, or None when it is missing, unreadable (named in a warning),
+        of another item, or (``run_id`` given) of a run with another fingerprint."""
+        path = self.record_path(item_name)
+        if not path.is_file():
+            return None
+        try:
+            row = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            warnings.warn(f"{path}: unreadable record of {item_name!r} ({type(exc).__name__}); the item counts as "
+                          f"not done", stacklevel=2)
+            return None
+        if not isinstance(row, dict) or row.get("name") != item_name:
+            warnings.warn(f"{path}: not a record of {item_name!r}; the item counts as not done", stacklevel=2)
+            return None
+        if run_id is not None and row.get("run") != run_id:
+            return None
+        return row
+
+
+def make_fingerprint(*, checkpoints: Sequence[Any], weights: str, seed: int, steps: int, eta: float, fast: bool,
+                     tile: Optional[int], overlap: int, precision: str, config: Optional[Dict[str, Any]],
+                     protocol: str, resize: Optional[int], raster: Optional[Dict[str, Any]] = None,
+                     extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What decides a batch run's outputs, as plain JSON data."""
+    from . import __version__
+    fp: Dict[str, Any] = {
+        "checkpoints_sha256": [sha256_file(p) for p in checkpoints],
+        "weights": weights, "seed": int(seed), "steps": int(steps), "eta": float(eta), "fast": bool(fast),
+        "tile": tile, "overlap": int(overlap) if tile else None, "precision": precision,
+        "config_sha256": None if config is None else
+        hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "protocol": protocol, "resize": resize, "version": __version__,
+    }
+    fp.update(raster or {})
+    fp.update(extra or {})
+    return fp
+
+
+
+def check_outputs_apart(out, inputs: Sequence[Any]) -> None:
+    """Refuse a run whose output tree (``out`` and the folders written inside it, resolved:
+    symlinks followed) holds one of its ``inputs``: it would read its own outputs, and could
+    write over its inputs (``--input X/restored --output X``)."""
+    out = Path(out)
+    trees = {out.resolve(), *((out / s).resolve() for s in OUTPUT_SUBFOLDERS)}
+    for src in inputs:
+        real = Path(src).resolve()
+        for tree in trees:
+            if real == tree or tree in real.parents:
+                raise RunFolderError(f"--output {out} (resolved: {tree}) holds the input {src} (resolved: {real}); "
+                                     f"a run may not read its inputs from its own output tree or write over "
+                                     f"them: choose an output folder outside the inputs")
