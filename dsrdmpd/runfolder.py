@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .atomicfile import write_text_atomic
+from .atomicfile import TEMP_MARK, write_text_atomic
 
 RECORDS = ".records"
 LOCK = ".lock"
@@ -39,7 +39,8 @@ RUN_FILE = "run.json"
 OUTPUT_SUBFOLDERS = ("restored", "coarse", "panels", RECORDS)
 # Temporaries of dsrdmpd.atomicfile (.<stem>.<mkstemp's 8 characters>.tmp<ext>, possibly followed by
 # '.cog.tif' for the COG rewrite) and the '.partial.tif' files earlier versions of raster.py left.
-STALE = re.compile(r"^\..*\.[A-Za-z0-9_]{8}\.(tmp(\..*)?|partial\.tif(\.cog\.tif)?)$")
+# Folder-wide, as the names of the files a killed run was writing are not known here.
+STALE = re.compile(rf"^\..*\.[A-Za-z0-9_]{{8}}({re.escape(TEMP_MARK)}(\..*)?|\.partial\.tif(\.cog\.tif)?)$")
 
 
 class RunFolderError(ValueError):
