@@ -13,20 +13,34 @@ Paths compared (both give the same outputs to float32 rounding; tested):
   skipped, fused attention kernel; training reuses each image's cached stage-1 output.
 
 Variants (``--variants``) time the fast pipeline with the speed options of
-:class:`dsrdmpd.inference.Dehazer` (fp32, bf16 autocast, channels_last, torch.compile)
-and report the PSNR of each variant's output against the fp32 output.
+:class:`dsrdmpd.inference.Dehazer` (fp32 / tf32 / bf16 autocast, channels_last,
+torch.compile, the fast GroupNorm ``fastnorm`` and CUDA graphs ``graphs``) for every
+size x batch (``--variant-sizes`` x ``--batches``, or the pairs of ``--pairs 256x1 512x8``)
+and report per image: milliseconds, images/s, kernel launches (CUDA: host-side launch
+calls, graph launches included, and the GPU kernels seen, from ``torch.profiler`` over
+one call), achieved TFLOP/s (the FLOPs of one call counted once per size and batch with
+``torch.utils.flop_counter`` on the meta device: convolutions, matrix products and
+attention) and their fraction of the card's peak for the variant's precision (the
+datasheet table ``PEAK_TFLOPS`` or ``--peak-tflops``), the PSNR against the fp32
+output, and peak memory. ``--compile-sizes`` times the first call of a compiled
+pipeline with an empty and then with a filled inductor cache (cold / warm), each in a
+fresh process.
 
 Each case runs in a fresh process (CPU peak memory = that process's peak RSS; GPU =
-max allocated). Times: median of --repeats after --warmup runs. Random weights (speed
+max allocated). On CUDA the variants of one size and batch share a process (peak memory
+reset between them; the processes' start-up cost dominated short GPU runs).
+Times: median of --repeats after --warmup runs. Random weights (speed
 does not depend on them; for the accuracy column pass --stage1/--stage2 checkpoints).
-Writes benchmark.md and benchmark.csv with --out.
+``--case-timeout`` stops a case that runs too long (its row says so). Writes
+benchmark.md and benchmark.csv with --out (after every row, so a run cut short keeps its
+finished rows).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import multiprocessing as mp
+import os
 import queue
 import resource
 import statistics
@@ -34,14 +48,44 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 VARIANTS = {"fp32": {}, "fp32+cl": {"channels_last": True}, "tf32": {"precision": "tf32"},
             "tf32+cl": {"precision": "tf32", "channels_last": True}, "bf16-stage1": {"precision": "bf16-stage1"},
             "bf16-stage1+cl": {"precision": "bf16-stage1", "channels_last": True}, "bf16": {"precision": "bf16"},
             "bf16+cl": {"precision": "bf16", "channels_last": True},
             "bf16+cl+compile": {"precision": "bf16", "channels_last": True, "compile": True},
-            "fp32+compile": {"compile": True}}
+            "fp32+compile": {"compile": True},
+            "fp32+fastnorm": {"fast_norm": True}, "fp32+graphs": {"cuda_graphs": True},
+            "fp32+fastnorm+graphs": {"fast_norm": True, "cuda_graphs": True},
+            "tf32+fastnorm": {"precision": "tf32", "fast_norm": True},
+            "tf32+graphs": {"precision": "tf32", "cuda_graphs": True},
+            "tf32+fastnorm+graphs": {"precision": "tf32", "fast_norm": True, "cuda_graphs": True},
+            "tf32+cl+fastnorm+graphs": {"precision": "tf32", "channels_last": True, "fast_norm": True,
+                                        "cuda_graphs": True},
+            "bf16+cl+fastnorm+graphs": {"precision": "bf16", "channels_last": True, "fast_norm": True,
+                                        "cuda_graphs": True}}
+
+# Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's data sheets (the sheets list the
+# tensor-core figures with sparsity, twice these), SXM boards unless named; "fp32" is the
+# non-tensor-core rate. Matched against torch.cuda.get_device_name() in order; a card not
+# listed gets no fraction unless --peak-tflops is given. Not measured here.
+PEAK_TFLOPS = (("H200 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5}),
+               ("H200", {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5}),
+               ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5}),
+               ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5}),
+               ("H100", {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5}),
+               ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}))
+# the rate that bounds each precision setting (bf16-stage1 runs stage 2, most of the work, in fp32)
+PEAK_KIND = {"fp32": "fp32", "tf32": "tf32", "bf16": "bf16", "bf16-stage1": "fp32"}
+
+
+def peak_tflops(device_name: str, precision: str, override: float = 0.0):
+    """The card's dense peak for ``precision`` (see PEAK_TFLOPS), ``override`` if set, else None."""
+    if override:
+        return override
+    for key, peaks in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peaks[PEAK_KIND[precision]]
+    return None
 
 
 def _sync(device):
@@ -65,7 +109,7 @@ def _timed(fn, device, warmup, repeats):
 
 def _models(args, stage2=True):
     import torch
-    from dsrdmpd.builders import build_stage1, build_stage2, load_stage1, load_stage2
+    from .builders import build_stage1, build_stage2, load_stage1, load_stage2
     torch.manual_seed(0)
     s1 = load_stage1(args.stage1) if args.stage1 else build_stage1({"dim": args.dim1})
     if not stage2:
@@ -82,11 +126,99 @@ def _peak(dev):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _case(args, spec, queue):
-    """One measurement in this (fresh) process; puts a dict on ``queue``."""
+def count_flops(args, size: int, batch: int) -> float:
+    """FLOPs of one pipeline call on (batch, 3, size, size), counted on the meta device
+    (no arithmetic; same networks as the timed ones; attention is counted in its math form,
+    which differs from a fused kernel's count by well under 1 %)."""
     import torch
-    from dsrdmpd.inference import Dehazer
-    from dsrdmpd.models.unet_blocks import set_fused_attention
+    from torch.utils.flop_counter import FlopCounterMode
+    from .inference import Dehazer
+    with torch.device("meta"):
+        s1, s2 = _models(args)
+    d = Dehazer(s1, s2, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        d(torch.rand(batch, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def count_launches(fn):
+    """(host-side kernel and graph launch calls, GPU kernels seen) in one call of ``fn``,
+    from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    launches = kernels = 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+        elif "LaunchKernel" in e.name or "GraphLaunch" in e.name:
+            launches += 1
+    return launches, kernels
+
+
+def _pipeline(args, spec, dev, torch):
+    """Rows for the variants of one size and batch (one Dehazer after another)."""
+    from .inference import Dehazer
+    size, batch = spec["size"], spec["batch"]
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ref = None
+    rows = []
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else ""
+    for v in spec["variants"]:
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        d = Dehazer(*_models(args), device=dev, **VARIANTS[v])
+        sec = _timed(lambda: d(x), dev, args.warmup + (2 if "compile" in v else 0), args.repeats)
+        row = dict(kind="pipeline", size=size, batch=batch, variant=v, seconds=sec, ms_per_image=1000 * sec / batch,
+                   img_per_s=batch / sec, peak_mib=_peak(dev))
+        flops = spec.get("flops")
+        if flops:
+            row["tflops_per_image"] = flops / batch / 1e12
+            row["tflop_s"] = flops / sec / 1e12
+            peak = peak_tflops(name, VARIANTS[v].get("precision", "fp32"), args.peak_tflops) if name or \
+                args.peak_tflops else None
+            if peak:
+                row["peak_tflop_s"] = peak
+                row["fraction_of_peak"] = row["tflop_s"] / peak
+        if dev.startswith("cuda") and args.profile:
+            launches, kernels = count_launches(lambda: d(x))
+            row["launches_per_image"], row["kernels_per_image"] = launches / batch, kernels / batch
+        out = d(x).restored
+        if v == "fp32":
+            ref = out
+        elif ref is None:
+            ref = Dehazer(*_models(args), device=dev)(x).restored
+        if v != "fp32":
+            mse = ((out - ref) ** 2).mean().item()
+            row["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+        rows.append(row)
+        del d
+    return rows
+
+
+def _first_call(args, spec, dev, torch):
+    """Seconds to the end of the first compiled call, then the steady call (inductor cache in
+    spec['cache_dir'], empty for 'cold', filled by an earlier process for 'warm')."""
+    from .inference import Dehazer
+    x = torch.rand(1, 3, spec["size"], spec["size"], generator=torch.Generator().manual_seed(0))
+    d = Dehazer(*_models(args), device=dev, **VARIANTS[spec["variant"]])
+    t0 = time.perf_counter()
+    d(x)
+    _sync(dev)
+    first = time.perf_counter() - t0
+    return dict(spec, first_call_s=first, seconds=_timed(lambda: d(x), dev, 1, args.repeats))
+
+
+def _case(args, spec, queue):
+    """One measurement in this (fresh) process; puts a dict (or a list of dicts) on ``queue``."""
+    if spec["kind"] == "compile":
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["cache_dir"]
+    import torch
+    from .inference import Dehazer
+    from .models.unet_blocks import set_fused_attention
     if args.threads:
         torch.set_num_threads(args.threads)
     dev, kind, size = args.device, spec["kind"], spec["size"]
@@ -110,23 +242,14 @@ def _case(args, spec, queue):
             out["seconds"] = _timed(fn, dev, args.warmup, args.repeats)
         out["params_m"] = sum(p.numel() for p in (s1 if s2 is None else s2).parameters()) / 1e6
     elif kind == "pipeline":
-        s1, s2 = _models(args)
-        d = Dehazer(s1, s2, device=dev, **VARIANTS[spec["variant"]])
-        x = torch.rand(spec["batch"], 3, size, size, generator=g)
-        if dev.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        sec = _timed(lambda: d(x), dev, args.warmup + (2 if "compile" in spec["variant"] else 0), args.repeats)
-        out["seconds"] = sec
-        out["ms_per_image"] = 1000 * sec / spec["batch"]
-        out["img_per_s"] = spec["batch"] / sec
-        if spec["variant"] != "fp32":
-            ref = Dehazer(*_models(args), device=dev)(x).restored
-            mse = ((d(x).restored - ref) ** 2).mean().item()
-            out["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+        queue.put(_pipeline(args, spec, dev, torch))
+        return
+    elif kind == "compile":
+        out = _first_call(args, spec, dev, torch)
     elif kind in ("train_fast", "train_straightforward"):
         fast = kind == "train_fast"
         if dev.startswith("cuda"):
-            from dsrdmpd.training.common import configure_cuda
+            from .training.common import configure_cuda
             configure_cuda(spec.get("tf32", True), spec.get("deterministic", True))
         s1, s2 = _models(args)
         s1.to(dev).requires_grad_(False)
@@ -166,9 +289,9 @@ def _case(args, spec, queue):
         _sync(dev)
         out["seconds"] = time.perf_counter() - t0
     elif kind == "raster":
-        from dsrdmpd.raster import RasterOptions, dehaze_raster
+        from .raster import RasterOptions, dehaze_raster
         if spec["networks"] == "passthrough":
-            from dsrdmpd.models.passthrough import PassThroughStage1, PassThroughStage2
+            from .models.passthrough import PassThroughStage1, PassThroughStage2
             s1, s2 = PassThroughStage1(), PassThroughStage2()
         else:
             s1, s2 = _models(args)
@@ -206,10 +329,16 @@ def make_geotiff(path: Path, size: int) -> None:
             dst.write(block, window=Window(0, y0, size, n))
 
 
+class CaseFailed(RuntimeError):
+    """A benchmark case that crashed (out of memory, say) or ran past --case-timeout."""
+
+
 def run_case(args, **spec):
+    """Run one case in a fresh process; its dict (or list of dicts for a pipeline group)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_case, args=(args, spec, q))
+    start = time.monotonic()
     p.start()
     res = None
     while res is None:
@@ -217,9 +346,15 @@ def run_case(args, **spec):
             res = q.get(timeout=1)
         except queue.Empty:
             if not p.is_alive() and q.empty():      # died before reporting (error printed above)
-                raise RuntimeError(f"benchmark case {spec} failed (exit {p.exitcode})") from None
+                raise CaseFailed(f"failed (exit {p.exitcode})") from None
+            if args.case_timeout and time.monotonic() - start > args.case_timeout:
+                p.terminate()
+                p.join()
+                raise CaseFailed(f"stopped after {args.case_timeout:.0f} s") from None
     p.join()
-    print(f"  {spec}: {res['seconds']:.3f} s, peak {res['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    for r in res if isinstance(res, list) else [res]:
+        label = {k: v for k, v in r.items() if k in ("kind", "size", "batch", "variant")} or spec
+        print(f"  {label}: {r['seconds']:.3f} s, peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     return res
 
 
@@ -243,6 +378,21 @@ def main(argv=None):
     ap.add_argument("--variant-sizes", type=int, nargs="*", help="sizes for the variants table (default: --sizes)")
     ap.add_argument("--scene-variant", default=None, help="variant for the tiled scenes (default: the last variant)")
     ap.add_argument("--batch", type=int, default=1, help="images per pipeline call")
+    ap.add_argument("--batches", type=int, nargs="*", help="several batch sizes for the variants table "
+                    "(default: --batch)")
+    ap.add_argument("--pairs", nargs="*", default=None, metavar="SIZExBATCH",
+                    help="explicit size x batch pairs for the variants table, e.g. 256x1 256x32 512x8 "
+                         "(instead of --variant-sizes x --batches)")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="the card's peak TFLOP/s for the fraction column (default: the data-sheet table)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the kernel-launch count (CUDA)")
+    ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    ap.add_argument("--compile-sizes", type=int, nargs="*", default=[],
+                    help="time the first compiled call, cold and warm inductor cache, at these sizes")
+    ap.add_argument("--compile-variant", default="fp32+compile",
+                    help="variant for --compile-sizes")
+    ap.add_argument("--case-timeout", type=float, default=0.0, help="seconds before a case is stopped (0: never)")
     ap.add_argument("--train-size", type=int, default=256, help="stage-2 training crop (0: skip training)")
     ap.add_argument("--train-batch", type=int, default=1, help="stage-2 training batch (paper: 1)")
     ap.add_argument("--scene", type=int, nargs="*", default=[], help="tiled scene sizes, e.g. 1024 2048 4096")
@@ -260,6 +410,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--out", type=Path, help="folder for benchmark.md / benchmark.csv")
     args = ap.parse_args(argv)
+    try:
+        pairs = [tuple(int(n) for n in p.lower().split("x")) for p in args.pairs] if args.pairs else None
+        if pairs and any(len(p) != 2 or min(p) < 1 for p in pairs):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--pairs takes SIZExBATCH items such as 256x8, got {args.pairs}")
     if args.variants == ["all"]:
         args.variants = list(VARIANTS)
     unknown = set(args.variants) - set(VARIANTS)
@@ -270,19 +426,17 @@ def main(argv=None):
         """Write what is measured so far (a run cut short keeps its finished rows)."""
         if not args.out:
             return
+        from .atomicfile import write_text_atomic
+        from .evaluation import write_rows_csv
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "benchmark.md").write_text("\n".join(lines) + "\n")
-        keys = sorted({k for r in records for k in r})
-        with open(args.out / "benchmark.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(records)
+        write_text_atomic(args.out / "benchmark.md", "\n".join(lines) + "\n")
+        write_rows_csv(args.out / "benchmark.csv", records, sorted({k for r in records for k in r}))
 
     import torch
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but CUDA is not available")
-    from dsrdmpd.machine import cpu_model
+    from .machine import cpu_model
     machine = (torch.cuda.get_device_name() if cuda else
                f"{cpu_model()}, {args.threads or torch.get_num_threads()} threads")
     mem = "GPU max allocated" if cuda else "process peak RSS"
@@ -311,17 +465,64 @@ def main(argv=None):
         lines.append("")
 
     variant_sizes = args.sizes if args.variant_sizes is None else args.variant_sizes
-    if args.variants and variant_sizes and (args.variants != ["fp32"] or args.batch > 1):
-        lines += [f"Pipeline variants (both stages through `Dehazer`, batch {args.batch}):", "",
-                  "| size | variant | ms / image | img/s | PSNR vs fp32 (dB) | peak |", "|---|---|---|---|---|---|"]
-        for size in variant_sizes:
-            for v in args.variants:
-                r = run_case(args, kind="pipeline", size=size, variant=v, batch=args.batch)
-                records.append(r)
-                lines.append(f"| {size} | {v} | {r['ms_per_image']:.1f} | {r['img_per_s']:.2f} | "
-                             f"{_fmt(r.get('psnr_vs_fp32'), '{:.1f}') or 'reference'} | {r['peak_mib']:.0f} |")
+    batches = args.batches or [args.batch]
+    pairs = pairs or [(size, b) for size in variant_sizes for b in batches]
+    if args.variants and pairs and (args.variants != ["fp32"] or pairs != [(size, 1) for size in variant_sizes]):
+        peak_note = (f"{args.peak_tflops} TFLOP/s (--peak-tflops)" if args.peak_tflops else
+                     "the data-sheet dense peak of the card for the variant's precision")
+        lines += ["Pipeline variants (both stages through `Dehazer`; FLOPs counted once per size and batch; "
+                  f"fraction of {peak_note}; launches = host-side kernel + graph launches, kernels = GPU kernels "
+                  "seen, both per image):", "",
+                  "| size | batch | variant | ms / image | img/s | launches / image | kernels / image | TFLOP/s | "
+                  "of peak | PSNR vs fp32 (dB) | peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for size, batch in pairs:
+            flops = None
+            if args.flops:
+                flops = count_flops(args, size, batch)
+            groups = [args.variants] if cuda else [[v] for v in args.variants]
+            for group in groups:
+                try:
+                    rows = run_case(args, kind="pipeline", size=size, batch=batch, variants=group, flops=flops)
+                except CaseFailed as e:
+                    records.append(dict(kind="pipeline", size=size, batch=batch, variant=" ".join(group),
+                                        error=str(e)))
+                    lines.append(f"| {size} | {batch} | {', '.join(group)} | {e} | | | | | | | |")
+                    save(lines, records)
+                    continue
+                for r in rows:
+                    records.append(r)
+                    lines.append(f"| {size} | {batch} | {r['variant']} | {r['ms_per_image']:.1f} | "
+                                 f"{r['img_per_s']:.2f} | {_fmt(r.get('launches_per_image'), '{:.0f}')} | "
+                                 f"{_fmt(r.get('kernels_per_image'), '{:.0f}')} | "
+                                 f"{_fmt(r.get('tflop_s'), '{:.2f}')} | "
+                                 f"{_fmt(r.get('fraction_of_peak') and 100 * r['fraction_of_peak'], '{:.1f} %')} | "
+                                 f"{_fmt(r.get('psnr_vs_fp32'), '{:.1f}') or 'reference'} | "
+                                 f"{r['peak_mib']:.0f} |")
                 save(lines, records)
         lines.append("")
+
+    if args.compile_sizes:
+        import tempfile
+        v = args.compile_variant
+        if v not in VARIANTS or not VARIANTS[v].get("compile"):
+            ap.error(f"--compile-variant must be a compile variant, got {v!r}")
+        lines += [f"torch.compile ({v}, batch 1): first call in a fresh process with an empty inductor cache "
+                  "(cold), then in another fresh process with the cache the first one filled (warm):", "",
+                  "| size | cache | first call (s) | then ms / image |", "|---|---|---|---|"]
+        for size in args.compile_sizes:
+            with tempfile.TemporaryDirectory(prefix="dsrdmpd-inductor-") as cache_dir:
+                for state in ("cold", "warm"):
+                    try:
+                        r = run_case(args, kind="compile", size=size, variant=v, cache=state, cache_dir=cache_dir)
+                    except CaseFailed as e:
+                        records.append(dict(kind="compile", size=size, cache=state, error=str(e)))
+                        lines.append(f"| {size} | {state} | {e} | |")
+                        break
+                    records.append(r)
+                    lines.append(f"| {size} | {state} | {r['first_call_s']:.1f} | {1000 * r['seconds']:.1f} |")
+                    save(lines, records)
+        lines.append("")
+        save(lines, records)
 
     if args.train_size:
         fast = run_case(args, kind="train_fast", size=args.train_size)
@@ -351,7 +552,7 @@ def main(argv=None):
             ap.error(f"unknown scene variant {v!r}")
         lines += [f"Tiled scenes (tile {args.tile}, overlap {args.overlap}, {args.tile_batch} tile(s) per call, "
                   f"variant {v}; one run each):", "", "| scene | tiles | seconds | peak |", "|---|---|---|---|"]
-        from dsrdmpd.inference import padded_size, tile_starts
+        from .inference import padded_size, tile_starts
         for size in args.scene:
             r = run_case(args, kind="scene", size=size, variant=v)
             records.append(r)
@@ -383,7 +584,8 @@ def main(argv=None):
 
     save(lines, records)
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -45,8 +45,9 @@ class WeightStandardizedConv2d(nn.Conv2d):
         if not self.cache_weight or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return standardize_weight(w)
         dev = w.device.type
-        key = (w._version, w.data_ptr(), w.dtype, w.device, torch.is_autocast_enabled(dev),
-               torch.get_autocast_dtype(dev))
+        autocast = ((torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+                    if torch.amp.is_autocast_available(dev) else None)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, autocast)
         cached = self.__dict__.get("_ws_cache")
         if cached is None or cached[0] != key:
             cached = (key, standardize_weight(w))
