@@ -207,3 +207,15 @@ def test_triton_kernels_in_the_interpreter():
     assert len(errs) == 4
     for err, layout_kept in errs:
         assert err < 3e-5 and layout_kept
+
+
+def test_run_options_pass_the_fast_paths_to_the_dehazer():
+    import argparse
+    from dsrdmpd.cli.options import add_run_options, dehazer_options
+    ap = argparse.ArgumentParser()
+    add_run_options(ap)
+    opts = dehazer_options(ap.parse_args(["--fast-norm", "--cuda-graphs"]))
+    assert opts["fast_norm"] is True and opts["cuda_graphs"] is True
+    assert dehazer_options(ap.parse_args([]))["fast_norm"] is False
+    d = Dehazer(PassThroughStage1(), build_stage2({"dim": 8}), **opts)     # on the CPU: no graphs, native norm
+    assert d.graphs is None

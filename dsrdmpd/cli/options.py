@@ -50,6 +50,8 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
                         "the accuracy cost)")
     g.add_argument("--channels-last", action="store_true", help="NHWC activations (faster convolutions on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks (the first image is slow)")
+    g.add_argument("--fast-norm", action="store_true", help="split-reduction GroupNorm on CUDA (CPU: PyTorch's)")
+    g.add_argument("--cuda-graphs", action="store_true", help="CUDA: capture both stages once per size, then replay")
 
 
 def add_output_options(ap: argparse.ArgumentParser) -> None:
@@ -95,6 +97,7 @@ def model_config(args) -> Dict[str, Any] | None:
 def dehazer_options(args) -> Dict[str, Any]:
     opts = dict(tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch, precision=args.precision,
                 channels_last=args.channels_last, compile=args.compile)
+    opts.update(fast_norm=getattr(args, "fast_norm", False), cuda_graphs=getattr(args, "cuda_graphs", False))
     if args.seed is not None:
         opts["seed"] = args.seed
     return opts
