@@ -475,10 +475,13 @@ def main(argv=None):
                   "seen, both per image):", "",
                   "| size | batch | variant | ms / image | img/s | launches / image | kernels / image | TFLOP/s | "
                   "of peak | PSNR vs fp32 (dB) | peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        flops_per_image = {}              # the networks treat images independently: FLOPs scale with the batch
         for size, batch in pairs:
             flops = None
             if args.flops:
-                flops = count_flops(args, size, batch)
+                if size not in flops_per_image:
+                    flops_per_image[size] = count_flops(args, size, 1)
+                flops = flops_per_image[size] * batch
             groups = [args.variants] if cuda else [[v] for v in args.variants]
             for group in groups:
                 try:
