@@ -124,7 +124,7 @@ def test_one_graph_per_size_reused_and_dropped_on_new_weights():
     assert d.graphs.captures == 2                             # same sizes: replayed
     d(torch.rand(2, 3, 64, 64))
     assert d.graphs.captures == 3 and len(d.graphs.graphs) == 2   # LRU cap
-    s1b, s2b = _models(seed=1)
+    _, s2b = _models(seed=1)
     d.stage2.load_state_dict(s2b.state_dict())                # new weights: recaptured, not stale
     expected = Dehazer(s1, s2b, device="cuda")(a).restored
     assert torch.equal(d(a).restored, expected)

@@ -78,17 +78,23 @@ def test_an_update_of_the_weight_invalidates_the_cache(update, count_standardisa
 
 
 def test_training_recomputes_every_call_and_gradients_are_unchanged(count_standardisations):
+    """A no-grad pass (validation, say) fills the cache; the training steps after it, two
+    forward passes each (gradient accumulation), still standardise in every call and get
+    the uncached gradients."""
     x = torch.randn(2, 8, 9, 9)
     grads = []
     for cache in (False, True):
         conv = _conv(cache=cache)
         opt = torch.optim.Adam(conv.parameters(), lr=1e-2)
+        with torch.no_grad():
+            conv(x)
         for _ in range(3):
             opt.zero_grad()
             conv(x).sin().mean().backward()
+            conv(x * 2).cos().mean().backward()
             opt.step()
         grads.append((conv.weight.grad.clone(), conv.weight.detach().clone()))
-    assert len(count_standardisations) == 6           # every training call standardises
+    assert len(count_standardisations) == 2 * (1 + 6)   # every training call standardises
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
