@@ -28,7 +28,12 @@ for the call); ``precision='tf32'`` allows them (faster on Ampere and later card
 about 3 decimal digits per product); ``precision='bf16'`` runs both networks under bfloat16 autocast (the sampler's
 arithmetic stays float32; 'bf16-stage1' only stage 1, which is far less sensitive),
 ``channels_last`` stores activations NHWC (meant for GPU convolutions), ``compile`` wraps
-both networks with ``torch.compile``.
+both networks with ``torch.compile``. ``fast_norm`` runs GroupNorm (+ scale/shift + SiLU) through
+the split-reduction kernels of :mod:`dsrdmpd.models.norm` on CUDA (the CPU keeps PyTorch's);
+``cuda_graphs`` captures stage 1 and the whole sampler once per input shape and replays it
+(:mod:`dsrdmpd.cuda_graphs`; at most ``max_graphs`` graphs, least recently used dropped;
+CUDA only, eta = 0, not with ``compile``). Standardised conv weights are computed once per
+weight version (:class:`dsrdmpd.models.unet_blocks.WeightStandardizedConv2d`; exact).
 ``tile_batch`` > 1 runs several tiles per network call. Everything runs under
 ``torch.inference_mode``.
 """
@@ -42,10 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from .builders import load_stage1, load_stage2
+from .cuda_graphs import GraphRunner
 from .config import DEFAULTS, ConfigError, load_config
 from .diffusion import ResidualDiffusion, start_noise, window_noise
 from .models import MCESSUNet
 from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE
+from .models.norm import set_fast_norm
+from .models.unet_blocks import set_weight_cache
 
 
 PRECISIONS = ("fp32", "tf32", "bf16", "bf16-stage1")
@@ -79,7 +87,8 @@ class Dehazer:
     def __init__(self, stage1: MCESSUNet, stage2: ResidualDiffusion, device: Union[str, torch.device] = "cpu",
                  seed: int = 0, eta: float = 0.0, fast: bool = True, steps: Optional[int] = None,
                  tile: Optional[int] = None, overlap: int = 64, tile_batch: int = 1,
-                 precision: str = "fp32", channels_last: bool = False, compile: bool = False):
+                 precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+                 fast_norm: bool = False, cuda_graphs: bool = False, max_graphs: int = 4):
         self.device = torch.device(device)
         self.stage1 = stage1.to(self.device).eval()
         self.stage2 = stage2.to(self.device).eval()
@@ -93,6 +102,10 @@ class Dehazer:
             self.stage1.compile()
             self.stage2.net.compile()
         self.seed, self.eta, self.fast = seed, eta, fast
+        for net in (self.stage1, self.stage2):
+            set_weight_cache(set_fast_norm(net, fast_norm), True)
+        self.graphs = (GraphRunner(self._run_eager, (self.stage1, self.stage2), max_graphs)
+                       if cuda_graphs and self.device.type == "cuda" and not compile else None)
         self.steps = steps or stage2.sampling_timesteps
         if tile is not None:
             if tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
@@ -140,7 +153,13 @@ class Dehazer:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
     def _run(self, x: torch.Tensor, noise: torch.Tensor):
-        """Both stages on padded (B, 3, H, W) tiles with their start noise; float32 out."""
+        """Both stages on padded (B, 3, H, W) tiles with their start noise; float32 out
+        (replayed from a CUDA graph with ``cuda_graphs``, equal to the eager run)."""
+        if self.graphs is not None and self.eta == 0:
+            return self.graphs(x, noise, extra=(self.precision, self.channels_last, self.steps, self.fast))
+        return self._run_eager(x, noise)
+
+    def _run_eager(self, x: torch.Tensor, noise: torch.Tensor):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast(1):

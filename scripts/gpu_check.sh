@@ -1,24 +1,65 @@
 #!/usr/bin/env bash
-# One short GPU session: the CUDA tests, then the GPU benchmark tables (about 6 minutes on
-# an H100/H200). torch.compile is left out: compiling the sampler took over 2 minutes on the
-# H200. Each part has its own time limit (TEST_LIMIT, BENCH_LIMIT), so a hang cannot eat the session.
-# Usage (on a CUDA machine, inside the repo, environment from scripts/setup.sh with a CUDA torch):
-#   bash scripts/gpu_check.sh [OUT_DIR]          # PYTHON=python3 to use another interpreter
+# One short GPU session (about 8 minutes on an H100/H200): the CUDA tests of the fast paths,
+# the GPU benchmark tables (size x batch x precision with the fast GroupNorm and CUDA graphs,
+# training steps/s), the older CUDA tests, and torch.compile cold/warm if time is left.
+# Every part has its own time limit and writes its raw output to OUT_DIR as it goes, so a
+# hang or a slow part cannot eat the session; BUDGET (seconds, default 480) bounds the whole.
+# OUT_DIR gets 8 files: check.txt (machine, test output, total time), bench.log (benchmark
+# progress) and benchmark.md + benchmark.csv in inference/, training/ and compile/.
+# tests/test_speed_options.py's GPU cases (measured on the H200 before) are not rerun here.
+#
+# Usage (on a CUDA machine, in the repo root):
+#   bash scripts/gpu_check.sh [OUT_DIR]        # PYTHON=python3 for another interpreter
+# Packages the machine lacks (ema-pytorch, pypng) travel as wheels in .whl/ (git-ignored),
+# fetched beforehand on a machine with pip:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ema-pytorch pypng
+# they are installed to /tmp/site here when .whl/ holds any.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
 mkdir -p "$out"
-py=${PYTHON:-.venv/bin/python}
+py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
+budget=${BUDGET:-480}
 status=0
+left() { echo $(( budget - SECONDS )); }
+limit() { local want=$1 l; l=$(left); (( l < want )) && want=$l; (( want < 10 )) && want=10; echo "$want"; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-} 2>&1 | tee "$out/gpu.txt"
-timeout "${TEST_LIMIT:-260}" "$py" -m pytest -q tests/test_cuda.py tests/test_speed_options.py 2>&1 | tee "$out/tests.txt" \
+    "$py" -c "import triton; print('triton', triton.__version__)" || echo "triton: not importable"
+    date -u +"date %Y-%m-%dT%H:%M:%SZ"
+} 2>&1 | tee "$out/check.txt"
+
+# 1. the fast paths against the float32 reference (norm, graphs; Triton kernels in the interpreter too)
+timeout "$(limit "${FAST_TEST_LIMIT:-100}")" "$py" -m pytest -q -rs tests/test_cuda_fast.py \
+    "tests/test_fast_path.py::test_triton_kernels_in_the_interpreter" 2>&1 | tee -a "$out/check.txt" || status=1
+
+# 2. inference: size x batch x variant (one process per size and batch), then training steps/s
+timeout "$(limit "${BENCH_LIMIT:-190}")" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 \
+    --pairs 256x1 256x8 256x32 512x1 1024x1 \
+    --variants fp32 tf32 tf32+fastnorm tf32+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs \
+    --warmup 1 --repeats 3 --case-timeout 90 --out "$out/inference" 2>&1 | tee -a "$out/bench.log" \
     || status=1
-timeout "${BENCH_LIMIT:-300}" "$py" scripts/benchmark.py --device cuda --sizes 256 512 1024 --straightforward-max 512 \
-    --variants fp32 tf32 bf16-stage1 bf16 bf16+cl --variant-sizes 512 --batch 1 \
-    --warmup 2 --repeats 5 --train-size 256 --scene 4096 --tile 512 --overlap 64 --tile-batch 4 \
-    --scene-variant bf16+cl --out "$out" 2>&1 | tee "$out/benchmark.log" || status=1
+timeout "$(limit "${TRAIN_LIMIT:-60}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
+    --train-size 256 --warmup 2 --repeats 5 --case-timeout 30 --out "$out/training" 2>&1 \
+    | tee -a "$out/bench.log" || status=1
+
+# 3. the CUDA tests of training, exact resume and the command line (measured before; rerun for regressions)
+timeout "$(limit "${TEST_LIMIT:-130}")" "$py" -m pytest -q tests/test_cuda.py 2>&1 | tee -a "$out/check.txt" \
+    || status=1
+
+# 4. torch.compile, first call with an empty and with a filled inductor cache: only if time is left
+if (( $(left) >= ${COMPILE_MIN:-100} )); then
+    timeout "$(limit "$(left)")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
+        --compile-sizes 256 --repeats 3 --case-timeout $(( $(left) / 2 )) --out "$out/compile" 2>&1 \
+        | tee -a "$out/bench.log" || status=1
+else
+    echo "compile: skipped, $(left) s left of $budget" | tee -a "$out/bench.log"
+fi
+echo "total ${SECONDS} s" | tee -a "$out/check.txt"
 exit $status

@@ -242,6 +242,28 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/raster.py", 'raise RasterError(f"{src_path}: {gdal_message(exc)}") from None',
              'raise RasterError(f"{src_path}: {exc}") from None',
              ("tests/test_raster.py::test_a_corrupt_tile_is_reported_with_the_file_and_gdals_cause",)),
+    # issue 22: inference fast paths (weight-standardisation cache, normalisation per device, benchmark)
+    Mutation("ws-cache-never-invalidated", "the standardised-weight cache survives an update of the weight",
+             "dsrdmpd/models/unet_blocks.py", "if cached is None or cached[0] != key:", "if cached is None:",
+             ("tests/test_fast_path.py::test_an_update_of_the_weight_invalidates_the_cache",)),
+    Mutation("ws-cache-in-training", "the standardised-weight cache also used while autograd records",
+             "dsrdmpd/models/unet_blocks.py",
+             "if not self.cache_weight or torch.is_grad_enabled() or torch.compiler.is_compiling():",
+             "if not self.cache_weight or torch.compiler.is_compiling():",
+             ("tests/test_fast_path.py::test_training_recomputes_every_call_and_gradients_are_unchanged",)),
+    Mutation("dehazer-ws-cache-off", "the Dehazer leaves the standardised-weight cache off",
+             "dsrdmpd/inference.py", "set_weight_cache(set_fast_norm(net, fast_norm), True)",
+             "set_weight_cache(set_fast_norm(net, fast_norm), False)",
+             ("tests/test_fast_path.py::test_dehazer_caches_standardised_weights_exactly",)),
+    Mutation("cpu-norm-not-native", "the CPU routed to the fast (non-native) normalisation",
+             "dsrdmpd/models/norm.py", "return x.is_cuda and x.dim() == 4", "return x.dim() == 4",
+             ("tests/test_fast_path.py::test_cpu_norm_is_bit_identical_to_group_norm",)),
+    Mutation("split-merge-within-only", "chunk partials merged without the between-chunk term of the variance",
+             "dsrdmpd/models/norm.py", "var = (m2 + count * (mean - total[:, None]) ** 2).sum(dim=1) / n",
+             "var = m2.sum(dim=1) / n", ("tests/test_fast_path.py::test_split_reduction_statistics",)),
+    Mutation("bench-flops-per-call", "the benchmark reports a batch's FLOPs as each image's",
+             "dsrdmpd/benchmark.py", 'row["tflops_per_image"] = flops / batch / 1e12',
+             'row["tflops_per_image"] = flops / 1e12', ("tests/test_benchmark.py::test_variants_table_on_the_cpu",)),
 ]
 
 

@@ -52,6 +52,8 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
                         "the accuracy cost)")
     g.add_argument("--channels-last", action="store_true", help="NHWC activations (faster convolutions on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks (the first image is slow)")
+    g.add_argument("--fast-norm", action="store_true", help="split-reduction GroupNorm on CUDA (CPU: PyTorch's)")
+    g.add_argument("--cuda-graphs", action="store_true", help="CUDA: capture both stages once per size, then replay")
     g.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS,
                    help="refuse (per item, from the file's header, before decoding) images of more pixels "
                         "(0: no limit); satellite rasters have --max-raster-pixels")
@@ -119,6 +121,7 @@ def dehazer_options(args) -> Dict[str, Any]:
         raise UsageError(f"--seed {args.seed}: must be in [0, 2^63)")
     opts = dict(tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch, precision=args.precision,
                 channels_last=args.channels_last, compile=args.compile)
+    opts.update(fast_norm=getattr(args, "fast_norm", False), cuda_graphs=getattr(args, "cuda_graphs", False))
     if args.seed is not None:
         opts["seed"] = args.seed
     return opts

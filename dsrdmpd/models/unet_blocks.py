@@ -10,21 +10,53 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .norm import GroupNormAct
+
 
 def _eps(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 1e-3
 
 
+def standardize_weight(w: torch.Tensor) -> torch.Tensor:
+    """(out, in, kh, kw) weight standardised per output channel (biased variance)."""
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False, keepdim=True)
+    # eps follows the parameters' dtype (the official code reads the input's, which is the
+    # same except under autocast, where the float32 eps keeps bf16 runs close to float32)
+    return (w - mean) * (var + _eps(w.dtype)).rsqrt()
+
+
 class WeightStandardizedConv2d(nn.Conv2d):
-    """Conv2d whose weight is standardised per output channel (biased variance)."""
+    """Conv2d whose weight is standardised per output channel (biased variance).
+
+    With ``cache_weight`` on (off by default; :func:`set_weight_cache`, which ``Dehazer``
+    uses), the standardised weight is computed once per weight version and reused while
+    autograd is off: the key is (weight._version, data_ptr, dtype, device, autocast
+    state), so an optimizer step, ``load_state_dict``, ``copy_`` or ``.to()`` recomputes
+    it. Writes through ``weight.data`` do not bump the version (ema-pytorch updates its
+    copy that way), which is why the cache is opt-in for frozen inference models only.
+    Whenever autograd records, the weight is standardised afresh in every call, so
+    training sees every update and gets the same gradients.
+    """
+
+    cache_weight = False
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        if not self.cache_weight or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return standardize_weight(w)
+        dev = w.device.type
+        autocast = ((torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+                    if torch.amp.is_autocast_available(dev) else None)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, autocast)
+        cached = self.__dict__.get("_ws_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, standardize_weight(w))
+            self.__dict__["_ws_cache"] = cached      # a plain attribute: not state, not a buffer
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False, keepdim=True)
-        # eps follows the parameters' dtype (the official code reads the input's, which is the
-        # same except under autocast, where the float32 eps keeps bf16 runs close to float32)
-        w = (w - mean) * (var + _eps(w.dtype)).rsqrt()
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -74,14 +106,10 @@ class ConvNormAct(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int = 8):
         super().__init__()
         self.proj = WeightStandardizedConv2d(cin, cout, 3, padding=1)
-        self.norm = nn.GroupNorm(groups, cout)
+        self.norm = GroupNormAct(groups, cout)
 
     def forward(self, x, scale_shift=None):
-        x = self.norm(self.proj(x))
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            x = x * (scale + 1) + shift
-        return F.silu(x)
+        return self.norm(self.proj(x), scale_shift, act=True)
 
 
 class ResBlock(nn.Module):
@@ -191,4 +219,14 @@ def set_fused_attention(module: nn.Module, fused: bool) -> nn.Module:
     for m in module.modules():
         if isinstance(m, Attention):
             m.fused = fused
+    return module
+
+
+def set_weight_cache(module: nn.Module, enabled: bool) -> nn.Module:
+    """Switch the standardised-weight cache of every :class:`WeightStandardizedConv2d`
+    inside ``module`` (for frozen inference models; see the class); returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, WeightStandardizedConv2d):
+            m.cache_weight = bool(enabled)
+            m.__dict__.pop("_ws_cache", None)
     return module

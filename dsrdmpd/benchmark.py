@@ -1,0 +1,594 @@
+"""Speed and memory report for DS-RDMPD, fast path against the straightforward path.
+
+    python scripts/benchmark.py                                   # CPU, 256 and 512, paper widths
+    python scripts/benchmark.py --device cuda --sizes 256 512 1024 --scene 4096 --variants all
+    python scripts/benchmark.py --sizes 256 --train-size 256 --out results/bench
+
+Paths compared (both give the same outputs to float32 rounding; tested):
+* straightforward: the authors' code as written: every sampling step runs the whole
+  network (noise decoder included) and recomputes the perceptual decoder's fusion terms;
+  middle attention materialises the score matrix; training runs the frozen stage 1 on
+  every step and the full network.
+* fast (this package's default): fusion terms computed once per image, noise decoder
+  skipped, fused attention kernel; training reuses each image's cached stage-1 output.
+
+Variants (``--variants``) time the fast pipeline with the speed options of
+:class:`dsrdmpd.inference.Dehazer` (fp32 / tf32 / bf16 autocast, channels_last,
+torch.compile, the fast GroupNorm ``fastnorm`` and CUDA graphs ``graphs``) for every
+size x batch (``--variant-sizes`` x ``--batches``, or the pairs of ``--pairs 256x1 512x8``)
+and report per image: milliseconds, images/s, kernel launches (CUDA: host-side launch
+calls, graph launches included, and the GPU kernels seen, from ``torch.profiler`` over
+one call), achieved TFLOP/s (the FLOPs of one call counted once per size and batch with
+``torch.utils.flop_counter`` on the meta device: convolutions, matrix products and
+attention) and their fraction of the card's peak for the variant's precision (the
+datasheet table ``PEAK_TFLOPS`` or ``--peak-tflops``), the PSNR against the fp32
+output, and peak memory. ``--compile-sizes`` times the first call of a compiled
+pipeline with an empty and then with a filled inductor cache (cold / warm), each in a
+fresh process.
+
+Each case runs in a fresh process (CPU peak memory = that process's peak RSS; GPU =
+max allocated). On CUDA the variants of one size and batch share a process (peak memory
+reset between them; the processes' start-up cost dominated short GPU runs).
+Times: median of --repeats after --warmup runs. Random weights (speed
+does not depend on them; for the accuracy column pass --stage1/--stage2 checkpoints).
+``--case-timeout`` stops a case that runs too long (its row says so). Writes
+benchmark.md and benchmark.csv with --out (after every row, so a run cut short keeps its
+finished rows).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import queue
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {"fp32": {}, "fp32+cl": {"channels_last": True}, "tf32": {"precision": "tf32"},
+            "tf32+cl": {"precision": "tf32", "channels_last": True}, "bf16-stage1": {"precision": "bf16-stage1"},
+            "bf16-stage1+cl": {"precision": "bf16-stage1", "channels_last": True}, "bf16": {"precision": "bf16"},
+            "bf16+cl": {"precision": "bf16", "channels_last": True},
+            "bf16+cl+compile": {"precision": "bf16", "channels_last": True, "compile": True},
+            "fp32+compile": {"compile": True},
+            "fp32+fastnorm": {"fast_norm": True}, "fp32+graphs": {"cuda_graphs": True},
+            "fp32+fastnorm+graphs": {"fast_norm": True, "cuda_graphs": True},
+            "tf32+fastnorm": {"precision": "tf32", "fast_norm": True},
+            "tf32+graphs": {"precision": "tf32", "cuda_graphs": True},
+            "tf32+fastnorm+graphs": {"precision": "tf32", "fast_norm": True, "cuda_graphs": True},
+            "tf32+cl+fastnorm+graphs": {"precision": "tf32", "channels_last": True, "fast_norm": True,
+                                        "cuda_graphs": True},
+            "bf16+cl+fastnorm+graphs": {"precision": "bf16", "channels_last": True, "fast_norm": True,
+                                        "cuda_graphs": True}}
+
+# Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's data sheets (the sheets list the
+# tensor-core figures with sparsity, twice these), SXM boards unless named; "fp32" is the
+# non-tensor-core rate. Matched against torch.cuda.get_device_name() in order; a card not
+# listed gets no fraction unless --peak-tflops is given. Not measured here.
+PEAK_TFLOPS = (("H200 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5}),
+               ("H200", {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5}),
+               ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5}),
+               ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5}),
+               ("H100", {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5}),
+               ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}))
+# the rate that bounds each precision setting (bf16-stage1 runs stage 2, most of the work, in fp32)
+PEAK_KIND = {"fp32": "fp32", "tf32": "tf32", "bf16": "bf16", "bf16-stage1": "fp32"}
+
+
+def peak_tflops(device_name: str, precision: str, override: float = 0.0):
+    """The card's dense peak for ``precision`` (see PEAK_TFLOPS), ``override`` if set, else None."""
+    if override:
+        return override
+    for key, peaks in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peaks[PEAK_KIND[precision]]
+    return None
+
+
+def _sync(device):
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _models(args, stage2=True):
+    import torch
+    from .builders import build_stage1, build_stage2, load_stage1, load_stage2
+    torch.manual_seed(0)
+    s1 = load_stage1(args.stage1) if args.stage1 else build_stage1({"dim": args.dim1})
+    if not stage2:
+        return s1.eval(), None
+    s2 = (load_stage2(args.stage2) if args.stage2 else
+          build_stage2({"dim": args.dim2, "perceptual_decoder": not args.plain}))
+    return s1.eval(), s2.eval()
+
+
+def _peak(dev):
+    import torch
+    if dev.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_flops(args, size: int, batch: int) -> float:
+    """FLOPs of one pipeline call on (batch, 3, size, size), counted on the meta device
+    (no arithmetic; same networks as the timed ones; attention is counted in its math form,
+    which differs from a fused kernel's count by well under 1 %)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from .inference import Dehazer
+    with torch.device("meta"):
+        s1, s2 = _models(args)
+    d = Dehazer(s1, s2, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        d(torch.rand(batch, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def count_launches(fn):
+    """(host-side kernel and graph launch calls, GPU kernels seen) in one call of ``fn``,
+    from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    launches = kernels = 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+        elif "LaunchKernel" in e.name or "GraphLaunch" in e.name:
+            launches += 1
+    return launches, kernels
+
+
+def _pipeline(args, spec, dev, torch):
+    """Rows for the variants of one size and batch (one Dehazer after another)."""
+    from .inference import Dehazer
+    size, batch = spec["size"], spec["batch"]
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ref = None
+    rows = []
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else ""
+    for v in spec["variants"]:
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        d = Dehazer(*_models(args), device=dev, **VARIANTS[v])
+        sec = _timed(lambda: d(x), dev, args.warmup + (2 if "compile" in v else 0), args.repeats)
+        row = dict(kind="pipeline", size=size, batch=batch, variant=v, seconds=sec, ms_per_image=1000 * sec / batch,
+                   img_per_s=batch / sec, peak_mib=_peak(dev))
+        flops = spec.get("flops")
+        if flops:
+            row["tflops_per_image"] = flops / batch / 1e12
+            row["tflop_s"] = flops / sec / 1e12
+            peak = peak_tflops(name, VARIANTS[v].get("precision", "fp32"), args.peak_tflops) if name or \
+                args.peak_tflops else None
+            if peak:
+                row["peak_tflop_s"] = peak
+                row["fraction_of_peak"] = row["tflop_s"] / peak
+        if dev.startswith("cuda") and args.profile:
+            launches, kernels = count_launches(lambda: d(x))
+            row["launches_per_image"], row["kernels_per_image"] = launches / batch, kernels / batch
+        out = d(x).restored
+        if v == "fp32":
+            ref = out
+        elif ref is None:
+            ref = Dehazer(*_models(args), device=dev)(x).restored
+        if v != "fp32":
+            mse = ((out - ref) ** 2).mean().item()
+            row["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+        rows.append(row)
+        del d
+    return rows
+
+
+def _first_call(args, spec, dev, torch):
+    """Seconds to the end of the first compiled call, then the steady call (inductor cache in
+    spec['cache_dir'], empty for 'cold', filled by an earlier process for 'warm')."""
+    from .inference import Dehazer
+    x = torch.rand(1, 3, spec["size"], spec["size"], generator=torch.Generator().manual_seed(0))
+    d = Dehazer(*_models(args), device=dev, **VARIANTS[spec["variant"]])
+    t0 = time.perf_counter()
+    d(x)
+    _sync(dev)
+    first = time.perf_counter() - t0
+    return dict(spec, first_call_s=first, seconds=_timed(lambda: d(x), dev, 1, args.repeats))
+
+
+def _case(args, spec, queue):
+    """One measurement in this (fresh) process; puts a dict (or a list of dicts) on ``queue``."""
+    if spec["kind"] == "compile":
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["cache_dir"]
+    import torch
+    from .inference import Dehazer
+    from .models.unet_blocks import set_fused_attention
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev, kind, size = args.device, spec["kind"], spec["size"]
+    out = dict(spec)
+    g = torch.Generator().manual_seed(0)
+    if kind in ("stage1", "stage2_fast", "stage2_straightforward"):
+        s1, s2 = _models(args, stage2=kind != "stage1")
+        s1.to(dev)
+        x = torch.rand(1, 3, size, size, generator=g).to(dev)
+        with torch.inference_mode():
+            if kind == "stage1":
+                fn = lambda: s1(x)
+            else:
+                c = s1(x)
+                s2.to(dev)
+                fast = kind == "stage2_fast"
+                set_fused_attention(s2, fast)
+                fn = lambda: s2.sample(c, x, seed=0, fast=fast)
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            out["seconds"] = _timed(fn, dev, args.warmup, args.repeats)
+        out["params_m"] = sum(p.numel() for p in (s1 if s2 is None else s2).parameters()) / 1e6
+    elif kind == "pipeline":
+        queue.put(_pipeline(args, spec, dev, torch))
+        return
+    elif kind == "compile":
+        out = _first_call(args, spec, dev, torch)
+    elif kind in ("train_fast", "train_straightforward"):
+        fast = kind == "train_fast"
+        if dev.startswith("cuda"):
+            from .training.common import configure_cuda
+            configure_cuda(spec.get("tf32", True), spec.get("deterministic", True))
+        s1, s2 = _models(args)
+        s1.to(dev).requires_grad_(False)
+        s2.to(dev).train()
+        set_fused_attention(s2, fast)
+        if fast:
+            s2.net.noise_decoder.requires_grad_(False)
+        opt = torch.optim.Adam([p for p in s2.parameters() if p.requires_grad], lr=8e-5)
+        hazy = torch.rand(args.train_batch, 3, size, size, generator=g).to(dev)
+        gt = torch.rand(args.train_batch, 3, size, size, generator=g).to(dev)
+        with torch.no_grad():
+            cached = s1(hazy)
+
+        def step():
+            with torch.no_grad():
+                coarse = cached if fast else s1(hazy)
+            t = torch.randint(0, s2.num_timesteps, (args.train_batch,), generator=g).to(dev)
+            noise = torch.randn(gt.shape, generator=g).to(dev)
+            loss = s2.training_loss(gt, coarse, hazy, t=t, noise=noise, full_network=not fast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        sec = _timed(step, dev, args.warmup, args.repeats)
+        out["seconds"] = sec
+        out["it_per_s"] = 1 / sec
+    elif kind == "scene":
+        s1, s2 = _models(args)
+        d = Dehazer(s1, s2, device=dev, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
+                    **VARIANTS[spec["variant"]])
+        x = torch.rand(1, 3, size, size, generator=g)
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        d(x)
+        _sync(dev)
+        out["seconds"] = time.perf_counter() - t0
+    elif kind == "raster":
+        from .raster import RasterOptions, dehaze_raster
+        if spec["networks"] == "passthrough":
+            from .models.passthrough import PassThroughStage1, PassThroughStage2
+            s1, s2 = PassThroughStage1(), PassThroughStage2()
+        else:
+            s1, s2 = _models(args)
+        d = Dehazer(s1, s2, device=dev, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch)
+        t0 = time.perf_counter()
+        dehaze_raster(d, spec["path"], spec["path"] + ".out.tif", RasterOptions(bands=[3, 2, 1], progress=False))
+        _sync(dev)
+        out["seconds"] = time.perf_counter() - t0
+        out["megapixels"] = size * size / 1e6
+        Path(spec["path"] + ".out.tif").unlink()
+    else:
+        raise ValueError(kind)
+    out["peak_mib"] = _peak(dev)
+    queue.put(out)
+
+
+def make_geotiff(path: Path, size: int) -> None:
+    """A size x size, 4-band (B, G, R, NIR) uint16 GeoTIFF with 12-bit values, a UTM CRS and
+    a nodata border, written strip by strip (tiled, DEFLATE)."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+    profile = dict(driver="GTiff", height=size, width=size, count=4, dtype="uint16", crs="EPSG:32633",
+                   transform=from_origin(500000, 4000000, 10, 10), nodata=0, tiled=True, blockxsize=512,
+                   blockysize=512, compress="deflate", predictor=2, bigtiff="if_safer")
+    xx = np.arange(size)
+    with rasterio.open(path, "w", **profile) as dst:
+        for y0 in range(0, size, 512):
+            n = min(512, size - y0)
+            yy = np.arange(y0, y0 + n)[:, None]
+            base = 1500 + 1000 * np.sin(yy / 97.0) * np.cos(xx[None] / 131.0) + (yy * 7 + xx[None] * 13) % 61
+            block = np.stack([base + 300 * k for k in range(4)]).clip(1, 4095).astype(np.uint16)
+            block[:, :, :size // 50] = 0                      # a nodata strip on the left
+            dst.write(block, window=Window(0, y0, size, n))
+
+
+class CaseFailed(RuntimeError):
+    """A benchmark case that crashed (out of memory, say) or ran past --case-timeout."""
+
+
+def run_case(args, **spec):
+    """Run one case in a fresh process; its dict (or list of dicts for a pipeline group)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_case, args=(args, spec, q))
+    start = time.monotonic()
+    p.start()
+    res = None
+    while res is None:
+        try:
+            res = q.get(timeout=1)
+        except queue.Empty:
+            if not p.is_alive() and q.empty():      # died before reporting (error printed above)
+                raise CaseFailed(f"failed (exit {p.exitcode})") from None
+            if args.case_timeout and time.monotonic() - start > args.case_timeout:
+                p.terminate()
+                p.join()
+                raise CaseFailed(f"stopped after {args.case_timeout:.0f} s") from None
+    p.join()
+    for r in res if isinstance(res, list) else [res]:
+        label = {k: v for k, v in r.items() if k in ("kind", "size", "batch", "variant")} or spec
+        print(f"  {label}: {r['seconds']:.3f} s, peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    return res
+
+
+def _fmt(v, f="{:.3f}"):
+    return "" if v is None else ("inf" if v == float("inf") else f.format(v))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[256, 512], help="square input sizes (may be empty)")
+    ap.add_argument("--straightforward-max", type=int, default=1024,
+                    help="largest size also timed on the straightforward path (it is slow and memory hungry)")
+    ap.add_argument("--dim1", type=int, default=64, help="stage-1 width (paper: 64)")
+    ap.add_argument("--dim2", type=int, default=64, help="stage-2 width (paper: 64)")
+    ap.add_argument("--plain", action="store_true", help="stage 2 without the perceptual decoder")
+    ap.add_argument("--stage1", help="stage-1 checkpoint instead of random weights")
+    ap.add_argument("--stage2", help="stage-2 checkpoint instead of random weights")
+    ap.add_argument("--variants", nargs="*", default=["fp32"],
+                    help=f"pipeline variants among {list(VARIANTS)} ('all': every one)")
+    ap.add_argument("--variant-sizes", type=int, nargs="*", help="sizes for the variants table (default: --sizes)")
+    ap.add_argument("--scene-variant", default=None, help="variant for the tiled scenes (default: the last variant)")
+    ap.add_argument("--batch", type=int, default=1, help="images per pipeline call")
+    ap.add_argument("--batches", type=int, nargs="*", help="several batch sizes for the variants table "
+                    "(default: --batch)")
+    ap.add_argument("--pairs", nargs="*", default=None, metavar="SIZExBATCH",
+                    help="explicit size x batch pairs for the variants table, e.g. 256x1 256x32 512x8 "
+                         "(instead of --variant-sizes x --batches)")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="the card's peak TFLOP/s for the fraction column (default: the data-sheet table)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the kernel-launch count (CUDA)")
+    ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    ap.add_argument("--compile-sizes", type=int, nargs="*", default=[],
+                    help="time the first compiled call, cold and warm inductor cache, at these sizes")
+    ap.add_argument("--compile-variant", default="fp32+compile",
+                    help="variant for --compile-sizes")
+    ap.add_argument("--case-timeout", type=float, default=0.0, help="seconds before a case is stopped (0: never)")
+    ap.add_argument("--train-size", type=int, default=256, help="stage-2 training crop (0: skip training)")
+    ap.add_argument("--train-batch", type=int, default=1, help="stage-2 training batch (paper: 1)")
+    ap.add_argument("--scene", type=int, nargs="*", default=[], help="tiled scene sizes, e.g. 1024 2048 4096")
+    ap.add_argument("--raster", type=int, nargs="*", default=[],
+                    help="square uint16 GeoTIFF sizes streamed through dehaze_raster, e.g. 10000 20000")
+    ap.add_argument("--raster-networks", choices=["passthrough", "models"], default="passthrough",
+                    help="passthrough: stand-ins that return their input (the streaming, I/O and mapping alone); "
+                         "models: the networks at --dim1/--dim2")
+    ap.add_argument("--raster-dir", type=Path, default=None, help="where the synthetic GeoTIFFs go (default: temp)")
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--overlap", type=int, default=64)
+    ap.add_argument("--tile-batch", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--out", type=Path, help="folder for benchmark.md / benchmark.csv")
+    args = ap.parse_args(argv)
+    try:
+        pairs = [tuple(int(n) for n in p.lower().split("x")) for p in args.pairs] if args.pairs else None
+        if pairs and any(len(p) != 2 or min(p) < 1 for p in pairs):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--pairs takes SIZExBATCH items such as 256x8, got {args.pairs}")
+    if args.variants == ["all"]:
+        args.variants = list(VARIANTS)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)} (choose from {list(VARIANTS)})")
+
+    def save(lines, records):
+        """Write what is measured so far (a run cut short keeps its finished rows)."""
+        if not args.out:
+            return
+        from .atomicfile import write_text_atomic
+        from .evaluation import write_rows_csv
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.out / "benchmark.md", "\n".join(lines) + "\n")
+        write_rows_csv(args.out / "benchmark.csv", records, sorted({k for r in records for k in r}))
+
+    import torch
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda asked for, but CUDA is not available")
+    from .machine import cpu_model
+    machine = (torch.cuda.get_device_name() if cuda else
+               f"{cpu_model()}, {args.threads or torch.get_num_threads()} threads")
+    mem = "GPU max allocated" if cuda else "process peak RSS"
+    records = []
+    lines = [f"Device: {args.device} ({machine}); torch {torch.__version__}; stage-1 dim {args.dim1}, stage-2 dim "
+             f"{args.dim2} ({'plain' if args.plain else 'perceptual'} decoder), 5 sampling steps; median of "
+             f"{args.repeats} after {args.warmup} warm-up; memory = {mem} (MiB).", ""]
+
+    if args.sizes:
+        lines += ["| size | stage 1 (s) | stage 2 fast (s) | stage 2 straightforward (s) | speed-up | "
+                  "pipeline img/s fast | pipeline img/s straightforward | peak S1 / S2 fast / S2 straightf. |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for size in args.sizes:
+            s1 = run_case(args, kind="stage1", size=size)
+            fast = run_case(args, kind="stage2_fast", size=size)
+            slow = (run_case(args, kind="stage2_straightforward", size=size)
+                    if size <= args.straightforward_max else None)
+            records += [s1, fast] + ([slow] if slow else [])
+            sp = slow["seconds"] / fast["seconds"] if slow else None
+            lines.append(f"| {size} | {_fmt(s1['seconds'])} | {_fmt(fast['seconds'])} | "
+                         f"{_fmt(slow and slow['seconds'])} | {_fmt(sp, '{:.2f}x')} | "
+                         f"{_fmt(1 / (s1['seconds'] + fast['seconds']))} | "
+                         f"{_fmt(slow and 1 / (s1['seconds'] + slow['seconds']))} | {s1['peak_mib']:.0f} / "
+                         f"{fast['peak_mib']:.0f} / {_fmt(slow and slow['peak_mib'], '{:.0f}')} |")
+            save(lines, records)
+        lines.append("")
+
+    variant_sizes = args.sizes if args.variant_sizes is None else args.variant_sizes
+    batches = args.batches or [args.batch]
+    pairs = pairs or [(size, b) for size in variant_sizes for b in batches]
+    if args.variants and pairs and (args.variants != ["fp32"] or pairs != [(size, 1) for size in variant_sizes]):
+        peak_note = (f"{args.peak_tflops} TFLOP/s (--peak-tflops)" if args.peak_tflops else
+                     "the data-sheet dense peak of the card for the variant's precision")
+        lines += ["Pipeline variants (both stages through `Dehazer`; FLOPs counted once per size and batch; "
+                  f"fraction of {peak_note}; launches = host-side kernel + graph launches, kernels = GPU kernels "
+                  "seen, both per image):", "",
+                  "| size | batch | variant | ms / image | img/s | launches / image | kernels / image | TFLOP/s | "
+                  "of peak | PSNR vs fp32 (dB) | peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        flops_per_image = {}              # the networks treat images independently: FLOPs scale with the batch
+        for size, batch in pairs:
+            flops = None
+            if args.flops:
+                if size not in flops_per_image:
+                    flops_per_image[size] = count_flops(args, size, 1)
+                flops = flops_per_image[size] * batch
+            groups = [args.variants] if cuda else [[v] for v in args.variants]
+            for group in groups:
+                try:
+                    rows = run_case(args, kind="pipeline", size=size, batch=batch, variants=group, flops=flops)
+                except CaseFailed as e:
+                    records.append(dict(kind="pipeline", size=size, batch=batch, variant=" ".join(group),
+                                        error=str(e)))
+                    lines.append(f"| {size} | {batch} | {', '.join(group)} | {e} | | | | | | | |")
+                    save(lines, records)
+                    continue
+                for r in rows:
+                    records.append(r)
+                    lines.append(f"| {size} | {batch} | {r['variant']} | {r['ms_per_image']:.1f} | "
+                                 f"{r['img_per_s']:.2f} | {_fmt(r.get('launches_per_image'), '{:.0f}')} | "
+                                 f"{_fmt(r.get('kernels_per_image'), '{:.0f}')} | "
+                                 f"{_fmt(r.get('tflop_s'), '{:.2f}')} | "
+                                 f"{_fmt(r.get('fraction_of_peak') and 100 * r['fraction_of_peak'], '{:.1f} %')} | "
+                                 f"{_fmt(r.get('psnr_vs_fp32'), '{:.1f}') or 'reference'} | "
+                                 f"{r['peak_mib']:.0f} |")
+                save(lines, records)
+        lines.append("")
+
+    if args.compile_sizes:
+        import tempfile
+        v = args.compile_variant
+        if v not in VARIANTS or not VARIANTS[v].get("compile"):
+            ap.error(f"--compile-variant must be a compile variant, got {v!r}")
+        lines += [f"torch.compile ({v}, batch 1): first call in a fresh process with an empty inductor cache "
+                  "(cold), then in another fresh process with the cache the first one filled (warm):", "",
+                  "| size | cache | first call (s) | then ms / image |", "|---|---|---|---|"]
+        for size in args.compile_sizes:
+            with tempfile.TemporaryDirectory(prefix="dsrdmpd-inductor-") as cache_dir:
+                for state in ("cold", "warm"):
+                    try:
+                        r = run_case(args, kind="compile", size=size, variant=v, cache=state, cache_dir=cache_dir)
+                    except CaseFailed as e:
+                        records.append(dict(kind="compile", size=size, cache=state, error=str(e)))
+                        lines.append(f"| {size} | {state} | {e} | |")
+                        break
+                    records.append(r)
+                    lines.append(f"| {size} | {state} | {r['first_call_s']:.1f} | {1000 * r['seconds']:.1f} |")
+                    save(lines, records)
+        lines.append("")
+        save(lines, records)
+
+    if args.train_size:
+        fast = run_case(args, kind="train_fast", size=args.train_size)
+        slow = run_case(args, kind="train_straightforward", size=args.train_size)
+        records += [fast, slow]
+        cuda_note = " (CUDA: the trainer's defaults, TF32 on, deterministic algorithms)" if cuda else ""
+        lines += [f"Stage-2 training step ({args.train_size}x{args.train_size}, batch {args.train_batch}, "
+                  f"Adam){cuda_note}:", "",
+                  "| path | s / step | it/s | peak |", "|---|---|---|---|",
+                  f"| fast (cached stage 1, residual decoder only) | {fast['seconds']:.3f} | {fast['it_per_s']:.3f} | "
+                  f"{fast['peak_mib']:.0f} |",
+                  f"| straightforward (stage 1 every step, full network) | {slow['seconds']:.3f} | "
+                  f"{slow['it_per_s']:.3f} | {slow['peak_mib']:.0f} |",
+                  f"| speed-up | {slow['seconds'] / fast['seconds']:.2f}x | | |"]
+        if cuda:
+            for label, opts in (("fast, not deterministic (train.deterministic: false)", {"deterministic": False}),
+                                ("fast, true float32 (train.tf32: false)", {"tf32": False})):
+                r = run_case(args, kind="train_fast", size=args.train_size, **opts)
+                records.append(r)
+                lines.append(f"| {label} | {r['seconds']:.3f} | {r['it_per_s']:.3f} | {r['peak_mib']:.0f} |")
+        lines.append("")
+        save(lines, records)
+
+    if args.scene:
+        v = args.scene_variant or (args.variants[-1] if args.variants else "fp32")
+        if v not in VARIANTS:
+            ap.error(f"unknown scene variant {v!r}")
+        lines += [f"Tiled scenes (tile {args.tile}, overlap {args.overlap}, {args.tile_batch} tile(s) per call, "
+                  f"variant {v}; one run each):", "", "| scene | tiles | seconds | peak |", "|---|---|---|---|"]
+        from .inference import padded_size, tile_starts
+        for size in args.scene:
+            r = run_case(args, kind="scene", size=size, variant=v)
+            records.append(r)
+            n = len(tile_starts(padded_size(size, size)[0], args.tile, args.overlap)) ** 2
+            lines.append(f"| {size}x{size} | {n} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |")
+        lines.append("")
+
+    if args.raster:
+        import tempfile
+        folder = Path(tempfile.mkdtemp(dir=args.raster_dir))
+        nets = ("pass-through stand-ins" if args.raster_networks == "passthrough"
+                else f"networks at stage-1 dim {args.dim1}, stage-2 dim {args.dim2}")
+        lines += [f"Streamed GeoTIFFs (4-band uint16, 12-bit, nodata strip; RGB = 3,2,1; tile {args.tile}, overlap "
+                  f"{args.overlap}, {args.tile_batch} tile(s) per call; {nets}; one run each, the input written "
+                  "before the timing):", "", "| scene | megapixels | input file (MiB) | seconds | s / Mpx | peak |",
+                  "|---|---|---|---|---|---|"]
+        for size in args.raster:
+            path = folder / f"scene_{size}.tif"
+            make_geotiff(path, size)
+            r = run_case(args, kind="raster", size=size, path=str(path), networks=args.raster_networks)
+            r["file_mib"] = path.stat().st_size / 2 ** 20
+            path.unlink()
+            records.append(r)
+            lines.append(f"| {size}x{size} | {r['megapixels']:.0f} | {r['file_mib']:.0f} | {r['seconds']:.1f} | "
+                         f"{r['seconds'] / r['megapixels']:.2f} | {r['peak_mib']:.0f} |")
+            save(lines, records)
+        folder.rmdir()
+        lines.append("")
+
+    save(lines, records)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The benchmark (dsrdmpd/benchmark.py) on the CPU at tiny widths: tables, columns, FLOP
+count, peaks, time limit. Speed itself is not asserted."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dsrdmpd import benchmark
+from dsrdmpd.builders import build_stage1, build_stage2
+from dsrdmpd.inference import Dehazer
+
+from conftest import ROOT
+
+TINY = ["--dim1", "32", "--dim2", "8", "--train-size", "0", "--repeats", "1", "--warmup", "0"]
+
+
+def test_flops_counted_on_meta_equal_a_real_cpu_count():
+    """Within 0.5 %: the meta device runs attention through its math form, the CPU through
+    its fused kernel, counted slightly differently (0.14 % apart at these widths)."""
+    args = SimpleNamespace(stage1=None, stage2=None, dim1=32, dim2=8, plain=False)
+    torch.manual_seed(0)
+    d = Dehazer(build_stage1({"dim": 32}), build_stage2({"dim": 8}))
+    with FlopCounterMode(display=False) as counter:
+        d(torch.rand(2, 3, 64, 64))
+    assert benchmark.count_flops(args, 64, 2) == pytest.approx(counter.get_total_flops(), rel=5e-3)
+    assert counter.get_total_flops() > 0
+
+
+def test_peak_table_and_override():
+    assert benchmark.peak_tflops("NVIDIA H200", "tf32") == 494.5
+    assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
+    assert benchmark.peak_tflops("NVIDIA H200", "bf16-stage1") == 67.0
+    assert benchmark.peak_tflops("Some GPU", "fp32") is None
+    assert benchmark.peak_tflops("Some GPU", "fp32", 100.0) == 100.0
+
+
+def test_variants_table_on_the_cpu(tmp_path):
+    out = tmp_path / "bench"
+    assert benchmark.main(["--sizes", "--variants", "fp32", "fp32+fastnorm", "--pairs", "64x2",
+                           "--peak-tflops", "1", "--out", str(out)] + TINY) == 0
+    md = (out / "benchmark.md").read_text()
+    assert "| size | batch | variant | ms / image | img/s | launches / image" in md
+    rows = {r["variant"]: r for r in csv.DictReader(open(out / "benchmark.csv"))}
+    assert set(rows) == {"fp32", "fp32+fastnorm"}
+    args = SimpleNamespace(stage1=None, stage2=None, dim1=32, dim2=8, plain=False)
+    flops = benchmark.count_flops(args, 64, 2)
+    for r in rows.values():
+        assert r["size"] == "64" and r["batch"] == "2"
+        assert float(r["tflops_per_image"]) == pytest.approx(flops / 2 / 1e12, abs=1e-6)     # CSV: 6 decimals
+        assert float(r["tflop_s"]) == pytest.approx(flops / float(r["seconds"]) / 1e12, rel=1e-4, abs=1e-6)
+        assert float(r["fraction_of_peak"]) == pytest.approx(float(r["tflop_s"]), abs=1e-6)  # peak 1 TFLOP/s
+        assert float(r["ms_per_image"]) == pytest.approx(1000 * float(r["seconds"]) / 2, rel=1e-4)
+        assert not r.get("launches_per_image")                # CUDA only
+    assert rows["fp32+fastnorm"]["psnr_vs_fp32"] == "inf"      # the CPU keeps PyTorch's GroupNorm: identical
+
+
+def test_a_case_past_its_time_limit_becomes_a_row(tmp_path):
+    out = tmp_path / "bench"
+    assert benchmark.main(["--sizes", "--variants", "fp32+cl", "--variant-sizes", "64", "--case-timeout", "0.5",
+                           "--out", str(out)] + TINY) == 0
+    assert "stopped after 0 s" in (out / "benchmark.md").read_text() or \
+        "stopped after 1 s" in (out / "benchmark.md").read_text()
+
+
+def test_script_is_a_thin_entry_point():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--pairs", "64by2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--pairs takes SIZExBATCH" in proc.stderr

@@ -1,0 +1,151 @@
+"""CUDA fast paths against the float32 reference (skipped without a GPU): the fast
+GroupNorm (Triton kernels and the plain-torch split form), CUDA graphs (replay equals the
+eager run exactly; one graph per input shape), and both inside the Dehazer. Run on a GPU
+machine with ``bash scripts/gpu_check.sh``."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsrdmpd.builders import build_stage1, build_stage2
+from dsrdmpd.inference import Dehazer
+from dsrdmpd.models.norm import GroupNormAct, triton_available
+
+from test_speed_options import chain_reference, psnr  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = dict(rtol=1e-4, atol=1e-5)        # the parity tests' float32 bound
+BACKENDS = [pytest.param(True, id="triton"), pytest.param(False, id="torch")]
+
+
+def _case(b, c, h, w, channels_last, dtype=torch.float32, groups=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    norm = GroupNormAct(groups, c)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(c, generator=g))
+        norm.bias.copy_(torch.randn(c, generator=g))
+    x = (torch.randn(b, c, h, w, generator=g) * 2 + 0.5).to(dtype)
+    ss = (torch.randn(b, c, 1, 1, generator=g).to(dtype), torch.randn(b, c, 1, 1, generator=g).to(dtype))
+    norm = norm.cuda()
+    x = x.cuda()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return norm, x, tuple(t.cuda() for t in ss)
+
+
+def _reference(norm, x, ss, act):
+    """float32 F.group_norm (+ scale/shift + SiLU) on the float32 input."""
+    y = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+    if ss is not None:
+        y = y * (ss[0].float() + 1) + ss[1].float()
+    return F.silu(y) if act else y
+
+
+@pytest.mark.parametrize("use_triton", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(1, 64, 256, 256), (2, 128, 33, 47), (3, 16, 8, 8), (1, 512, 16, 16)])
+@pytest.mark.parametrize("with_ss,act", [(True, True), (False, False)])
+def test_fast_norm_float32_matches_group_norm(use_triton, channels_last, shape, with_ss, act):
+    if use_triton and not triton_available():
+        pytest.skip("Triton not importable")
+    norm, x, ss = _case(*shape, channels_last)
+    ss = ss if with_ss else None
+    with torch.inference_mode():
+        out = norm.forward_fast(x, ss, act, use_triton=use_triton)
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out, _reference(norm, x, ss, act), **TOL)
+
+
+@pytest.mark.parametrize("use_triton", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_norm_bf16_no_worse_than_pytorch(use_triton, channels_last):
+    """bf16 input (no autocast): bf16 output whose error against float32 arithmetic on the
+    same input is at most twice PyTorch's own bf16 GroupNorm's (or 1e-2, bf16's rounding
+    of values near 1)."""
+    if use_triton and not triton_available():
+        pytest.skip("Triton not importable")
+    norm, x, ss = _case(2, 64, 64, 64, channels_last, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = _reference(norm, x, ss, True)
+        out = norm.forward_fast(x, ss, True, use_triton=use_triton)
+        native = copy.deepcopy(norm).to(torch.bfloat16).forward_native(x, ss, True)
+    assert out.dtype == torch.bfloat16
+    err, native_err = ((t.float() - ref).abs().max().item() for t in (out, native))
+    assert err <= max(2 * native_err, 1e-2), (err, native_err)
+
+
+def test_fast_norm_under_autocast_returns_float32_like_native():
+    norm, x, ss = _case(1, 64, 32, 32, True)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = norm.forward_fast(x, ss, True)
+        native = norm.forward_native(x, ss, True)
+    assert out.dtype == native.dtype == torch.float32
+    torch.testing.assert_close(out, native, **TOL)
+
+
+def test_fast_norm_is_used_on_cuda_only_for_inference():
+    norm, x, ss = _case(1, 16, 8, 8, False)
+    norm.fast = True
+    assert not norm.uses_fast_path(x)                         # autograd records: native (has backward)
+    with torch.no_grad():
+        assert norm.uses_fast_path(x)
+        assert not norm.uses_fast_path(x.cpu())
+
+
+def _models(seed=0):
+    torch.manual_seed(seed)
+    return build_stage1({"dim": 32}), build_stage2({"dim": 16})
+
+
+@pytest.mark.parametrize("opts", [{}, {"precision": "tf32"}, {"precision": "bf16", "channels_last": True},
+                                  {"fast_norm": True}])
+def test_graph_replay_equals_eager_exactly(opts):
+    s1, s2 = _models()
+    hazy = torch.rand(2, 3, 64, 80)
+    eager = Dehazer(s1, s2, device="cuda", **opts)(hazy)
+    d = Dehazer(s1, s2, device="cuda", cuda_graphs=True, **opts)
+    for _ in range(2):                                        # the capture call, then a replay
+        out = d(hazy)
+        assert torch.equal(out.restored, eager.restored) and torch.equal(out.coarse, eager.coarse)
+    assert d.graphs.captures == 1
+
+
+def test_one_graph_per_size_reused_and_dropped_on_new_weights():
+    s1, s2 = _models()
+    d = Dehazer(s1, s2, device="cuda", cuda_graphs=True, max_graphs=2)
+    a, b = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 96, 64)
+    ra, rb = d(a).restored, d(b).restored
+    assert d.graphs.captures == 2 and len(d.graphs.graphs) == 2
+    assert torch.equal(d(a).restored, ra) and torch.equal(d(b).restored, rb)
+    assert d.graphs.captures == 2                             # same sizes: replayed
+    d(torch.rand(2, 3, 64, 64))
+    assert d.graphs.captures == 3 and len(d.graphs.graphs) == 2   # LRU cap
+    _, s2b = _models(seed=1)
+    d.stage2.load_state_dict(s2b.state_dict())                # new weights: recaptured, not stale
+    expected = Dehazer(s1, s2b, device="cuda")(a).restored
+    assert torch.equal(d(a).restored, expected)
+    assert d.graphs.captures == 4
+
+
+def test_tiles_of_a_scene_share_one_graph():
+    s1, s2 = _models()
+    scene = torch.rand(1, 3, 200, 200)
+    eager = Dehazer(s1, s2, device="cuda", tile=128, overlap=32, tile_batch=2)(scene).restored
+    d = Dehazer(s1, s2, device="cuda", tile=128, overlap=32, tile_batch=2, cuda_graphs=True)
+    assert torch.equal(d(scene).restored, eager)
+    assert d.graphs.captures == 1                             # 4 tiles, 2 calls of 2
+
+
+@pytest.mark.parametrize("opts,min_db", [({"fast_norm": True}, 80), ({"fast_norm": True, "channels_last": True}, 60),
+                                         ({"fast_norm": True, "precision": "tf32"}, 40),
+                                         ({"fast_norm": True, "precision": "bf16"}, 30),
+                                         ({"fast_norm": True, "cuda_graphs": True, "precision": "tf32"}, 40)])
+def test_fast_options_against_cpu_float32(chain_reference, opts, min_db):  # noqa: F811
+    """The same bounds as the options without the fast paths (test_speed_options.py)."""
+    ckpts, hazy, ref = chain_reference
+    out = Dehazer.from_checkpoints(*ckpts, device="cuda", **opts)(hazy)
+    assert psnr(out.restored.cpu(), ref.restored) > min_db

@@ -1,0 +1,227 @@
+"""The inference fast paths that exist on the CPU: the standardised-weight cache and the
+normalisation module (native on the CPU, bit-identical; the split-reduction form checked
+against PyTorch). CUDA-only parts (Triton kernels, graphs) are in test_cuda_fast.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsrdmpd.models.unet_blocks as ub
+from dsrdmpd.builders import build_stage2
+from dsrdmpd.inference import Dehazer
+from dsrdmpd.models.passthrough import PassThroughStage1
+from dsrdmpd.models.norm import GroupNormAct, group_stats_torch, set_fast_norm
+
+
+@pytest.fixture
+def count_standardisations(monkeypatch):
+    calls = []
+    real = ub.standardize_weight
+
+    def counting(w):
+        calls.append(w.shape)
+        return real(w)
+    monkeypatch.setattr(ub, "standardize_weight", counting)
+    return calls
+
+
+def _conv(cache=True, seed=0):
+    torch.manual_seed(seed)
+    conv = ub.WeightStandardizedConv2d(8, 16, 3, padding=1)
+    conv.cache_weight = cache
+    return conv
+
+
+def test_cached_weight_gives_exactly_the_uncached_output_and_is_computed_once(count_standardisations):
+    x = torch.randn(2, 8, 12, 12)
+    ref = _conv(cache=False)
+    conv = _conv(cache=True)
+    with torch.inference_mode():
+        expected = ref(x)
+        assert len(count_standardisations) == 1
+        outs = [conv(x) for _ in range(3)]
+    with torch.no_grad():
+        outs.append(conv(x))
+    assert len(count_standardisations) == 2          # the reference's, then one for three+one calls
+    for out in outs:
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("update", ["optimizer", "load_state_dict", "copy_", "to_double"])
+def test_an_update_of_the_weight_invalidates_the_cache(update, count_standardisations):
+    conv = _conv()
+    x = torch.randn(1, 8, 10, 10)
+    with torch.no_grad():
+        before = conv(x)
+    if update == "optimizer":
+        conv(x).square().mean().backward()
+        torch.optim.SGD(conv.parameters(), lr=0.5).step()
+    elif update == "load_state_dict":
+        conv.load_state_dict(_conv(cache=False, seed=1).state_dict())
+    elif update == "copy_":
+        with torch.no_grad():
+            conv.weight.copy_(conv.weight.flip(0))
+    else:
+        conv.double()
+        x = x.double()
+    n = len(count_standardisations)
+    with torch.no_grad():
+        after = conv(x)
+    assert len(count_standardisations) == n + 1
+    fresh = _conv(cache=False)
+    fresh.load_state_dict(conv.state_dict())
+    fresh.to(x.dtype)
+    with torch.no_grad():
+        assert torch.equal(after, fresh(x))
+    assert not torch.allclose(after.float(), before.float())
+
+
+def test_training_recomputes_every_call_and_gradients_are_unchanged(count_standardisations):
+    """A no-grad pass (validation, say) fills the cache; the training steps after it, two
+    forward passes each (gradient accumulation), still standardise in every call and get
+    the uncached gradients."""
+    x = torch.randn(2, 8, 9, 9)
+    grads = []
+    for cache in (False, True):
+        conv = _conv(cache=cache)
+        opt = torch.optim.Adam(conv.parameters(), lr=1e-2)
+        with torch.no_grad():
+            conv(x)
+        for _ in range(3):
+            opt.zero_grad()
+            conv(x).sin().mean().backward()
+            conv(x * 2).cos().mean().backward()
+            opt.step()
+        grads.append((conv.weight.grad.clone(), conv.weight.detach().clone()))
+    assert len(count_standardisations) == 2 * (1 + 6)   # every training call standardises
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_dehazer_caches_standardised_weights_exactly(count_standardisations):
+    torch.manual_seed(0)
+    s2 = build_stage2({"dim": 8})
+    hazy = torch.rand(1, 3, 64, 64)
+    d = Dehazer(PassThroughStage1(), s2)              # switches the cache on
+    first = d(hazy).restored
+    n = len(count_standardisations)                   # once per conv used, for all 5 sampling steps
+    assert 0 < n <= sum(isinstance(m, ub.WeightStandardizedConv2d) for m in s2.modules())
+    assert torch.equal(d(hazy).restored, first)
+    assert len(count_standardisations) == n           # the second call computed none
+    ub.set_weight_cache(s2, False)
+    assert torch.equal(d(hazy).restored, first)       # the uncached reference
+    assert len(count_standardisations) == n + 5 * n   # uncached: every conv in every step
+
+
+def _norm_case(channels_last=False, with_ss=True, b=2, c=16, h=10, w=13, offset=0.0):
+    g = torch.Generator().manual_seed(0)
+    norm = GroupNormAct(4, c)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(c, generator=g))
+        norm.bias.copy_(torch.randn(c, generator=g))
+    x = torch.randn(b, c, h, w, generator=g) * 3 + offset
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ss = (torch.randn(b, c, 1, 1, generator=g), torch.randn(b, c, 1, 1, generator=g)) if with_ss else None
+    return norm, x, ss
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_cpu_norm_is_bit_identical_to_group_norm(fast):
+    norm, x, (scale, shift) = _norm_case()
+    set_fast_norm(norm, fast)
+    expected = F.silu(F.group_norm(x, 4, norm.weight, norm.bias, norm.eps) * (scale + 1) + shift)
+    with torch.inference_mode():
+        assert not norm.uses_fast_path(x)
+        assert torch.equal(norm(x, (scale, shift), act=True), expected)
+        assert torch.equal(norm(x), F.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
+
+
+def test_norm_keeps_group_norm_state_dict_keys():
+    s2 = build_stage2({"dim": 8})
+    keys = s2.state_dict().keys()
+    assert "net.init_block.block1.norm.weight" in keys or any(k.endswith("block1.norm.weight") for k in keys)
+    assert not any("_ws_cache" in k for k in keys)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_reduction_statistics(chunk, channels_last):
+    """Chunk partials merged by the parallel-variance formula give each (image, group)'s
+    mean and biased variance; far from zero (offset 1e3) too, where a sum of squares in
+    float32 would lose most digits."""
+    _, x, _ = _norm_case(channels_last=channels_last, offset=1e3)
+    mean, var = group_stats_torch(x, 4, chunk=chunk)
+    ref = x.double().reshape(2, 4, -1)
+    assert torch.allclose(mean.double(), ref.mean(-1).flatten(), rtol=0, atol=1e-3 * 1e-3 * 1e3)
+    assert torch.allclose(var.double(), ref.var(-1, unbiased=False).flatten(), rtol=1e-4)
+    naive = (x.reshape(2, 4, -1) ** 2).mean(-1) - x.reshape(2, 4, -1).mean(-1) ** 2
+    assert (naive.double().flatten() - ref.var(-1, unbiased=False).flatten()).abs().max() > 10 * \
+        (var.double() - ref.var(-1, unbiased=False).flatten()).abs().max()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_ss,act", [(True, True), (False, False)])
+def test_plain_torch_fast_form_matches_native(channels_last, with_ss, act):
+    norm, x, ss = _norm_case(channels_last=channels_last, with_ss=with_ss)
+    with torch.inference_mode():
+        ref = norm.forward_native(x, ss, act)
+        out = norm.forward_fast(x, ss, act, use_triton=False)
+    assert out.dtype == ref.dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+TRITON_CHECK = r"""
+import json, torch, torch.nn.functional as F
+from dsrdmpd.models.norm import GroupNormAct
+torch.manual_seed(0)
+errs = []
+for cl in (False, True):
+    for shape in [(2, 16, 10, 13), (1, 16, 40, 52)]:          # 4 channels x 40 x 52: 3 chunks, a short last one
+        m = GroupNormAct(4, shape[1])
+        with torch.no_grad():
+            m.weight.normal_(), m.bias.normal_()
+        x = torch.randn(*shape) * 3 + 100                      # far from zero: catches sum-of-squares statistics
+        ss = (torch.randn(shape[0], shape[1], 1, 1), torch.randn(shape[0], shape[1], 1, 1))
+        ref = F.silu(F.group_norm(x.double(), 4, m.weight.double(), m.bias.double(), m.eps) * (ss[0].double() + 1)
+                     + ss[1].double())
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = m.forward_fast(x, ss, True, use_triton=True)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        errs.append(((out.double() - ref).abs().max().item(), out.is_contiguous(memory_format=fmt)))
+print(json.dumps(errs))
+"""
+
+
+def test_triton_kernels_in_the_interpreter():
+    """The Triton kernels themselves, run by Triton's CPU interpreter (needs the ``triton``
+    package; CPU builds of torch lack it, so this skips there and runs where Triton is):
+    float32 error against float64 GroupNorm + scale/shift + SiLU within 3e-5, NCHW and
+    channels-last (PyTorch's own CPU channels-last kernel is 1.5e-3 off on this input)."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errs) == 4
+    for err, layout_kept in errs:
+        assert err < 3e-5 and layout_kept
+
+
+def test_run_options_pass_the_fast_paths_to_the_dehazer():
+    import argparse
+    from dsrdmpd.cli.options import add_run_options, dehazer_options
+    ap = argparse.ArgumentParser()
+    add_run_options(ap)
+    opts = dehazer_options(ap.parse_args(["--fast-norm", "--cuda-graphs"]))
+    assert opts["fast_norm"] is True and opts["cuda_graphs"] is True
+    assert dehazer_options(ap.parse_args([]))["fast_norm"] is False
+    d = Dehazer(PassThroughStage1(), build_stage2({"dim": 8}), **opts)     # on the CPU: no graphs, native norm
+    assert d.graphs is None
