@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Dict, Sequence
 
 from ..evaluation import Item, clear_records, collect_rows, run_items, write_results
-from ..inference import Dehazer
 from .errors import ItemsFailed
-from .options import dehazer_options, model_config, resolve_device
+from .options import dehazer_options, load_dehazer, model_config, model_source, resolve_device
 
 
 class ProcessGroup:
@@ -51,8 +50,7 @@ def run_batch(args, items: Sequence[Item], title: str, protocol: str = "paper", 
 def _run_batch(group: ProcessGroup, args, items, title, protocol, resize, raster) -> Dict[str, float]:
     cfg = model_config(args)
     device = resolve_device(args.device, group.local_rank)
-    dehazer = Dehazer.from_checkpoints(args.stage1, args.stage2, cfg, device=device, weights=args.weights,
-                                       **dehazer_options(args))
+    dehazer = load_dehazer(args, cfg, device, **dehazer_options(args))
     out: Path = args.output
     if group.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +63,7 @@ def _run_batch(group: ProcessGroup, args, items, title, protocol, resize, raster
     if group.rank != 0:
         return {}
     done, failed = collect_rows(items, out)
-    notes = [f"Checkpoints: stage 1 `{args.stage1}`, stage 2 `{args.stage2}` ({args.weights} weights); "
+    notes = [f"Checkpoints: {model_source(args)} ({args.weights} weights); "
                          f"seed {dehazer.seed}; {dehazer.steps} sampling steps"
                          + (f"; resized to {resize} (PIL bilinear, as the authors)" if resize else "") + "."]
     means = write_results(done, out, protocol, title, notes, failed)

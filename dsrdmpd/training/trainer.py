@@ -47,7 +47,8 @@ class BaseTrainer:
     data_keys = ("preset", "root", "train_split", "val_split", "val_holdout", "val_limit", "crop", "flip", "resize",
                  "resize_mode", "num_workers", "hazy_dir", "gt_dir", "hazy_key", "gt_key", "list_file")
 
-    def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None):
+    def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None,
+                 trust: bool = False):
         check_keys("train", cfg.get("train") or {}, (*self.train_defaults, *self.train_options))
         check_keys("data", cfg.get("data") or {}, self.data_keys)
         validate_config(cfg)
@@ -55,6 +56,7 @@ class BaseTrainer:
         self.cfg = cfg
         self.tcfg = cfg["train"]
         self.run_dir = Path(run_dir)
+        self.trust = bool(trust)      # checkpoints that need arbitrary unpickling may be read (--trust-checkpoint)
         device = str(self.tcfg.get("device", "auto"))
         self.accelerator = make_accelerator(device, self.tcfg.get("mixed_precision", "no"),
                                             int(self.tcfg.get("grad_accum", 1)))
@@ -85,7 +87,7 @@ class BaseTrainer:
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         path = resolve_resume(resume, self.run_dir)
         if path is not None:
-            self.load_state(load_training_state(path, self.stage))
+            self.load_state(load_training_state(path, self.stage, self.trust))
             self.accelerator.print(f"resumed from {path} at step {self.step}")
         resume_step = self.step if path is not None else None
         self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
@@ -144,13 +146,33 @@ class BaseTrainer:
             model = model.net
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    def state(self) -> Dict[str, Any]:
+    def state(self, rng: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """The resumable state (plain data: loads with ``weights_only=True``); ``rng`` holds
+        every process's random streams, indexed by process."""
         scaler = self.accelerator.scaler
         return {"stage": self.stage, "config": self.cfg, "step": self.step, "epoch": self.epoch,
                 **self.weights_for_inference(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": capture_rng(self.generators), "best": self.best, **self.extra_state()}
+                "rng": rng, "processes": self.accelerator.num_processes, "best": self.best, **self.extra_state()}
+
+    def gather_rng(self) -> List[Dict[str, Any]]:
+        """Every process's random streams, in process order (all processes must call it)."""
+        from accelerate.utils import gather_object
+        return list(gather_object([capture_rng(self.generators)]))
+
+    def restore_own_rng(self, rng: Any) -> None:
+        """Each process restores the random streams it saved itself. Files of earlier
+        versions hold one state (the main process's): only the main process restores it."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if isinstance(rng, dict):
+            rng = [rng]
+        if len(rng) != world:
+            self.accelerator.print(f"WARNING: the checkpoint holds the random state of {len(rng)} process(es), this "
+                                   f"run has {world}: processes without a saved state keep their fresh seeds, so "
+                                   f"the run will not repeat an uninterrupted one exactly")
+        if rank < len(rng):
+            restore_rng(rng[rank], self.generators)
 
     def load_state(self, state: Dict[str, Any]) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -159,14 +181,15 @@ class BaseTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"], self.generators)
+        self.restore_own_rng(state["rng"])
         self.step, self.best = int(state["step"]), state.get("best", self.best)
         self.load_extra_state(state)
 
     def save(self, name: str = "last.pt") -> None:
         self.accelerator.wait_for_everyone()
+        rng = self.gather_rng()
         if self.is_main:
-            save_training_checkpoint(self.run_dir / "checkpoints" / name, **self.state())
+            save_training_checkpoint(self.run_dir / "checkpoints" / name, **self.state(rng))
 
     def val_weights(self) -> str:
         """Which weights validation scores ('model' or 'ema'); best.pt records it."""
