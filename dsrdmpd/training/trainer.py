@@ -9,6 +9,7 @@ checkpoint, so a resumed run continues bit for bit (on CPU) where it stopped.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from ..config import check_keys, validate_config
+from ..config import ConfigError, check_keys, validate_config
 from ..data import DataError
 from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, configure_cuda, load_training_state, make_loader,
@@ -28,11 +29,30 @@ def make_accelerator(device: str, mixed_precision: str, grad_accum: int) -> Acce
     """An Accelerator with exactly these settings. accelerate keeps one state per process and
     silently keeps the first trainer's device (or refuses another mixed precision) for a
     second trainer in the same process (a notebook, stage 2 after stage 1); outside a
-    distributed launch that state is started afresh."""
+    distributed launch that state is started afresh.
+
+    ``device`` 'auto' on a machine without CUDA means the CPU: under ``accelerate launch
+    --multi_gpu --num_processes N`` the N processes then form one distributed CPU run (gloo),
+    each on its shard of the data, instead of N separate runs that each take all of it."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=device == "cpu")
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
+    check_one_run(accelerator.num_processes)
+    return accelerator
+
+
+def check_one_run(num_processes: int) -> None:
+    """Refuse a launch whose processes do not form one distributed run (WORLD_SIZE > 1 but
+    accelerate sees a single process): each would train on all the data and write the same
+    files."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and num_processes != world:
+        raise ConfigError(f"launched as {world} processes (WORLD_SIZE={world}) but they do not form one distributed "
+                          f"run ({num_processes} process seen by accelerate): each would train on all the data and "
+                          f"overwrite the others' checkpoints; use train.device=cpu for a CPU run, or launch one "
+                          f"process")
 
 
 class BaseTrainer:
