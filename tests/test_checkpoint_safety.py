@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +79,7 @@ def test_the_payload_runs_when_unpickled_in_full(evil):
 
 def test_every_command_refuses_a_file_that_would_run_code(evil, official, hazy_dir, tmp_path, capsys):
     paths, marker = evil
-    data = make_synthetic_dataset(tmp_path / "syn", n_train=2, n_test=1, size=64, seed=1)
+    data = make_synthetic_dataset(tmp_path / "syn", n_train=2, n_test=1, size=64, seed=1, n_valid=1)
     runs = [
         (dehaze.main, ["--stage1", paths["stage1"], "--stage2", official[1], "--input", hazy_dir,
                        "--output", tmp_path / "o1"], paths["stage1"]),

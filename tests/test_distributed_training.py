@@ -60,7 +60,7 @@ def test_two_cpu_processes_resume_exactly(tmp_path):
     data = make_synthetic_dataset(tmp_path / "syn", n_train=4, n_test=1, size=64, seed=3)
     stage1 = tmp_path / "stage1.pt"
     torch.manual_seed(0)
-    save_stage(build_stage1({"dim": 8}), stage1, 1, {"stage1": {"dim": 8}})
+    save_stage(build_stage1({"dim": 32}), stage1, 1, {"stage1": {"dim": 32}})
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
