@@ -4,6 +4,7 @@ official formats and our own (old and new) load safely, non-finite weights are r
 and the safetensors weights folder (converter, SHA-256, --weights-dir) round-trips."""
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -138,10 +139,11 @@ def test_official_formats_load_with_weights_only(official, tmp_path):
     assert isinstance(read_checkpoint(official[0]), dict) and isinstance(read_checkpoint(official[1]), dict)
     raw = torch.load(official[1], weights_only=True)["model"]
     model = load_stage2(official[1])
-    opt = torch.optim.Adam(model.net.parameters(), lr=8e-5)
-    sum((p * p).sum() for p in model.net.parameters()).backward()
+    trained = copy.deepcopy(model.net)            # the authors' trainer: Adam on the network, ema-pytorch
+    opt = torch.optim.Adam(trained.parameters(), lr=8e-5)
+    sum((p * p).sum() for p in trained.parameters()).backward()
     opt.step()
-    ema = EMA(model.net, beta=0.995, update_every=10)
+    ema = EMA(trained, beta=0.995, update_every=1, update_after_step=0)
     ema.update()
     scaler = torch.amp.GradScaler("cpu")
     to_official = {p: o for o, p in zip(raw, official_to_project_keys(raw, 2))}
@@ -154,9 +156,9 @@ def test_official_formats_load_with_weights_only(official, tmp_path):
     obj = read_checkpoint(full)
     assert obj["opt"]["state"][0]["exp_avg"].shape == next(model.net.parameters()).shape
     assert obj["scaler"]["scale"] == scaler.state_dict()["scale"]
-    for weights in ("model", "ema"):
+    for weights, want in (("model", model.net), ("ema", ema.ema_model)):
         loaded = load_stage2(full, weights=weights).net.state_dict()
-        for k, v in model.net.state_dict().items():
+        for k, v in want.state_dict().items():
             assert torch.equal(loaded[k], v), (weights, k)
 
 
