@@ -191,9 +191,11 @@ def unsafe_globals(path: PathLike) -> List[str]:
     """The globals a file's pickle references beyond what ``weights_only`` allows (read
     without unpickling anything)."""
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # not a zip checkpoint (legacy torch.save format or not a torch file)
         return []
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in legacy_numpy_globals()}
+    return [n for n in names if n not in allowed]
 
 
 def read_checkpoint(path: PathLike, trust: bool = False) -> object:
@@ -217,9 +219,8 @@ def read_checkpoint(path: PathLike, trust: bool = False) -> object:
             names = unsafe_globals(path)
             refs = f"it references {', '.join(names)}" if names else _unpickler_reason(exc)
             raise UntrustedCheckpointError(
-                f"checkpoint {path} is not plain tensor data ({refs}); unpickling it could run code, so it is not "
-                f"loaded: convert it with dsrdmpd-convert, or load it anyway only if you trust its source with "
-                f"{TRUST_HINT}") from None
+                f"checkpoint {path} is not plain tensor data ({refs}): unpickling it could run code, so it was not "
+                f"loaded; only if you trust its source, allow it with {TRUST_HINT}") from None
     except Exception as exc:  # truncated or not a torch file
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     try:
