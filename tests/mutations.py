@@ -170,7 +170,7 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_checkpoint_safety.py::test_checkpoints_of_earlier_versions_load_without_trust",)),
     Mutation("rng-pickled-numpy", "the training state stores NumPy's RNG state as an array again (needs unpickling)",
              "dsrdmpd/training/common.py", "\"keys\": torch.from_numpy(keys.astype(np.int64))", "\"keys\": keys",
-             ("tests/test_training.py::test_resume_is_bit_exact",)),
+             ("tests/test_checkpoint_safety.py::test_training_random_state_is_plain_data",)),
     Mutation("rng-rank0-only", "every process restores the main process's random state on resume",
              "dsrdmpd/training/trainer.py", "            restore_rng(rng[rank], self.generators)",
              "            restore_rng(rng[0], self.generators)", ("tests/test_distributed_training.py::test_two_cpu_processes_resume_exactly",)),

@@ -266,3 +266,21 @@ def test_checkpoints_of_earlier_versions_load_without_trust(tmp_path):
     restore_rng(back["rng"], {})
     assert np.array_equal(np.random.get_state()[1], state[1])
     assert random.random() == random.Random(3).random()
+
+
+def test_training_random_state_is_plain_data(tmp_path):
+    """What a trainer saves of its random streams loads with a bare weights_only=True (no
+    allow-list) and restores every stream exactly."""
+    from dsrdmpd.training.common import capture_rng, restore_rng
+    gens = {"loss": torch.Generator().manual_seed(11)}
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    path = tmp_path / "rng.pt"
+    torch.save({"rng": [capture_rng(gens)]}, path)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
+    state = torch.load(path, weights_only=True)["rng"][0]
+    draw = lambda: (random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(2).tolist(),
+                    torch.rand(2, generator=gens["loss"]).tolist())
+    first = draw()
+    draw()
+    restore_rng(state, gens)
+    assert draw() == first
