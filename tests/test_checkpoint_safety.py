@@ -284,3 +284,14 @@ def test_training_random_state_is_plain_data(tmp_path):
     draw()
     restore_rng(state, gens)
     assert draw() == first
+
+
+def test_models_are_given_one_way(official, hazy_dir, tmp_path, capsys):
+    base = ["--input", str(hazy_dir), "--output", str(tmp_path / "o")]
+    assert dehaze.main(base) == 2
+    assert "give --stage1 and --stage2" in capsys.readouterr().err
+    assert dehaze.main(base + ["--stage1", str(official[0]), "--stage2", str(official[1]),
+                               "--weights-dir", str(tmp_path)]) == 2
+    assert "either --weights-dir or --stage1/--stage2" in capsys.readouterr().err
+    assert dehaze.main(base + ["--weights-dir", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'config.json'}: not a dsrdmpd weights folder" in capsys.readouterr().err
