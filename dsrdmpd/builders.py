@@ -6,13 +6,14 @@ off the checkpoint itself.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
 from .checkpoints import (PROJECT_FORMAT, STAGE2_CHECKED_BUFFERS, STAGE2_DROPPED_BUFFERS, CheckpointError,
                           PathLike, check_stage2_buffers, is_project_checkpoint, load_into, read_checkpoint,
-                          save_atomic, stage_state_dict)
+                          save_atomic, save_safetensors, stage_state_dict)
 from .config import DEFAULTS, ConfigError, check_keys, validate_config
 from .diffusion import ResidualDiffusion
 from .models import MCESSUNet, ResidualDiffusionUNet
@@ -68,30 +69,41 @@ def _split_buffers(sd: Dict[str, torch.Tensor]):
     return weights, buffers
 
 
-def load_stage1(path: PathLike, cfg: Optional[Dict[str, Any]] = None, weights: str = "model") -> MCESSUNet:
-    """Stage 1 from an official ``.pth`` (plain state dict, float16 allowed) or a project
-    checkpoint; returned in eval mode on the CPU."""
-    obj = read_checkpoint(path)
-    sd = stage_state_dict(obj, 1, path, weights)
+def load_stage(path: PathLike, stage: int, cfg: Optional[Dict[str, Any]] = None, weights: str = "model",
+               trust: bool = False):
+    """(model in eval mode on the CPU, its complete stage config) from any supported file;
+    see :func:`load_stage1` / :func:`load_stage2`."""
+    obj = read_checkpoint(path, trust=trust)
+    sd = stage_state_dict(obj, stage, path, weights)
     if cfg is None:
-        cfg = obj["config"]["stage1"] if is_project_checkpoint(obj) else infer_stage1_config(sd)
-    model = build_stage1(cfg)
-    load_into(model, sd, str(path))
-    return model.eval()
+        infer = infer_stage1_config if stage == 1 else infer_stage2_config
+        cfg = obj["config"][f"stage{stage}"] if is_project_checkpoint(obj) else infer(sd)
+    cfg = resolved_stage_config(stage, {f"stage{stage}": cfg})
+    if stage == 1:
+        model = build_stage1(cfg)
+        load_into(model, sd, str(path))
+    else:
+        net_sd, buffers = _split_buffers(sd)
+        model = build_stage2(cfg)
+        check_stage2_buffers(buffers, model.schedule, str(path))
+        load_into(model.net, net_sd, str(path))
+    return model.eval(), cfg
 
 
-def load_stage2(path: PathLike, cfg: Optional[Dict[str, Any]] = None, weights: str = "model") -> ResidualDiffusion:
-    """Stage 2 from an official ``model-N.pt`` ({'model': ResidualDiffusion state, ...}) or
-    a project checkpoint; ``weights`` = 'model' (raw, as the paper's test script) or 'ema'."""
-    obj = read_checkpoint(path)
-    sd = stage_state_dict(obj, 2, path, weights)
-    net_sd, buffers = _split_buffers(sd)
-    if cfg is None:
-        cfg = obj["config"]["stage2"] if is_project_checkpoint(obj) else infer_stage2_config(sd)
-    model = build_stage2(cfg)
-    check_stage2_buffers(buffers, model.schedule, str(path))
-    load_into(model.net, net_sd, str(path))
-    return model.eval()
+def load_stage1(path: PathLike, cfg: Optional[Dict[str, Any]] = None, weights: str = "model",
+                trust: bool = False) -> MCESSUNet:
+    """Stage 1 from an official ``.pth`` (plain state dict, float16 allowed), a project
+    checkpoint or a project safetensors file; returned in eval mode on the CPU. ``trust``:
+    see :func:`dsrdmpd.checkpoints.read_checkpoint`."""
+    return load_stage(path, 1, cfg, weights, trust)[0]
+
+
+def load_stage2(path: PathLike, cfg: Optional[Dict[str, Any]] = None, weights: str = "model",
+                trust: bool = False) -> ResidualDiffusion:
+    """Stage 2 from an official ``model-N.pt`` ({'model': ResidualDiffusion state, ...}), a
+    project checkpoint or a project safetensors file; ``weights`` = 'model' (raw, as the
+    paper's test script) or 'ema'. ``trust``: see :func:`dsrdmpd.checkpoints.read_checkpoint`."""
+    return load_stage(path, 2, cfg, weights, trust)[0]
 
 
 def stage_checkpoint(stage: int, model_state: Dict[str, torch.Tensor], config: Dict[str, Any],
@@ -101,8 +113,19 @@ def stage_checkpoint(stage: int, model_state: Dict[str, torch.Tensor], config: D
             "model": model_state, "ema": ema_state, **extra}
 
 
+def resolved_stage_config(stage: int, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The complete ``stage<N>`` section (defaults filled in) of a full config."""
+    section = (config or {}).get(f"stage{stage}") or {}
+    return {**DEFAULTS[f"stage{stage}"], **section}
+
+
 def save_stage(model: torch.nn.Module, path: PathLike, stage: int, config: Dict[str, Any], **extra) -> None:
-    """Save a model (stage 1: MCESSUNet; stage 2: ResidualDiffusion or its net) atomically."""
+    """Save a model (stage 1: MCESSUNet; stage 2: ResidualDiffusion or its net) atomically:
+    a ``.safetensors`` path gets safetensors with the stage's config as metadata (``extra``
+    may give ``weights='ema'`` and ``source``), any other path a project ``.pt`` checkpoint."""
     net = model.net if stage == 2 and hasattr(model, "net") else model
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    save_atomic(stage_checkpoint(stage, state, config, **extra), path)
+    if Path(path).suffix == ".safetensors":
+        save_safetensors(state, path, stage, resolved_stage_config(stage, config), **extra)
+    else:
+        save_atomic(stage_checkpoint(stage, state, config, **extra), path)

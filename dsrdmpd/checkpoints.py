@@ -1,5 +1,12 @@
 """Loading the authors' checkpoints and saving / loading the project's own.
 
+Every file is read with ``torch.load(weights_only=True)`` (tensors and plain containers
+only: nothing in the file can run code), or as safetensors; a file that needs arbitrary
+unpickling is refused (:class:`UntrustedCheckpointError`) unless the caller opts in with
+``trust=True`` (``--trust-checkpoint``). NumPy arrays written by earlier versions of this
+package (the training state's RNG) are read with the array-rebuilding globals allowed,
+which cannot run code either. Weight tensors that are not finite are refused.
+
 Official files use the attribute names of the authors' classes (``U_Net``,
 ``ResidualDiffusion(UnetRes)``); :func:`official_to_project_keys` maps them onto this
 package's module names with an ordered list of regular-expression rules, one table per
@@ -9,10 +16,12 @@ are checked against the configured schedule, the rest (posterior terms of the
 """
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
 
@@ -98,6 +107,14 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model; the message names the file and keys."""
 
 
+class UntrustedCheckpointError(CheckpointError):
+    """A file whose pickle references code (classes or functions beyond tensors and plain
+    containers); loading it could run that code, so it needs the caller's explicit trust."""
+
+
+TRUST_HINT = "--trust-checkpoint (trust=True in the Python API)"
+
+
 def rename_key(key: str, rules: Iterable[Rule]) -> str:
     for pattern, repl in rules:
         key = re.sub(pattern, repl, key)
@@ -157,14 +174,81 @@ def check_stage2_buffers(state: Mapping[str, torch.Tensor], schedule, source: st
                 f"(timesteps={schedule.timesteps}, sum_scale={schedule.sum_scale}); check the stage-2 config")
 
 
-def read_checkpoint(path: PathLike) -> object:
+def legacy_numpy_globals() -> list:
+    """The globals that rebuild NumPy arrays and dtypes (the RNG state of training
+    checkpoints written by earlier versions): they allocate an array and fill it with
+    data, nothing else. Both module names of ``_reconstruct`` (NumPy 1 and 2) are listed."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:   # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            (_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def unsafe_globals(path: PathLike) -> List[str]:
+    """The globals a file's pickle references beyond what ``weights_only`` allows (read
+    without unpickling anything)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip checkpoint (legacy torch.save format or not a torch file)
+        return []
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in legacy_numpy_globals()}
+    return [n for n in names if n not in allowed]
+
+
+def read_checkpoint(path: PathLike, trust: bool = False) -> object:
+    """The object stored in a checkpoint, read on the CPU without running code from it.
+
+    ``.safetensors`` files become project checkpoints (:func:`read_safetensors`); torch
+    files are read with ``weights_only=True``. A file that needs more (a pickled class or
+    function) raises :class:`UntrustedCheckpointError` naming the file, the globals it
+    references and the opt-in; with ``trust=True`` it is unpickled in full (the caller
+    vouches for where it came from)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(legacy_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust:
+            names = unsafe_globals(path)
+            refs = f"it references {', '.join(names)}" if names else _unpickler_reason(exc)
+            raise UntrustedCheckpointError(
+                f"checkpoint {path} is not plain tensor data ({refs}): unpickling it could run code, so it was not "
+                f"loaded; only if you trust its source, allow it with {TRUST_HINT}") from None
     except Exception as exc:  # truncated or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)   # trusted by the caller
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The line of torch's weights_only message that says what was refused."""
+    for line in str(exc).splitlines():
+        if "WeightsUnpickler error" in line:
+            return line.strip().split(". Please use")[0]
+    return _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict holding NaN or infinite values, naming the first such tensor."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"checkpoint {source}: tensor {key!r} holds {bad} non-finite value(s) (NaN or "
+                                  f"infinity); the file is damaged or the training diverged")
 
 
 PROJECT_FORMAT = "dsrdmpd"
@@ -172,6 +256,55 @@ PROJECT_FORMAT = "dsrdmpd"
 
 def is_project_checkpoint(obj: object) -> bool:
     return isinstance(obj, dict) and obj.get("format") == PROJECT_FORMAT
+
+
+SAFETENSORS_VERSION = "1"
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], path: PathLike, stage: int, config: Mapping[str, Any],
+                     weights: str = "model", source: str = "") -> None:
+    """One stage's weights (project key names) as safetensors, atomically. The metadata
+    holds the format, its version, the stage, which weights these are ('model' or 'ema'),
+    the stage's config section as JSON and, optionally, the file they came from."""
+    from safetensors.torch import save_file
+    check_finite(state, str(path))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {"format": PROJECT_FORMAT, "format_version": SAFETENSORS_VERSION, "stage": str(stage),
+            "weights": weights, "config": json.dumps(dict(config), sort_keys=True)}
+    if source:
+        meta["source"] = source
+    remove_stale_temporaries(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_safetensors(path: PathLike) -> Dict[str, Any]:
+    """A safetensors file written by :func:`save_safetensors`, as a project checkpoint
+    ``{'format', 'stage', 'config': {'stage<N>': ...}, 'model' or 'ema': tensors}``."""
+    from safetensors import safe_open
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"cannot read safetensors file {path}: {type(exc).__name__}: {_first_line(exc)}") \
+            from None
+    if meta.get("format") != PROJECT_FORMAT or meta.get("stage") not in ("1", "2"):
+        raise CheckpointError(f"safetensors file {path} has no dsrdmpd metadata (format, stage): write it with "
+                              f"dsrdmpd-convert")
+    if meta.get("format_version") != SAFETENSORS_VERSION:
+        raise CheckpointError(f"safetensors file {path} has format version {meta.get('format_version')!r}; this "
+                              f"package reads version {SAFETENSORS_VERSION}")
+    stage, weights = int(meta["stage"]), meta.get("weights", "model")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"safetensors file {path}: its config metadata is not JSON ({exc})") from None
+    obj = {"format": PROJECT_FORMAT, "version": 1, "stage": stage, "config": {f"stage{stage}": config},
+           "model": None, "ema": None}
+    obj["ema" if weights == "ema" else "model"] = tensors
+    return obj
 
 
 def save_atomic(obj: object, path: PathLike) -> None:
@@ -195,6 +328,7 @@ def stage_state_dict(obj: object, stage: int, path: PathLike, weights: str = "mo
         key = "ema" if weights == "ema" else "model"
         if obj.get(key) is None:
             raise CheckpointError(f"checkpoint {path} has no {key!r} weights")
+        check_finite(obj[key], str(path))
         return dict(obj[key])
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} is a {type(obj).__name__}, not a state dict")
@@ -220,4 +354,5 @@ def stage_state_dict(obj: object, stage: int, path: PathLike, weights: str = "mo
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"checkpoint {path} is not a state dict (non-tensor entries: {_describe(bad)})")
+    check_finite(sd, str(path))
     return official_to_project_keys(sd, stage)

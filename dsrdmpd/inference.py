@@ -117,14 +117,35 @@ class Dehazer:
 
     @classmethod
     def from_checkpoints(cls, stage1: str, stage2: str, config: Union[None, str, Dict[str, Any]] = None,
-                         device: Union[str, torch.device] = "cpu", weights: str = "model", **kwargs) -> "Dehazer":
+                         device: Union[str, torch.device] = "cpu", weights: str = "model", trust: bool = False,
+                         **kwargs) -> "Dehazer":
         """Load both stages. ``config``: a dict or YAML path whose ``stage1`` / ``stage2``
         sections give the sizes; None reads them off the checkpoints. ``weights``: 'model' or
-        'ema' for stage 2. Sampling options default to the config's ``sampling`` section."""
+        'ema' for stage 2. Sampling options default to the config's ``sampling`` section.
+        Files are read without unpickling code; ``trust=True`` allows a file that needs it
+        (only for files from a source you trust)."""
         if isinstance(config, str):
             config = load_config(config)
-        s1 = load_stage1(stage1, None if config is None else config.get("stage1"))
-        s2 = load_stage2(stage2, None if config is None else config.get("stage2"), weights=weights)
+        s1 = load_stage1(stage1, None if config is None else config.get("stage1"), trust=trust)
+        s2 = load_stage2(stage2, None if config is None else config.get("stage2"), weights=weights, trust=trust)
+        return cls._with_sampling(s1, s2, config, device, kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder, config: Union[None, str, Dict[str, Any]] = None,
+                        device: Union[str, torch.device] = "cpu", weights: str = "model",
+                        hashes: Union[None, str, Dict[str, str]] = None, **kwargs) -> "Dehazer":
+        """Load both stages from a weights folder written by ``dsrdmpd-convert`` (safetensors;
+        layout in :mod:`dsrdmpd.weights_folder`), after checking the files against ``hashes``
+        (a ``sha256sum``-format file or {path: sha256}; default: the folder's SHA256SUMS, if
+        present). ``config`` overrides the folder's config.json."""
+        from .weights_folder import load_weights_folder
+        if isinstance(config, str):
+            config = load_config(config)
+        s1, s2, cfg = load_weights_folder(folder, weights, config, hashes)
+        return cls._with_sampling(s1, s2, cfg, device, kwargs)
+
+    @classmethod
+    def _with_sampling(cls, s1, s2, config, device, kwargs) -> "Dehazer":
         sampling = {**DEFAULTS["sampling"], **((config or {}).get("sampling") or {})}
         opts = {"seed": sampling["seed"], "eta": sampling["eta"], "fast": sampling["fast"], **kwargs}
         return cls(s1, s2, device=device, **opts)

@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from .atomicfile import atomic_path
 from .data import DataError
-from .inference import Dehazer, TilePlan
-from .radiometry import BandScale, ScaleError, ScaleSpec, cast_to, resolve_scale
+from .inference import Dehazer
+from .radiometry import BandScale, ScaleError, ScaleSpec, resolve_scale
 
 RASTER_EXTENSIONS = (".tif", ".tiff")
 DEFAULT_TILE = 512

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .atomicfile import TEMP_MARK, write_text_atomic
+from .weights_folder import sha256_file
 
 RECORDS = ".records"
 LOCK = ".lock"
@@ -45,14 +46,6 @@ STALE = re.compile(rf"^\..*\.[A-Za-z0-9_]{{8}}({re.escape(TEMP_MARK)}(\..*)?|\.p
 
 class RunFolderError(ValueError):
     """The output folder cannot be used for this run (locked, or made with another fingerprint)."""
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def digest(fingerprint: Dict[str, Any]) -> str:

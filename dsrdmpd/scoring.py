@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .atomicfile import write_text_atomic
 from .data import DataError, ImagePair, PairingError
 from .data.pairing import _keyed, _natural
-from .evaluation import ITEM_ERRORS, resize_image, write_rows_csv
+from .evaluation import one_line, resize_image, write_rows_csv
 from .imageio import read_image
 from .metrics import PROTOCOLS, ciede2000, psnr_ssim
 
@@ -131,8 +131,8 @@ def score_pairs(pairs: Sequence[ImagePair], protocols: Sequence[str], border: in
     for pair in tqdm(pairs, desc="scoring", unit="img", disable=not progress):
         try:
             done.append(score_pair(pair, protocols, border, resize))
-        except ITEM_ERRORS as exc:
-            failed.append({"name": pair.hazy.name, "error": " ".join(str(exc).split()) or type(exc).__name__})
+        except Exception as exc:           # one pair's failure (unreadable, wrong size, too large ...)
+            failed.append({"name": pair.hazy.name, "error": one_line(exc)})
             tqdm.write(f"skipped: {failed[-1]['error']}")
     return done, failed
 

@@ -94,7 +94,7 @@ def run_straight_and_resumed(make, tmp_path, check=lambda trainer: None):
     resumed = make(tmp_path / "b", resume="auto")
     assert resumed.step == 5
     resumed.train()
-    load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=False)
+    load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
     return straight, load("a"), load("b")
 
 
@@ -163,7 +163,7 @@ def test_killed_during_checkpoint_write_leaves_valid_latest(tmp_path):
         time.sleep(delay)
         proc.kill()
         proc.wait()
-        obj = torch.load(tmp_path / "last.pt", weights_only=False)
+        obj = torch.load(tmp_path / "last.pt", weights_only=True)
         assert torch.all(obj["w"] == obj["i"])
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
     assert all(p.startswith(".last.pt.") for p in leftovers)   # only orphaned temp files, never the final name
@@ -208,7 +208,7 @@ def test_ema_follows_the_configured_decay(data_root, stage1_ckpt, tmp_path, deca
     original = trainer.after_optimizer_step
     trainer.after_optimizer_step = lambda: (snapshots.append(trainer.unwrapped_state()), original())
     trainer.train()
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     key = "stem.weight"
     ema = snapshots[0][key].clone()                     # first update copies the model
     for n, state in enumerate(snapshots[1:]):

@@ -19,7 +19,7 @@ from ..evaluation import Item, collect_rows, run_items, write_results
 from ..inference import Dehazer
 from ..runfolder import RunFolder, check_outputs_apart, digest, make_fingerprint
 from .errors import ItemsFailed
-from .options import dehazer_options, model_config, resolve_device
+from .options import dehazer_options, load_dehazer, model_config, model_files, model_source, resolve_device
 
 
 class ProcessGroup:
@@ -123,17 +123,17 @@ def _run_batch(group: ProcessGroup, args, items, title, protocol, resize, raster
 def _run_locked(group: ProcessGroup, folder: RunFolder, cfg, args, items, title, protocol, resize, raster):
     out: Path = args.output
     device = resolve_device(args.device, group.local_rank)
-    dehazer = Dehazer.from_checkpoints(args.stage1, args.stage2, cfg, device=device, weights=args.weights,
-                                       **dehazer_options(args))
+    dehazer = load_dehazer(args, cfg, device, **dehazer_options(args))
     check_dehazer(dehazer)
 
     def prepare() -> str:
         fingerprint = make_fingerprint(
-            checkpoints=[p for p in (args.stage1, args.stage2) if p], weights=args.weights, seed=dehazer.seed,
+            checkpoints=model_files(args), weights=args.weights, seed=dehazer.seed,
             steps=dehazer.steps, eta=dehazer.eta, fast=dehazer.fast, tile=dehazer.tile, overlap=dehazer.overlap,
             precision=dehazer.precision, config=cfg, protocol=protocol, resize=resize,
             raster=raster_fingerprint(raster),
-            extra={"max_untiled_pixels": args.max_untiled_pixels if dehazer.tile is None else None})
+            extra={"max_untiled_pixels": args.max_untiled_pixels if dehazer.tile is None else None,
+                   "fast_norm": bool(getattr(args, "fast_norm", False))})
         folder.prepare(fingerprint, args.resume)
         return digest(fingerprint)
     run_id = group.on_main(prepare)
@@ -144,7 +144,7 @@ def _run_locked(group: ProcessGroup, folder: RunFolder, cfg, args, items, title,
     if group.rank != 0:
         return {}
     done, failed = collect_rows(items, out, run_id)
-    notes = [f"Checkpoints: stage 1 `{args.stage1}`, stage 2 `{args.stage2}` ({args.weights} weights); "
+    notes = [f"Checkpoints: {model_source(args)} ({args.weights} weights); "
                          f"seed {dehazer.seed}; {dehazer.steps} sampling steps"
                          + (f"; resized to {resize} (PIL bilinear, as the authors)" if resize else "") + "."]
     means = write_results(done, out, protocol, title, notes, failed)

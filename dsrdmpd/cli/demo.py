@@ -81,7 +81,7 @@ def train_tiny(out: Path, args, seed: int) -> tuple:
 def run_demo(args, seed: int, out: Path) -> dict:
     """One demo run into ``out``; returns its mean scores (hazy, stage 1, stage 2) and seconds."""
     t_start = time.time()
-    if args.stage1:
+    if args.stage1 or args.weights_dir:
         files = list_images(args.input) if args.input.is_dir() else [args.input]
         items = [Item(p.name, p, (args.gt / p.name) if args.gt else None) for p in files]
         s1, s2, weights, tiny = args.stage1, args.stage2, "model", False
@@ -90,7 +90,11 @@ def run_demo(args, seed: int, out: Path) -> dict:
             shutil.rmtree(out / sub, ignore_errors=True)
         s1, s2, items, weights = train_tiny(out, args, seed)
         tiny = True
-    dehazer = Dehazer.from_checkpoints(str(s1), str(s2), device=args.device, weights=weights, seed=seed)
+    if args.weights_dir:
+        dehazer = Dehazer.from_pretrained(args.weights_dir, device=args.device, weights=weights, seed=seed)
+    else:
+        dehazer = Dehazer.from_checkpoints(str(s1), str(s2), device=args.device, weights=weights, seed=seed,
+                                           trust=args.trust_checkpoint)
     rows = run_items(dehazer, items, out / "results", panels=len(items), progress=False)
     panels = sorted((out / "results" / "panels").glob("*.png"))[:OVERVIEW_PANELS]
     if panels:
@@ -99,7 +103,7 @@ def run_demo(args, seed: int, out: Path) -> dict:
         if item.gt is not None:
             m = psnr_ssim(read_image(item.hazy).tensor, read_image(item.gt).tensor)
             r["psnr_hazy"], r["ssim_hazy"] = m["psnr"][0], m["ssim"][0]
-    notes = [TINY_NOTE] if tiny else [f"Checkpoints: `{s1}`, `{s2}`."]
+    notes = [TINY_NOTE] if tiny else [f"Checkpoints: `{args.weights_dir or s1}`" + (f", `{s2}`." if s2 else ".")]
     means = write_results(rows, out / "results", "paper", "DS-RDMPD demo", notes)
     print(f"[3/3] dehazed {len(rows)} held-out image(s) -> {out / 'results'} (restored/, panels/, overview.png, "
           f"metrics.csv, summary.md)")
@@ -157,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", type=Path, default=Path("demo_output"))
     ap.add_argument("--stage1", help="stage-1 checkpoint: run the given models instead of training tiny ones")
     ap.add_argument("--stage2", help="stage-2 checkpoint (with --stage1)")
-    ap.add_argument("--input", type=Path, help="hazy image or folder (with --stage1/--stage2)")
+    ap.add_argument("--weights-dir", type=Path, help="weights folder written by dsrdmpd-convert (instead of "
+                                                     "--stage1/--stage2)")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow checkpoints that need arbitrary unpickling (can run code from the file: only for "
+                         "files from a source you trust)")
+    ap.add_argument("--input", type=Path, help="hazy image or folder (with --stage1/--stage2 or --weights-dir)")
     ap.add_argument("--gt", type=Path, help="ground-truth folder for --input (same names), optional")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where to train and dehaze (default: cuda if available)")
@@ -180,9 +189,11 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     args = build_parser().parse_args(argv)
     if bool(args.stage1) != bool(args.stage2):
         raise UsageError("give both --stage1 and --stage2, or neither")
-    if args.stage1 and not args.input:
-        raise UsageError("--input is required with --stage1/--stage2")
-    if args.seeds and args.stage1:
+    if args.weights_dir and args.stage1:
+        raise UsageError("give either --weights-dir or --stage1/--stage2, not both")
+    if (args.stage1 or args.weights_dir) and not args.input:
+        raise UsageError("--input is required with --stage1/--stage2 or --weights-dir")
+    if args.seeds and (args.stage1 or args.weights_dir):
         raise UsageError("--seeds trains the tiny models once per seed; it does not go with --stage1/--stage2")
     if not args.seeds:
         return [run_demo(args, args.seed, args.output)]

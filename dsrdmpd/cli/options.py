@@ -26,9 +26,14 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 
 def add_model_options(ap: argparse.ArgumentParser) -> None:
-    g = ap.add_argument_group("models")
-    g.add_argument("--stage1", required=True, help="stage-1 checkpoint (the authors' .pth or ours)")
-    g.add_argument("--stage2", required=True, help="stage-2 checkpoint (the authors' model-N.pt or ours)")
+    g = ap.add_argument_group("models (--stage1 and --stage2, or --weights-dir)")
+    g.add_argument("--stage1", help="stage-1 checkpoint (the authors' .pth or ours)")
+    g.add_argument("--stage2", help="stage-2 checkpoint (the authors' model-N.pt or ours)")
+    g.add_argument("--weights-dir", type=Path, help="a weights folder written by dsrdmpd-convert (both stages as "
+                                                     "safetensors; its SHA256SUMS is checked)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need arbitrary unpickling (this can run code from the file: only "
+                        "for files from a source you trust; the authors' files and ours never need it)")
     g.add_argument("--config", help="YAML config with the model sizes and sampling settings "
                                     "(default: sizes read off the checkpoints)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -111,9 +116,40 @@ def resolve_device(name: str, local_index: int = 0) -> torch.device:
 
 
 def model_config(args) -> Dict[str, Any] | None:
+    """The --config (with --set) of a command with :func:`add_model_options`, or None; also
+    checks that the models are given one way: --stage1 and --stage2, or --weights-dir."""
+    if args.weights_dir is not None and (args.stage1 or args.stage2):
+        raise UsageError("give either --weights-dir or --stage1/--stage2, not both")
+    if args.weights_dir is None and not (args.stage1 and args.stage2):
+        raise UsageError("give --stage1 and --stage2 (checkpoint files) or --weights-dir (a converted weights folder)")
     if args.overrides and not args.config:
         raise UsageError("--set needs --config (without a config the model sizes are read off the checkpoints)")
     return load_config(args.config, args.overrides) if args.config else None
+
+
+def model_source(args) -> str:
+    """Where the models came from, for summaries."""
+    if args.weights_dir is not None:
+        return f"weights folder `{args.weights_dir}`"
+    return f"stage 1 `{args.stage1}`, stage 2 `{args.stage2}`"
+
+
+def model_files(args) -> list:
+    """The checkpoint files a run reads (for its fingerprint): --stage1/--stage2, or the
+    weights folder's files."""
+    if args.weights_dir is not None:
+        from ..weights_folder import stage_paths
+        return list(stage_paths(args.weights_dir, args.weights))
+    return [p for p in (args.stage1, args.stage2) if p]
+
+
+def load_dehazer(args, cfg: Dict[str, Any] | None, device, **opts):
+    """The Dehazer of --stage1/--stage2 (read safely; --trust-checkpoint opts out) or --weights-dir."""
+    from ..inference import Dehazer
+    if args.weights_dir is not None:
+        return Dehazer.from_pretrained(args.weights_dir, cfg, device=device, weights=args.weights, **opts)
+    return Dehazer.from_checkpoints(args.stage1, args.stage2, cfg, device=device, weights=args.weights,
+                                    trust=args.trust_checkpoint, **opts)
 
 
 def dehazer_options(args) -> Dict[str, Any]:

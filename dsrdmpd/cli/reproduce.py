@@ -22,12 +22,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import load_config
 from ..data import split_pairs
-from ..evaluation import ITEM_ERRORS, fmt, mean_metrics
+from ..evaluation import fmt, mean_metrics, one_line
 from ..imageio import write_text_atomic
 from ..metrics import PROTOCOLS
 from ..scoring import score_folder
 from . import evaluate
-from .errors import USER_ERRORS, ItemsFailed, UsageError, run_command
+from .errors import ItemsFailed, UsageError, run_command
 from .options import parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,8 +203,8 @@ def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protoc
         refs = split_pairs(ds, ds.get("split", "test"))
         means, failed = score_folder(outputs, refs, out / "peers" / name / dataset, [protocol],
                                      resize=ds.get("resize"), title=f"{name} on {dataset}", progress=False)
-    except (*USER_ERRORS, *ITEM_ERRORS) as exc:
-        return {"note": f"{name} not scored: {' '.join(str(exc).split())}"}
+    except Exception as exc:          # a peer that cannot be scored is noted; the table goes on
+        return {"note": f"{name} not scored: {one_line(exc)}"}
     cell = {"psnr": means.get(f"psnr_{protocol}"), "ssim": means.get(f"ssim_{protocol}")}
     if failed:
         cell["note"] = f"{name}: {len(failed)} pair(s) not scored (see peers/{name}/{dataset}/summary.md)"

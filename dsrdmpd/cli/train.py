@@ -25,6 +25,9 @@ def build_parser(stage: int):
                     help="dotted override, e.g. --set train.lr=1e-4 (repeatable)")
     ap.add_argument("--resume", default=None,
                     help="'auto' (continue from RUN_DIR/checkpoints/last.pt if present) or a checkpoint path")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow a --resume or train.stage1_checkpoint file that needs arbitrary unpickling (this can "
+                         "run code from the file: only for files from a source you trust)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the run can be resumed)")
     return ap
 
@@ -36,7 +39,8 @@ def train_main(stage: int, argv: Optional[List[str]] = None) -> dict:
     args = build_parser(stage).parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     trainer_cls = Stage1Trainer if stage == 1 else Stage2Trainer
-    trainer = trainer_cls(cfg, args.run_dir, resume=args.resume, argv=sys.argv if argv is None else list(argv))
+    trainer = trainer_cls(cfg, args.run_dir, resume=args.resume, argv=sys.argv if argv is None else list(argv),
+                          trust=args.trust_checkpoint)
     summary = trainer.train(max_steps=args.max_steps)
     trainer.accelerator.print(f"done: step {summary['step']}, best {summary['best']}, "
                               f"{summary['it_per_s']:.2f} it/s, run folder {summary['run_dir']}")

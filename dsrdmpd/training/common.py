@@ -54,7 +54,14 @@ def prepare_run_dir(run_dir: Path, cfg: Dict[str, Any], argv: Optional[List[str]
 
 
 def capture_rng(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """This process's random streams as plain data (tensors, lists, numbers: a checkpoint
+    holding them loads with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"python": {"version": int(version), "state": [int(v) for v in mt], "gauss_next": gauss},
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state(),
              "generators": {k: g.get_state() for k, g in generators.items()}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -62,8 +69,17 @@ def capture_rng(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
 
 
 def restore_rng(state: Dict[str, Any], generators: Dict[str, torch.Generator]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Put back what :func:`capture_rng` took (also the tuple / NumPy-array form that
+    earlier versions of this package wrote)."""
+    py = state["python"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(py["state"]), py["gauss_next"])
+    random.setstate(py)
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = (npy["name"], np.asarray(npy["keys"].numpy(), dtype=np.uint32), npy["pos"], npy["has_gauss"],
+               npy["cached_gaussian"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     for k, g in generators.items():
         if k in state.get("generators", {}):
@@ -138,8 +154,10 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return path
 
 
-def load_training_state(path: Path, stage: int) -> Dict[str, Any]:
-    state = read_checkpoint(path)
+def load_training_state(path: Path, stage: int, trust: bool = False) -> Dict[str, Any]:
+    """A resumable training checkpoint of ``stage``, read without unpickling code (see
+    :func:`dsrdmpd.checkpoints.read_checkpoint`; ``trust`` allows a file that needs it)."""
+    state = read_checkpoint(path, trust=trust)
     if not (isinstance(state, dict) and state.get("format") == PROJECT_FORMAT and "optimizer" in state):
         raise CheckpointError(f"{path} is not a resumable dsrdmpd training checkpoint")
     if state.get("stage") != stage:

@@ -44,7 +44,8 @@ class Stage2Trainer(BaseTrainer):
         ckpt = self.tcfg.get("stage1_checkpoint")
         if not ckpt:
             raise ConfigError("train.stage1_checkpoint is not set: stage 2 trains on top of a trained stage 1")
-        self.stage1 = load_stage1(ckpt, self.cfg.get("stage1") if self.tcfg.get("stage1_use_config") else None)
+        self.stage1 = load_stage1(ckpt, self.cfg.get("stage1") if self.tcfg.get("stage1_use_config") else None,
+                                  trust=self.trust)
         self.stage1.requires_grad_(False).eval().to(self.accelerator.device)
         self.cfg["stage1"] = {"dim": self.stage1.dim}
         self.model = build_stage2(self.cfg.get("stage2"))

@@ -9,6 +9,7 @@ checkpoint, so a resumed run continues bit for bit (on CPU) where it stopped.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from ..config import check_keys, validate_config
+from ..config import ConfigError, check_keys, validate_config
 from ..data import DataError
 from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, configure_cuda, load_training_state, make_loader,
@@ -28,11 +29,30 @@ def make_accelerator(device: str, mixed_precision: str, grad_accum: int) -> Acce
     """An Accelerator with exactly these settings. accelerate keeps one state per process and
     silently keeps the first trainer's device (or refuses another mixed precision) for a
     second trainer in the same process (a notebook, stage 2 after stage 1); outside a
-    distributed launch that state is started afresh."""
+    distributed launch that state is started afresh.
+
+    ``device`` 'auto' on a machine without CUDA means the CPU: under ``accelerate launch
+    --multi_gpu --num_processes N`` the N processes then form one distributed CPU run (gloo),
+    each on its shard of the data, instead of N separate runs that each take all of it."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=device == "cpu")
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
+    check_one_run(accelerator.num_processes)
+    return accelerator
+
+
+def check_one_run(num_processes: int) -> None:
+    """Refuse a launch whose processes do not form one distributed run (WORLD_SIZE > 1 but
+    accelerate sees a single process): each would train on all the data and write the same
+    files."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and num_processes != world:
+        raise ConfigError(f"launched as {world} processes (WORLD_SIZE={world}) but they do not form one distributed "
+                          f"run ({num_processes} process seen by accelerate): each would train on all the data and "
+                          f"overwrite the others' checkpoints; use train.device=cpu for a CPU run, or launch one "
+                          f"process")
 
 
 class BaseTrainer:
@@ -47,7 +67,8 @@ class BaseTrainer:
     data_keys = ("preset", "root", "train_split", "val_split", "val_holdout", "val_limit", "crop", "flip", "resize",
                  "resize_mode", "num_workers", "hazy_dir", "gt_dir", "hazy_key", "gt_key", "list_file")
 
-    def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None):
+    def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None,
+                 trust: bool = False):
         check_keys("train", cfg.get("train") or {}, (*self.train_defaults, *self.train_options))
         check_keys("data", cfg.get("data") or {}, self.data_keys)
         validate_config(cfg)
@@ -55,6 +76,7 @@ class BaseTrainer:
         self.cfg = cfg
         self.tcfg = cfg["train"]
         self.run_dir = Path(run_dir)
+        self.trust = bool(trust)      # checkpoints that need arbitrary unpickling may be read (--trust-checkpoint)
         device = str(self.tcfg.get("device", "auto"))
         self.accelerator = make_accelerator(device, self.tcfg.get("mixed_precision", "no"),
                                             int(self.tcfg.get("grad_accum", 1)))
@@ -85,7 +107,7 @@ class BaseTrainer:
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         path = resolve_resume(resume, self.run_dir)
         if path is not None:
-            self.load_state(load_training_state(path, self.stage))
+            self.load_state(load_training_state(path, self.stage, self.trust))
             self.accelerator.print(f"resumed from {path} at step {self.step}")
         resume_step = self.step if path is not None else None
         self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
@@ -144,13 +166,33 @@ class BaseTrainer:
             model = model.net
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    def state(self) -> Dict[str, Any]:
+    def state(self, rng: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """The resumable state (plain data: loads with ``weights_only=True``); ``rng`` holds
+        every process's random streams, indexed by process."""
         scaler = self.accelerator.scaler
         return {"stage": self.stage, "config": self.cfg, "step": self.step, "epoch": self.epoch,
                 **self.weights_for_inference(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": capture_rng(self.generators), "best": self.best, **self.extra_state()}
+                "rng": rng, "processes": self.accelerator.num_processes, "best": self.best, **self.extra_state()}
+
+    def gather_rng(self) -> List[Dict[str, Any]]:
+        """Every process's random streams, in process order (all processes must call it)."""
+        from accelerate.utils import gather_object
+        return list(gather_object([capture_rng(self.generators)]))
+
+    def restore_own_rng(self, rng: Any) -> None:
+        """Each process restores the random streams it saved itself. Files of earlier
+        versions hold one state (the main process's): only the main process restores it."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if isinstance(rng, dict):
+            rng = [rng]
+        if len(rng) != world:
+            self.accelerator.print(f"WARNING: the checkpoint holds the random state of {len(rng)} process(es), this "
+                                   f"run has {world}: processes without a saved state keep their fresh seeds, so "
+                                   f"the run will not repeat an uninterrupted one exactly")
+        if rank < len(rng):
+            restore_rng(rng[rank], self.generators)
 
     def load_state(self, state: Dict[str, Any]) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -159,14 +201,15 @@ class BaseTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"], self.generators)
+        self.restore_own_rng(state["rng"])
         self.step, self.best = int(state["step"]), state.get("best", self.best)
         self.load_extra_state(state)
 
     def save(self, name: str = "last.pt") -> None:
         self.accelerator.wait_for_everyone()
+        rng = self.gather_rng()
         if self.is_main:
-            save_training_checkpoint(self.run_dir / "checkpoints" / name, **self.state())
+            save_training_checkpoint(self.run_dir / "checkpoints" / name, **self.state(rng))
 
     def val_weights(self) -> str:
         """Which weights validation scores ('model' or 'ema'); best.pt records it."""

@@ -1,0 +1,91 @@
+"""Training under ``accelerate launch`` on the CPU: the processes form ONE distributed run
+(gloo), each process saves and restores its own random state, so a run stopped and
+resumed ends with exactly the weights of an uninterrupted one; a launch whose processes
+would not form one run is refused."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dsrdmpd.builders import build_stage1, save_stage
+from dsrdmpd.config import ConfigError
+from dsrdmpd.data.synthetic import make_synthetic_dataset
+from dsrdmpd.training.trainer import check_one_run
+
+from conftest import ROOT
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from dsrdmpd.config import load_config
+    from dsrdmpd.training import Stage2Trainer
+
+    root, stage1, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+
+    def make(run, resume=None):
+        cfg = load_config(Path({root!r}) / "configs" / "stage2_tiny.yaml",
+                          [f"data.root={{root}}", f"train.stage1_checkpoint={{stage1}}", "train.steps=6",
+                           "train.batch_size=1", "train.save_every=100", "train.ema_update_after_step=0",
+                           "train.device=auto"])
+        cfg["data"]["val_split"] = None
+        return Stage2Trainer(cfg, run, resume)
+
+    straight = make(out / "a")
+    assert straight.accelerator.num_processes == 2, straight.accelerator.num_processes
+    print("distributed:", straight.accelerator.distributed_type, straight.accelerator.device, flush=True)
+    straight.train()
+    make(out / "b").train(max_steps=3)
+    resumed = make(out / "b", resume="auto")
+    assert resumed.step == 3
+    resumed.train()
+""").format(root=str(ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_resume_exactly(tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 with train.device auto on a machine
+    without (visible) GPUs: one gloo run over 2 processes; stopped at step 3 of 6 and
+    resumed, every model and EMA tensor equals the uninterrupted run's."""
+    data = make_synthetic_dataset(tmp_path / "syn", n_train=4, n_test=1, size=64, seed=3)
+    stage1 = tmp_path / "stage1.pt"
+    torch.manual_seed(0)
+    save_stage(build_stage1({"dim": 32}), stage1, 1, {"stage1": {"dim": 32}})
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(_free_port()), str(script), str(data), str(stage1),
+                           str(tmp_path / "runs")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "MULTI_CPU" in proc.stdout
+    a = torch.load(tmp_path / "runs" / "a" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "runs" / "b" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["processes"] == 2
+    assert len(a["rng"]) == 2          # one random state per process, each its own
+    assert not torch.equal(a["rng"][0]["generators"]["loss"], a["rng"][1]["generators"]["loss"])
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        different = [k for k in a[part] if not torch.equal(a[part][k], b[part][k])]
+        assert not different, f"{part}: {len(different)} of {len(a[part])} tensors differ, e.g. {different[:3]}"
+
+
+def test_processes_that_do_not_form_one_run_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2.*do not form one distributed run"):
+        check_one_run(1)
+    check_one_run(2)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_one_run(1)
