@@ -133,7 +133,8 @@ def _run_locked(group: ProcessGroup, folder: RunFolder, cfg, args, items, title,
             precision=dehazer.precision, config=cfg, protocol=protocol, resize=resize,
             raster=raster_fingerprint(raster),
             extra={"max_untiled_pixels": args.max_untiled_pixels if dehazer.tile is None else None,
-                   "fast_norm": bool(getattr(args, "fast_norm", False))})
+                   "fast_norm": bool(getattr(args, "fast_norm", False)),
+                   "channels_last": bool(args.channels_last)})
         folder.prepare(fingerprint, args.resume)
         return digest(fingerprint)
     run_id = group.on_main(prepare)
