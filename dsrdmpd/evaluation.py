@@ -336,12 +336,17 @@ def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: st
     if tiled:
         lines += ["", f"Run in {tiled[0]['tiled']} x {tiled[0]['tiled']} tiles automatically (too large to run "
                   f"whole): {', '.join(cell(r['name']) for r in tiled)}."]
-    if failed:
-        lines += ["", f"## Failed: {len(failed)} item(s), not in the results above", "", "| item | reason |",
-                  "|---|---|"]
-        lines += [f"| {cell(r['name'])} | {cell(r['error'])} |" for r in failed]
+    lines += failed_lines(failed, "item")
     write_text_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     return means
+
+
+def failed_lines(failed: Sequence[Dict[str, object]], noun: str = "item") -> List[str]:
+    """The summary's "Failed" section (name and reason per row, cells escaped); [] when none failed."""
+    if not failed:
+        return []
+    return ["", f"## Failed: {len(failed)} {noun}(s), not in the results above", "", f"| {noun} | reason |",
+            "|---|---|", *[f"| {cell(r['name'])} | {cell(r['error'])} |" for r in failed]]
 
 
 def fmt(x: Optional[float], digits: int) -> str:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .atomicfile import write_text_atomic
 from .data import DataError, ImagePair, PairingError
 from .data.pairing import _keyed, _natural
-from .evaluation import one_line, resize_image, write_rows_csv
+from .evaluation import cell, failed_lines, one_line, resize_image, write_rows_csv
 from .imageio import read_image
 from .metrics import PROTOCOLS, ciede2000, psnr_ssim
 
@@ -170,13 +170,11 @@ def write_scores(rows: Sequence[Dict[str, object]], out_dir: Path, protocols: Se
                   f"| {len(rows)} | " + " | ".join(cells([means[c] for c in cols])) + " |", "",
                   "Per image:", "", "| image | ground truth | " + " | ".join(heads) + " |",
                   "|---" * (len(heads) + 2) + "|"]
-        lines += [f"| {r['name']} | {r['gt']} | " + " | ".join(cells([r[c] for c in cols])) + " |" for r in rows]
+        lines += [f"| {cell(r['name'])} | {cell(r['gt'])} | " + " | ".join(cells([r[c] for c in cols])) + " |"
+                  for r in rows]
     else:
         lines.append("No pair could be scored.")
-    if failed:
-        lines += ["", f"## Failed: {len(failed)} pair(s), not in the results above", "", "| image | reason |",
-                  "|---|---|"]
-        lines += [f"| {r['name']} | {str(r['error']).replace('|', '/')} |" for r in failed]
+    lines += failed_lines(failed, "pair")
     write_text_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     return means
 
