@@ -154,6 +154,15 @@ MUTATIONS: List[Mutation] = [
     Mutation("synthetic-test-leak", "the demo's training crops drawn from the held-out part of each source image",
              "dsrdmpd/data/synthetic.py", "generator=g))][0], size, g)", "generator=g))][1], size, g)",
              ("tests/test_data.py::test_synthetic_test_scenes_come_from_pixels_training_never_sees",)),
+    # parity bounds derived from float32 rounding (issue 20)
+    Mutation("sample-one-level-one-pixel", "the sampler adds one 8-bit level to one pixel of its output",
+             "dsrdmpd/diffusion/residual_diffusion.py", "        out = to_unit(img)\n",
+             "        out = to_unit(img)\n        out[:, 0, 0, 0] += 1 / 255\n",
+             ("tests/test_parity.py::test_stage2_sample",)),
+    Mutation("norm-eps-tenfold-small", "weight standardisation / layer norm eps 1e-6 instead of 1e-5",
+             "dsrdmpd/models/unet_blocks.py", "return 1e-5 if dtype == torch.float32 else 1e-3",
+             "return 1e-6 if dtype == torch.float32 else 1e-3",
+             ("tests/test_parity.py::test_stage2_network_outputs",)),
 ]
 
 
