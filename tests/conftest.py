@@ -1,8 +1,11 @@
 """Shared test helpers.
 
 Parity fixtures (compact form, weights rebuilt by tests/fixture_recipe.py) live in the
-repository: tests/fixtures/official (both stages, the chain, the full-size key manifest)
-and tests/fixtures/official_variants (the coarse-only stage-2 variant). They always run.
+repository: tests/fixtures/official (both stages, the chain, the full-size key manifest),
+tests/fixtures/official_variants (the coarse-only stage-2 variant) and three more seeds
+and sizes of the same recipe, tests/fixtures/more_seeds/seed{101,202,303} (all cases but
+the manifest). They always run: the parity tests over every set (``any_chain`` for the
+chain), other tests that only need a chain over the first (``chain``).
 $DSRDMPD_PARITY_DIR (one folder, or several joined by ':') points the same tests at other
 folders of the same form instead; kinds of case absent from those folders are skipped,
 but a run that finds no fixture at all fails.
@@ -25,7 +28,8 @@ from fixture_recipe import write_official_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-DEFAULT_PARITY_DIRS = [FIXTURES / "official", FIXTURES / "official_variants"]
+DEFAULT_PARITY_DIRS = [FIXTURES / "official", FIXTURES / "official_variants",
+                       *(FIXTURES / "more_seeds" / f"seed{s}" for s in (101, 202, 303))]
 _ENV_PARITY = os.environ.get("DSRDMPD_PARITY_DIR", "")
 CUSTOM_PARITY = bool(_ENV_PARITY.strip())
 PARITY_DIRS = [Path(p) for p in _ENV_PARITY.split(os.pathsep) if p.strip()] if CUSTOM_PARITY else DEFAULT_PARITY_DIRS
@@ -79,18 +83,32 @@ def realdata_sets() -> list:
     return [pytest.param(s, id=str(s.relative_to(REALDATA_DIR))) for s in sets]
 
 
-@pytest.fixture(scope="session", params=fixture_files("chain"))
-def chain(request, tmp_path_factory) -> Path:
-    """A chain fixture laid out as a user with the authors' released files would have it:
-    ``data/{hazy,GT}``, ``expected_*``, the compact ``weights.pt``, and the checkpoints rebuilt from the recipe written
-    in the official formats (``stage1_official.pth``, ``stage2_official.pt``)."""
-    src = require(request.param)
+CHAINS = fixture_files("chain")
+
+
+def _lay_out_chain(src, tmp_path_factory) -> Path:
+    src = require(src)
     folder = tmp_path_factory.mktemp(f"chain_{src.parent.name}")
     shutil.copytree(src / "data", folder / "data")
     for name in ("expected_metrics.json", "expected_outputs.pt", "weights.pt"):
         shutil.copy2(src / name, folder / name)
     write_official_checkpoints(src, folder)
     return folder
+
+
+@pytest.fixture(scope="session", params=CHAINS if CUSTOM_PARITY else CHAINS[:1])
+def chain(request, tmp_path_factory) -> Path:
+    """A chain fixture laid out as a user with the authors' released files would have it:
+    ``data/{hazy,GT}``, ``expected_*``, the compact ``weights.pt``, and the checkpoints rebuilt from the recipe written
+    in the official formats (``stage1_official.pth``, ``stage2_official.pt``). The first
+    in-repository set (every set given by $DSRDMPD_PARITY_DIR)."""
+    return _lay_out_chain(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=CHAINS)
+def any_chain(request, tmp_path_factory) -> Path:
+    """As ``chain``, for every chain set (the parity tests of the chain run on all)."""
+    return _lay_out_chain(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -297,6 +297,15 @@ MUTATIONS: List[Mutation] = [
     Mutation("ema-not-converted", "the converter leaves out the EMA weights of a project checkpoint",
              "dsrdmpd/convert.py", "        if _has_ema(stage2, trust):", "        if False:",
              ("tests/test_checkpoint_safety.py::test_converting_our_training_checkpoint_keeps_the_ema",)),
+    # parity bounds derived from float32 rounding (issue 20)
+    Mutation("sample-one-level-one-pixel", "the sampler adds one 8-bit level to one pixel of its output",
+             "dsrdmpd/diffusion/residual_diffusion.py", "        out = to_unit(img)\n",
+             "        out = to_unit(img)\n        out[:, 0, 0, 0] += 1 / 255\n",
+             ("tests/test_parity.py::test_stage2_sample",)),
+    Mutation("norm-eps-tenfold-small", "weight standardisation / layer norm eps 1e-6 instead of 1e-5",
+             "dsrdmpd/models/unet_blocks.py", "return 1e-5 if dtype == torch.float32 else 1e-3",
+             "return 1e-6 if dtype == torch.float32 else 1e-3",
+             ("tests/test_parity.py::test_stage2_network_outputs",)),
 ]
 
 

@@ -1,38 +1,58 @@
-"""The whole two-stage chain on the official chain fixture, from PNG files through the
-public API, with the sizes and seed stated in expected_metrics.json."""
+"""The whole two-stage chain on every chain fixture set, from PNG files through the public
+API, with the sizes and seed stated in expected_metrics.json; bounds derived from float32
+rounding (tests/parity_bounds.py)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
+from dsrdmpd.diffusion.residual_diffusion import start_noise
 from dsrdmpd.imageio import read_image
-from dsrdmpd.inference import Dehazer
+from dsrdmpd.inference import Dehazer, padded_size
 from dsrdmpd.metrics import psnr_ssim
+
+from parity_bounds import LEVEL, assert_levels, assert_parity, compare, exact_arithmetic, float64_copy
 
 
 
 @pytest.fixture(scope="module")
-def chain_run(chain):
-    """The chain through the public API, from the official-format files (conftest.chain)."""
-    folder = chain
+def chain_run(any_chain):
+    """The chain through the public API, from the official-format files (conftest.any_chain),
+    and the float64 run of the same Dehazer (parity_bounds) per image: the exact reference."""
+    folder = any_chain
     meta = json.loads((folder / "expected_metrics.json").read_text())
     expected = torch.load(folder / "expected_outputs.pt", map_location="cpu", weights_only=False)
     cfg = meta["config"]
     dehazer = Dehazer.from_checkpoints(str(folder / "stage1_official.pth"), str(folder / "stage2_official.pt"),
                                        config={"stage1": cfg["stage1"], "stage2": cfg["stage2"]}, seed=cfg["seed"])
-    return folder, meta, expected, dehazer
+    exact = {name: exact_chain(dehazer, read_image(folder / "data" / "hazy" / name).tensor[None])
+             for name in expected}
+    return folder, meta, expected, dehazer, exact
+
+
+def exact_chain(dehazer: Dehazer, hazy: torch.Tensor):
+    """The same Dehazer (padding, start noise from its seed, cropping) with both networks in float64."""
+    twin = copy.copy(dehazer)
+    twin.stage1 = float64_copy(dehazer.stage1, cast_inputs=True)
+    twin.stage2 = float64_copy(dehazer.stage2)
+    twin.stage2.net.register_forward_pre_hook(lambda m, args: (args[0].double(), *args[1:]))
+    noise = start_noise((hazy.shape[0], 3, *padded_size(*hazy.shape[-2:])), dehazer.seed)   # float32, as drawn
+    with exact_arithmetic():
+        return twin(hazy, noise=noise)
 
 
 def test_chain_matches_official_outputs_and_metrics(chain_run):
-    folder, meta, expected, dehazer = chain_run
+    folder, meta, expected, dehazer, exact = chain_run
     for name, exp in expected.items():
         hazy = read_image(folder / "data" / "hazy" / name).tensor[None]
         gt = read_image(folder / "data" / "GT" / name).tensor[None]
         result = dehazer(hazy)
-        torch.testing.assert_close(result.coarse, exp["coarse"].float(), rtol=1e-4, atol=1e-5)
-        assert (result.restored - exp["restored"].float()).abs().max() < 1e-4
+        assert_parity(f"{name} coarse", result.coarse, exact[name].coarse, exp["coarse"])
+        assert_parity(f"{name} restored", result.restored, exact[name].restored, exp["restored"])
+        assert_levels(f"{name} restored", result.restored, exact[name].restored, exp["restored"])
         m, mc = psnr_ssim(result.restored, gt), psnr_ssim(result.coarse, gt)
         want = meta["images"][name]
         assert m["psnr"][0] == pytest.approx(want["psnr"], abs=1e-3)
@@ -41,41 +61,54 @@ def test_chain_matches_official_outputs_and_metrics(chain_run):
         assert mc["ssim"][0] == pytest.approx(want["ssim_coarse"], abs=1e-4)
 
 
+def test_one_level_in_one_pixel_is_caught(chain_run):
+    """One 8-bit level added to one pixel of the restored output fails the parity check,
+    whether the bug is in both of our runs (it moves the reference) or only in the float32
+    one (it inflates the measured rounding beyond a quarter level)."""
+    folder, meta, expected, dehazer, exact = chain_run
+    name, exp = next(iter(expected.items()))
+    ours = dehazer(read_image(folder / "data" / "hazy" / name).tensor[None]).restored
+    ref = exact[name].restored
+    assert compare("unchanged", ours, ref, exp["restored"]).ok
+    bump = torch.zeros_like(ours)
+    bump[0, 1, ours.shape[-2] // 2, ours.shape[-1] // 3] = LEVEL
+    assert not compare("bug in both runs", ours + bump, ref + bump, exp["restored"]).ok
+    assert not compare("bug in float32 only", ours + bump, ref, exp["restored"]).ok
+
+
 def test_chain_sizes_read_off_checkpoints(chain_run):
     """Without a config, the loaders read every size off the official files."""
-    folder, meta, expected, _ = chain_run
+    folder, meta, expected, _, exact = chain_run
     dehazer = Dehazer.from_checkpoints(str(folder / "stage1_official.pth"), str(folder / "stage2_official.pt"),
                                        seed=meta["config"]["seed"])
     assert dehazer.stage1.dim == meta["config"]["stage1"]["dim"]
     assert dehazer.stage2.net.dim == meta["config"]["stage2"]["dim"]
     name, exp = next(iter(expected.items()))
     result = dehazer(read_image(folder / "data" / "hazy" / name).tensor[None])
-    assert (result.restored - exp["restored"].float()).abs().max() < 1e-4
+    assert_parity("restored", result.restored, exact[name].restored, exp["restored"])
 
 
 def test_chain_batch_equals_single(chain_run):
     """An image's result does not depend on its batch-mates."""
-    folder, meta, expected, dehazer = chain_run
+    folder, meta, expected, dehazer, exact = chain_run
     names = list(expected)
     batch = torch.cat([read_image(folder / "data" / "hazy" / n).tensor[None] for n in names])
     together = dehazer(batch).restored
     for i, n in enumerate(names):
-        assert (together[i:i + 1] - expected[n]["restored"].float()).abs().max() < 1e-4
+        assert_parity(f"{n} in a batch", together[i:i + 1], exact[n].restored, expected[n]["restored"])
 
 
-def test_float16_stage2_file_gives_the_same_result(chain, tmp_path):
+def test_float16_stage2_file_gives_the_same_result(chain_run, tmp_path):
     """The authors' released stage-2 files are float16: the same weights (exactly float16-
     representable by the recipe) stored that way restore the same images."""
     from fixture_recipe import write_official_checkpoints
-    src = chain
-    s1, s2 = write_official_checkpoints(chain, tmp_path, stage2_half=True)
+    src, meta, expected, _, exact = chain_run
+    s1, s2 = write_official_checkpoints(src, tmp_path, stage2_half=True)
     assert next(iter(torch.load(s2, weights_only=False)["model"].values())).dtype == torch.float16
-    meta = json.loads((src / "expected_metrics.json").read_text())
-    expected = torch.load(src / "expected_outputs.pt", map_location="cpu", weights_only=False)
     dehazer = Dehazer.from_checkpoints(str(s1), str(s2), seed=meta["config"]["seed"])
     name, exp = next(iter(expected.items()))
     result = dehazer(read_image(src / "data" / "hazy" / name).tensor[None])
-    assert (result.restored - exp["restored"].float()).abs().max() < 1e-4
+    assert_parity("restored", result.restored, exact[name].restored, exp["restored"])
 
 
 def test_official_ema_entry_loads_with_weights_ema(chain, tmp_path):
