@@ -82,9 +82,10 @@ MUTATIONS: List[Mutation] = [
              "    for name, ours in []:",
              ("tests/test_chain.py",)),
     Mutation("fp16-stage2-half", "a float16 stage-2 file makes the network run in float16",
-             "dsrdmpd/builders.py", "    check_stage2_buffers(buffers, model.schedule, str(path))\n    load_into(model.net, net_sd, str(path))",
-             "    check_stage2_buffers(buffers, model.schedule, str(path))\n    load_into(model.net, net_sd, str(path))\n"
-             "    if next(iter(net_sd.values())).dtype == torch.float16:\n        model.net.half()",
+             "dsrdmpd/builders.py",
+             "        check_stage2_buffers(buffers, model.schedule, str(path))\n        load_into(model.net, net_sd, str(path))",
+             "        check_stage2_buffers(buffers, model.schedule, str(path))\n        load_into(model.net, net_sd, str(path))\n"
+             "        if next(iter(net_sd.values())).dtype == torch.float16:\n            model.net.half()",
              ("tests/test_chain.py",)),
     Mutation("protocol-ignored", "test.py --protocol ignored (always paper)",
              "dsrdmpd/cli/batch.py", "run_items(dehazer, items, out, protocol, resize,",
