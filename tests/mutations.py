@@ -307,6 +307,10 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/models/unet_blocks.py", "return 1e-5 if dtype == torch.float32 else 1e-3",
              "return 1e-6 if dtype == torch.float32 else 1e-3",
              ("tests/test_parity.py::test_stage2_network_outputs",)),
+    # lead: the run fingerprint of a --weights-dir run
+    Mutation("weights-dir-not-fingerprinted", "a --weights-dir run records no checkpoint hashes (a changed file resumes)",
+             "dsrdmpd/cli/options.py", "        return list(stage_paths(args.weights_dir, args.weights))",
+             "        return []", ("tests/test_runfolder.py::test_a_weights_folder_run_fingerprints_the_folder_files",)),
 ]
 
 

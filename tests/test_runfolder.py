@@ -106,6 +106,25 @@ def test_resume_refuses_another_fingerprint_and_names_the_field(setup, capsys):
     assert "seed 7;" in (setup / "out" / "summary.md").read_text()
     assert json.loads((setup / "out" / "run.json").read_text())["fingerprint"]["seed"] == 7
 
+def test_a_weights_folder_run_fingerprints_the_folder_files(setup, monkeypatch, capsys):
+    """--weights-dir: the stage files in the folder are hashed, so --resume after one of them
+    changed is refused like a changed --stage2 file."""
+    weights = setup / "weights"
+    for rel, data in (("stage1/model.safetensors", b"one"), ("stage2/model.safetensors", b"two")):
+        (weights / rel).parent.mkdir(parents=True, exist_ok=True)
+        (weights / rel).write_bytes(data)
+
+    def load(*args, **kwargs):
+        return Dehazer(PassThroughStage1(), PassThroughStage2(), seed=kwargs.get("seed", 0))
+    monkeypatch.setattr(Dehazer, "from_pretrained", staticmethod(load))
+    argv = ["--weights-dir", str(weights), "--input", str(setup / "in"), "--output", str(setup / "out")]
+    assert dehaze.main(argv) == 0
+    recorded = json.loads((setup / "out" / "run.json").read_text())["fingerprint"]["checkpoints_sha256"]
+    assert len(recorded) == 2
+    (weights / "stage2/model.safetensors").write_bytes(b"other")
+    assert dehaze.main(argv + ["--resume"]) == 2
+    assert "checkpoints_sha256" in _errors(capsys)[0]
+
 
 def test_unreadable_records_mean_not_done_and_are_named(setup, capsys):
     assert run(setup) == 0
