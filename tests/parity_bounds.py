@@ -77,6 +77,7 @@ class Parity:
     bound: float       # K * d32 + floor
     rms_err: float     # rms |authors - exact|
     rms_bound: float   # K_RMS * rms |ours - exact| + floor
+    rms_d32: float     # rms |ours - exact|
 
     @property
     def ok(self) -> bool:
@@ -97,9 +98,9 @@ def compare(what: str, ours: torch.Tensor, exact: torch.Tensor, authors: torch.T
     assert ours.shape == exact.shape == authors.shape, (what, ours.shape, exact.shape, authors.shape)
     o, e, a = ours.double(), exact.double(), authors.double()
     floor = ULP_FLOOR * torch.finfo(torch.float32).eps * e.abs().max().item()
-    d32 = (o - e).abs().max().item()
+    d32, rms32 = (o - e).abs().max().item(), _rms(o - e)
     return Parity(what, (a - e).abs().max().item(), d32, ROUNDING_FACTOR * d32 + floor,
-                  _rms(a - e), RMS_FACTOR * _rms(o - e) + floor)
+                  _rms(a - e), RMS_FACTOR * rms32 + floor, rms32)
 
 
 def assert_parity(what: str, ours: torch.Tensor, exact: torch.Tensor, authors: torch.Tensor) -> Parity:
@@ -108,12 +109,17 @@ def assert_parity(what: str, ours: torch.Tensor, exact: torch.Tensor, authors: t
     return p
 
 
+def to_levels(image: torch.Tensor) -> torch.Tensor:
+    """A [0, 1] image's 8-bit levels (as written to a file), float64."""
+    return (image.double() * 255).round()
+
+
 def assert_levels(what: str, ours: torch.Tensor, exact: torch.Tensor, authors: torch.Tensor) -> int:
     """The file-level claim for [0, 1] images written as 8-bit: the authors' and our 8-bit
     levels differ by at most one, and only at pixels whose exact value lies within the
     rounding bound of a level boundary (x.5 levels). Returns the number of such pixels."""
     p = compare(what, ours, exact, authors)
-    lo, la = (ours.double() * 255).round(), (authors.double() * 255).round()
+    lo, la = to_levels(ours), to_levels(authors)
     near = ((exact.double() * 255 - (exact.double() * 255).floor() - 0.5).abs() <= 255 * (p.bound + p.d32))
     differ = lo != la
     assert (lo - la).abs().max().item() <= 1, f"{what}: 8-bit levels differ by more than one"
