@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import parity_cases
 from fixture_recipe import write_official_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def require_realdata(folder):
 
 
 def load_fixture(path: Path) -> dict:
-    return torch.load(require(path), map_location="cpu", weights_only=False)
+    return parity_cases.load_fixture(require(path))
 
 
 def realdata_sets() -> list:

@@ -3,19 +3,17 @@ API, with the sizes and seed stated in expected_metrics.json; bounds derived fro
 rounding (tests/parity_bounds.py)."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 
-from dsrdmpd.diffusion.residual_diffusion import start_noise
 from dsrdmpd.imageio import read_image
-from dsrdmpd.inference import Dehazer, padded_size
+from dsrdmpd.inference import Dehazer
 from dsrdmpd.metrics import psnr_ssim
 
-from parity_bounds import LEVEL, assert_levels, assert_parity, compare, exact_arithmetic, float64_copy
-
+from parity_bounds import LEVEL, assert_levels, assert_parity, compare
+from parity_cases import chain_dehazer, exact_chain
 
 
 @pytest.fixture(scope="module")
@@ -23,25 +21,10 @@ def chain_run(any_chain):
     """The chain through the public API, from the official-format files (conftest.any_chain),
     and the float64 run of the same Dehazer (parity_bounds) per image: the exact reference."""
     folder = any_chain
-    meta = json.loads((folder / "expected_metrics.json").read_text())
-    expected = torch.load(folder / "expected_outputs.pt", map_location="cpu", weights_only=False)
-    cfg = meta["config"]
-    dehazer = Dehazer.from_checkpoints(str(folder / "stage1_official.pth"), str(folder / "stage2_official.pt"),
-                                       config={"stage1": cfg["stage1"], "stage2": cfg["stage2"]}, seed=cfg["seed"])
+    meta, expected, dehazer = chain_dehazer(folder, folder)
     exact = {name: exact_chain(dehazer, read_image(folder / "data" / "hazy" / name).tensor[None])
              for name in expected}
     return folder, meta, expected, dehazer, exact
-
-
-def exact_chain(dehazer: Dehazer, hazy: torch.Tensor):
-    """The same Dehazer (padding, start noise from its seed, cropping) with both networks in float64."""
-    twin = copy.copy(dehazer)
-    twin.stage1 = float64_copy(dehazer.stage1, cast_inputs=True)
-    twin.stage2 = float64_copy(dehazer.stage2)
-    twin.stage2.net.register_forward_pre_hook(lambda m, args: (args[0].double(), *args[1:]))
-    noise = start_noise((hazy.shape[0], 3, *padded_size(*hazy.shape[-2:])), dehazer.seed)   # float32, as drawn
-    with exact_arithmetic():
-        return twin(hazy, noise=noise)
 
 
 def test_chain_matches_official_outputs_and_metrics(chain_run):

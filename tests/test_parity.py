@@ -7,91 +7,33 @@ fixture and shared by the tests below.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 
 import pytest
 import torch
 
-from dsrdmpd.builders import build_stage1, build_stage2, infer_stage2_config
-from dsrdmpd.checkpoints import (STAGE1_RULES, STAGE2_CHECKED_BUFFERS, STAGE2_DROPPED_BUFFERS, check_stage2_buffers,
-                                 load_into, official_to_project_keys, rename_key)
+from dsrdmpd.builders import infer_stage2_config
+from dsrdmpd.checkpoints import STAGE1_RULES, official_to_project_keys, rename_key
 from dsrdmpd.models import MCESSUNet, ResidualDiffusionUNet
 
-from conftest import CUSTOM_PARITY, PARITY_DIRS, fixture_files, load_fixture, parity_paths, require
-from fixture_recipe import fixture_state_dict
-from parity_bounds import assert_parity, compare, exact_arithmetic, float64_copy
-
-S2_BUFFERS = STAGE2_CHECKED_BUFFERS + STAGE2_DROPPED_BUFFERS
+from conftest import CUSTOM_PARITY, PARITY_DIRS, fixture_files, parity_paths, require
+from parity_bounds import assert_parity
+from parity_cases import S2_BUFFERS, net_exact, stage1_case, stage2_case, stage2_output_parity, stage2_sample
 
 
 @pytest.mark.parametrize("path", fixture_files("stage1_mcess_unet*.pt"))
 def test_stage1_output(path):
-    fx = load_fixture(path)
-    model = build_stage1(fx["config"]).eval()
-    load_into(model, official_to_project_keys(fixture_state_dict(fx), 1), str(path))
-    with torch.no_grad():
-        out = model(fx["input"].float())
-        with exact_arithmetic():
-            exact = float64_copy(model)(fx["input"].double())
+    fx, out, exact = stage1_case(require(path))
     assert out.shape == fx["output"].shape
     assert_parity("stage-1 output", out, exact, fx["output"])
-
-
-def _stage2_from_fixture(path):
-    fx = load_fixture(path)
-    cfg = dict(fx["config"])
-    sd = official_to_project_keys(fixture_state_dict(fx), 2)
-    has_fusion = any(k.startswith("residual_decoder.fusions.") for k in sd)
-    expected = cfg.get("perceptual_decoder", "perceptual" in path.name)
-    assert has_fusion == bool(expected), "fixture name / config and its keys disagree on the decoder variant"
-    cfg["perceptual_decoder"] = has_fusion
-    diffusion = build_stage2(cfg).eval()
-    check_stage2_buffers(sd, diffusion.schedule, str(path))
-    load_into(diffusion.net, {k: v for k, v in sd.items() if k not in S2_BUFFERS}, str(path))
-    return fx, diffusion
 
 
 STAGE2_FIXTURES = fixture_files("stage2_perceptual*.pt") + fixture_files("stage2_plain*.pt")
 
 
-def net_exact(fx, diffusion):
-    """Both decoders' outputs of a float64 run of ``diffusion``'s network on the fixture's input."""
-    with torch.no_grad(), exact_arithmetic():
-        return float64_copy(diffusion.net)(fx["net_input"].double(), fx["net_t"].long())
-
-
-def stage2_exact(fx, diffusion) -> dict:
-    """The float64 run of our stage-2 code on the fixture's cases: network outputs, loss,
-    5-step sample (fast and straightforward paths are equal in exact arithmetic)."""
-    d64 = float64_copy(diffusion)
-    steps = fx["config"].get("sampling_timesteps", 5)
-    res, noise = net_exact(fx, d64)
-    with torch.no_grad(), exact_arithmetic():
-        loss = d64.training_loss(fx["gt"].double(), fx["coarse"].double(), fx["hazy"].double(),
-                                 t=fx["loss_t"].long(), noise=fx["loss_noise"].double())
-        out, start = d64.sample(fx["coarse"].double(), fx["hazy"].double(), noise=fx["sample_init_noise"].double(),
-                                steps=steps, return_start=True)
-    return {"res": res, "noise": noise, "loss": loss, "sample": out, "start": start}
-
-
-@functools.lru_cache(maxsize=None)
-def _stage2_case(path):
-    fx, diffusion = _stage2_from_fixture(path)
-    return fx, diffusion, stage2_exact(fx, diffusion)
-
-
-def stage2_output_parity(fx, diffusion, exact) -> list:
-    """Parity of both decoders' outputs (a list of Parity, one per decoder)."""
-    with torch.no_grad():
-        res, noise = diffusion.net(fx["net_input"].float(), fx["net_t"].long())
-    return [compare("residual decoder", res, exact["res"], fx["net_output"][0]),
-            compare("noise decoder", noise, exact["noise"], fx["net_output"][1])]
-
-
 @pytest.mark.parametrize("path", STAGE2_FIXTURES)
 def test_stage2_network_outputs(path):
-    fx, diffusion, exact = _stage2_case(require(path))
+    fx, diffusion, exact = stage2_case(require(path))
     for p in stage2_output_parity(fx, diffusion, exact):
         assert p.ok, f"not equal to float32 rounding: {p}"
 
@@ -99,7 +41,7 @@ def test_stage2_network_outputs(path):
 @pytest.mark.parametrize("path", STAGE2_FIXTURES)
 @pytest.mark.parametrize("full_network", [False, True], ids=["residual-only", "both-decoders"])
 def test_stage2_training_loss(path, full_network):
-    fx, diffusion, exact = _stage2_case(require(path))
+    fx, diffusion, exact = stage2_case(require(path))
     with torch.no_grad():
         loss = diffusion.training_loss(fx["gt"], fx["coarse"], fx["hazy"], t=fx["loss_t"].long(),
                                        noise=fx["loss_noise"], full_network=full_network)
@@ -109,10 +51,8 @@ def test_stage2_training_loss(path, full_network):
 @pytest.mark.parametrize("path", STAGE2_FIXTURES)
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 def test_stage2_sample(path, fast):
-    fx, diffusion, exact = _stage2_case(require(path))
-    steps = fx["config"].get("sampling_timesteps", 5)
-    out, start = diffusion.sample(fx["coarse"], fx["hazy"], noise=fx["sample_init_noise"], steps=steps,
-                                  fast=fast, return_start=True)
+    fx, diffusion, exact = stage2_case(require(path))
+    out, start = stage2_sample(fx, diffusion, fast)
     assert_parity("sample start", start, exact["start"], fx["sample_start"])
     assert_parity("5-step sample", out, exact["sample"], fx["sample_output"])
 
@@ -131,7 +71,7 @@ def test_planted_weight_error_is_caught(name):
     share of all weights for which this holds (the rest move no output by more than float32
     rounding, so no comparison of float32 results could see them)."""
     path = require((parity_paths("stage2_perceptual.pt") or [None])[0])
-    fx, diffusion, exact = _stage2_case(path)
+    fx, diffusion, exact = stage2_case(path)
     assert all(p.ok for p in stage2_output_parity(fx, diffusion, exact))
     bad = copy.deepcopy(diffusion)
     with torch.no_grad():
