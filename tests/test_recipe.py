@@ -121,6 +121,9 @@ def test_test_time_resize_is_pil_bilinear_on_the_8bit_image(tmp_path):
             .permute(1, 2, 0).numpy()).__abs__().max() > 1e-2
 
 
+QUARTER_LEVEL = 1 / 1020     # as parity_bounds' cap: far below any wrong-variant load, far above rounding
+
+
 def test_coarse_only_variant_ignores_the_hazy_image_and_loads_by_shape(tmp_path):
     torch.manual_seed(0)
     model = build_stage2({"dim": 8, "input_condition": False}).eval()
@@ -138,8 +141,10 @@ def test_coarse_only_variant_ignores_the_hazy_image_and_loads_by_shape(tmp_path)
         loaded = load_stage2(tmp_path / "model-1.pt")
         assert loaded.net.input_condition is False and loaded.net.stem.weight.shape[1] == 6
         assert loaded.net.perceptual_decoder == fx["config"]["perceptual_decoder"]
+        # loaded as this variant, it gives the authors' samples; their exact parity (bounds derived
+        # from float32 rounding, every seed) is test_parity's: here a quarter of an 8-bit level
         torch.testing.assert_close(loaded.sample(fx["coarse"], fx["hazy"], noise=fx["sample_init_noise"]),
-                                   fx["sample_output"].float(), rtol=1e-4, atol=1e-5)
+                                   fx["sample_output"].float(), rtol=0, atol=QUARTER_LEVEL)
 
 
 def test_coarse_only_variant_trains(data_root, stage1_last, tmp_path):
