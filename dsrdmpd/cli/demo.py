@@ -36,6 +36,7 @@ from ..metrics import psnr_ssim
 from ..training import Stage1Trainer, Stage2Trainer
 from ..visualize import stack_panels
 from .errors import UsageError, run_command
+from .options import add_safe_loading_options
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_NOTE = ("These numbers come from TINY models (stage 1 dim 32, stage 2 dim 8) trained for a few minutes on a "
@@ -161,11 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", type=Path, default=Path("demo_output"))
     ap.add_argument("--stage1", help="stage-1 checkpoint: run the given models instead of training tiny ones")
     ap.add_argument("--stage2", help="stage-2 checkpoint (with --stage1)")
-    ap.add_argument("--weights-dir", type=Path, help="weights folder written by dsrdmpd-convert (instead of "
-                                                     "--stage1/--stage2)")
-    ap.add_argument("--trust-checkpoint", action="store_true",
-                    help="allow checkpoints that need arbitrary unpickling (can run code from the file: only for "
-                         "files from a source you trust)")
+    add_safe_loading_options(ap)
     ap.add_argument("--input", type=Path, help="hazy image or folder (with --stage1/--stage2 or --weights-dir)")
     ap.add_argument("--gt", type=Path, help="ground-truth folder for --input (same names), optional")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -25,15 +25,21 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def add_safe_loading_options(g) -> None:
+    """--weights-dir and --trust-checkpoint, for every command that loads both stages."""
+    g.add_argument("--weights-dir", type=Path, help="a weights folder written by dsrdmpd-convert (both stages as "
+                                                     "safetensors; its SHA256SUMS is checked), instead of "
+                                                     "--stage1/--stage2")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need arbitrary unpickling (this can run code from the file: only "
+                        "for files from a source you trust; the authors' files and ours never need it)")
+
+
 def add_model_options(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("models (--stage1 and --stage2, or --weights-dir)")
     g.add_argument("--stage1", help="stage-1 checkpoint (the authors' .pth or ours)")
     g.add_argument("--stage2", help="stage-2 checkpoint (the authors' model-N.pt or ours)")
-    g.add_argument("--weights-dir", type=Path, help="a weights folder written by dsrdmpd-convert (both stages as "
-                                                     "safetensors; its SHA256SUMS is checked)")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow checkpoints that need arbitrary unpickling (this can run code from the file: only "
-                        "for files from a source you trust; the authors' files and ours never need it)")
+    add_safe_loading_options(g)
     g.add_argument("--config", help="YAML config with the model sizes and sampling settings "
                                     "(default: sizes read off the checkpoints)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
