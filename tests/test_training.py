@@ -2,6 +2,7 @@
 checkpoints, the command line."""
 from __future__ import annotations
 
+import fnmatch
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+from dsrdmpd.atomicfile import temporary_name_pattern
 from dsrdmpd.builders import load_stage1, load_stage2
 from dsrdmpd.config import load_config
 from dsrdmpd.data.synthetic import make_synthetic_dataset
@@ -166,7 +168,8 @@ def test_killed_during_checkpoint_write_leaves_valid_latest(tmp_path):
         obj = torch.load(tmp_path / "last.pt", weights_only=True)
         assert torch.all(obj["w"] == obj["i"])
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
-    assert all(p.startswith(".last.pt.") for p in leftovers)   # only orphaned temp files, never the final name
+    pattern = temporary_name_pattern(tmp_path / "last.pt")
+    assert all(fnmatch.fnmatch(p, pattern) for p in leftovers), leftovers   # only orphaned temporaries
 
 
 def test_misspelt_training_key_warns_with_a_suggestion(data_root, tmp_path):
