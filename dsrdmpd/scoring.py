@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .atomicfile import write_text_atomic
 from .data import DataError, ImagePair, PairingError
-from .data.pairing import _keyed, _natural
+from .data.pairing import files_by_key, natural_key
 from .evaluation import cell, failed_lines, one_line, resize_image, write_rows_csv
 from .imageio import read_image
 from .metrics import PROTOCOLS, ciede2000, psnr_ssim
@@ -51,10 +51,10 @@ def metric_columns(protocols: Sequence[str]) -> List[str]:
 def gt_references(gt_dir: Path, gt_key: str = r"(.+)") -> List[ImagePair]:
     """The GT folder as reference pairs (hazy = GT), keyed by ``gt_key`` as in pairing,
     in natural key order; an empty folder is an error."""
-    keyed = _keyed(Path(gt_dir), gt_key, "ground-truth")
+    keyed = files_by_key(Path(gt_dir), gt_key, "ground-truth")
     if not keyed:
         raise ScoringError(f"no images found in {gt_dir}")
-    return [ImagePair(k, keyed[k], keyed[k]) for k in sorted(keyed, key=_natural)]
+    return [ImagePair(k, keyed[k], keyed[k]) for k in sorted(keyed, key=natural_key)]
 
 
 def match_restored(restored_dir: Path, references: Sequence[ImagePair],
@@ -62,7 +62,7 @@ def match_restored(restored_dir: Path, references: Sequence[ImagePair],
     """Pairs (key, restored file, GT file) in the references' order. Each restored key
     must name exactly one reference (its key, hazy stem or GT stem) and every reference
     must have one restored file; otherwise :class:`ScoringError` lists what is unmatched."""
-    restored = _keyed(Path(restored_dir), restored_key, "restored")
+    restored = files_by_key(Path(restored_dir), restored_key, "restored")
     by_name: Dict[str, List[int]] = {}
     for i, ref in enumerate(references):
         for name in {ref.key, ref.hazy.stem, ref.gt.stem}:

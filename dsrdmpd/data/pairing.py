@@ -61,11 +61,16 @@ LIST_PRESETS = {"realblur": "RealBlur_J_{split}_list.txt"}   # default list file
 PRESET_NAMES = (*PRESETS, *LIST_PRESETS, "paired")
 
 
-def _natural(key: str):
+def natural_key(key: str):
+    """Sort key that orders digit runs by value: 'img2' before 'img10'."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def _keyed(folder: Path, rule: str, role: str) -> Dict[str, Path]:
+def files_by_key(folder: Path, rule: str, role: str) -> Dict[str, Path]:
+    """The image files of ``folder`` by the key that regex ``rule`` (one group) takes from
+    each name; ``role`` names the folder in errors (PairingError: missing folder, bad rule,
+    names the rule does not match,
+    a key taken twice)."""
     if not folder.is_dir():
         raise PairingError(f"{role} folder not found: {folder}")
     pattern = re.compile(rule)
@@ -93,8 +98,8 @@ def _keyed(folder: Path, rule: str, role: str) -> Dict[str, Path]:
 def find_pairs(hazy_dir: Union[str, Path], gt_dir: Union[str, Path], hazy_key: str = r"(.+)",
                gt_key: str = r"(.+)") -> List[ImagePair]:
     """Pairs of (hazy, GT) files sharing a key, in natural key order."""
-    hazy = _keyed(Path(hazy_dir), hazy_key, "hazy")
-    gt = _keyed(Path(gt_dir), gt_key, "ground-truth")
+    hazy = files_by_key(Path(hazy_dir), hazy_key, "hazy")
+    gt = files_by_key(Path(gt_dir), gt_key, "ground-truth")
     only_hazy, only_gt = sorted(set(hazy) - set(gt)), sorted(set(gt) - set(hazy))
     if only_hazy or only_gt:
         lines = [f"unpaired files between {hazy_dir} and {gt_dir}:"]
@@ -105,7 +110,7 @@ def find_pairs(hazy_dir: Union[str, Path], gt_dir: Union[str, Path], hazy_key: s
         raise PairingError("\n".join(lines))
     if not hazy:
         raise PairingError(f"no images found in {hazy_dir}")
-    return [ImagePair(k, hazy[k], gt[k]) for k in sorted(hazy, key=_natural)]
+    return [ImagePair(k, hazy[k], gt[k]) for k in sorted(hazy, key=natural_key)]
 
 
 def layout_from_config(data_cfg: dict) -> PairLayout:
