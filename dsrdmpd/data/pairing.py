@@ -69,8 +69,7 @@ def natural_key(key: str):
 def files_by_key(folder: Path, rule: str, role: str) -> Dict[str, Path]:
     """The image files of ``folder`` by the key that regex ``rule`` (one group) takes from
     each name; ``role`` names the folder in errors (PairingError: missing folder, bad rule,
-    names the rule does not match,
-    a key taken twice)."""
+    names the rule does not match, a key taken twice)."""
     if not folder.is_dir():
         raise PairingError(f"{role} folder not found: {folder}")
     pattern = re.compile(rule)
