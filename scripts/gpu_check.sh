@@ -45,7 +45,7 @@ timeout "$(limit "${BENCH_LIMIT:-190}")" "$py" scripts/benchmark.py --device cud
     --variants fp32 tf32 tf32+fastnorm tf32+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs \
     --warmup 1 --repeats 3 --case-timeout 90 --out "$out/inference" 2>&1 | tee -a "$out/bench.log" \
     || status=1
-timeout "$(limit "${TRAIN_LIMIT:-60}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
+timeout "$(limit "${TRAIN_LIMIT:-120}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
     --train-size 256 --warmup 2 --repeats 5 --case-timeout 30 --out "$out/training" 2>&1 \
     | tee -a "$out/bench.log" || status=1
 
