@@ -250,3 +250,29 @@ print(json.dumps({"s": time.perf_counter() - t0, "hit": counters["inductor"]["fx
     assert runs[0]["miss"] >= 1 and runs[1]["hit"] >= 1 and runs[1]["miss"] == 0
     assert runs[1]["sum"] == runs[0]["sum"]
     assert any((tmp_path / "cache").rglob("*"))
+
+
+def test_graphed_step_leaves_no_trace_of_its_warm_up_in_batchnorm_statistics():
+    """Capture runs warm-up steps; afterwards weights, BatchNorm running statistics and Adam's
+    state are as before them: after 3 replays everything equals 3 eager steps."""
+    from dsrdmpd.training.step_options import GraphedTrainingStep, StepOptions, make_adam
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 3, 1)).cuda().train()
+    graphed = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(2, 3, 16, 16, generator=g).cuda(), torch.rand(2, 3, 16, 16, generator=g).cuda())
+               for _ in range(3)]
+    opts = StepOptions(False, True, True)
+    opt_e = make_adam(eager.parameters(), 1e-2, opts, torch.device("cuda"))
+    for x, y in batches:
+        opt_e.zero_grad(set_to_none=True)
+        F.l1_loss(eager(x), y).backward()
+        opt_e.step()
+    step = GraphedTrainingStep(lambda x, y: F.l1_loss(graphed(x), y), graphed,
+                               make_adam(graphed.parameters(), 1e-2, opts, torch.device("cuda")))
+    for x, y in batches:
+        step(x, y)
+    for a, b in zip(list(graphed.parameters()) + list(graphed.buffers()),
+                    list(eager.parameters()) + list(eager.buffers())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -128,8 +128,9 @@ class GraphedTrainingStep:
     """``loss_fn(*inputs)``, its backward and ``optimizer.step()`` captured in one CUDA graph
     and replayed with new inputs (copied into static buffers). A new input shape recaptures
     (the old graph and its memory pool are dropped). The warm-up steps that capture needs
-    (on a side stream, as in PyTorch's recipe) are undone: weights and optimizer state are
-    put back, so the first replay is the run's real step. The optimizer must be capturable."""
+    (on a side stream, as in PyTorch's recipe) are undone: weights, buffers (BatchNorm's
+    running statistics) and optimizer state are put back, so the first replay is the run's
+    real step. The optimizer must be capturable."""
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor], model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, warmup: int = 3):
@@ -152,9 +153,10 @@ class GraphedTrainingStep:
         return self.static_loss.detach().clone()
 
     def _tensors(self):
+        """(weights and buffers, Adam's state tensors)"""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         state = [t for p in params for t in self.optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor)]
-        return params, state
+        return params + list(self.model.buffers()), state
 
     def _capture(self, inputs: Tuple[torch.Tensor, ...]) -> None:
         self.graph = self.static_loss = None
