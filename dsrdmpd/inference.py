@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from .builders import load_stage1, load_stage2
 from .cuda_graphs import GraphRunner
+from .compile_cache import use_compile_cache
 from .config import DEFAULTS, ConfigError, load_config
 from .diffusion import ResidualDiffusion, start_noise, window_noise
 from .models import MCESSUNet

@@ -344,6 +344,9 @@ MUTATIONS: List[Mutation] = [
              'os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)',
              'os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))',
              ("tests/test_training_fast.py::test_compile_cache_folder_is_set_before_compiling",)),
+    Mutation("dehazer-ignores-compile-cache", "Dehazer(compile=True, compile_cache=DIR) ignores DIR",
+             "dsrdmpd/inference.py", "use_compile_cache(compile_cache)", "use_compile_cache(None)",
+             ("tests/test_training_fast.py::test_dehazer_with_compile_uses_the_cache_folder_before_its_first_call",)),
 ]
 
 

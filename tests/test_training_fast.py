@@ -237,3 +237,19 @@ def test_compile_cache_on_a_file_is_one_line_naming_it(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^compile cache .*f: cannot use it as a folder"):
         use_compile_cache(tmp_path / "f")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/kept"
+
+
+def test_dehazer_with_compile_uses_the_cache_folder_before_its_first_call(tmp_path, monkeypatch):
+    """Dehazer(compile=True) points the caches at ``compile_cache`` (or $DSRDMPD_COMPILE_CACHE)
+    when it wraps the networks, before anything is compiled (compiling is lazy: not run here)."""
+    from dsrdmpd.builders import build_stage1, build_stage2
+    from dsrdmpd.inference import Dehazer
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    monkeypatch.setenv(ENV, str(tmp_path / "from_env"))
+    Dehazer(build_stage1({"dim": 32}), build_stage2({"dim": 8}), compile=True, compile_cache=str(tmp_path / "arg"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "arg").resolve())
+    Dehazer(build_stage1({"dim": 32}), build_stage2({"dim": 8}), compile=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "from_env").resolve())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/kept")
+    Dehazer(build_stage1({"dim": 32}), build_stage2({"dim": 8}))                  # no compile: nothing set
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/kept"
