@@ -215,7 +215,8 @@ def _first_call(args, spec, dev, torch):
 def _case(args, spec, queue):
     """One measurement in this (fresh) process; puts a dict (or a list of dicts) on ``queue``."""
     if spec["kind"] == "compile":
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["cache_dir"]
+        from .compile_cache import use_compile_cache
+        use_compile_cache(spec["cache_dir"])         # the mechanism of Dehazer(compile_cache=...) and the tools
     import torch
     from .inference import Dehazer
     from .models.unet_blocks import set_fused_attention
@@ -257,18 +258,35 @@ def _case(args, spec, queue):
         set_fused_attention(s2, fast)
         if fast:
             s2.net.noise_decoder.requires_grad_(False)
-        opt = torch.optim.Adam([p for p in s2.parameters() if p.requires_grad], lr=8e-5)
+        from .training.step_options import (GraphedTrainingStep, StepOptions, make_adam,
+                                            to_memory_format)
+        # the trainer's step options (train.fused_optimizer / cuda_graph / channels_last / precision)
+        fused = spec["fused"] if "fused" in spec else (True if dev.startswith("cuda") else None)   # auto
+        options = StepOptions(bool(spec.get("channels_last")), fused, bool(spec.get("cuda_graph")))
+        if options.channels_last:
+            s2.to(memory_format=torch.channels_last)
+        opt = make_adam([p for p in s2.parameters() if p.requires_grad], 8e-5, options, torch.device(dev))
         hazy = torch.rand(args.train_batch, 3, size, size, generator=g).to(dev)
         gt = torch.rand(args.train_batch, 3, size, size, generator=g).to(dev)
         with torch.no_grad():
             cached = s1(hazy)
+        bf16 = spec.get("precision") == "bf16"
+
+        def loss_of(gt, coarse, hazy, t, noise):
+            with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+                return s2.training_loss(gt, coarse, hazy, t=t, noise=noise, full_network=not fast)
+        graphed = GraphedTrainingStep(loss_of, s2, opt) if options.cuda_graph else None
 
         def step():
             with torch.no_grad():
                 coarse = cached if fast else s1(hazy)
             t = torch.randint(0, s2.num_timesteps, (args.train_batch,), generator=g).to(dev)
             noise = torch.randn(gt.shape, generator=g).to(dev)
-            loss = s2.training_loss(gt, coarse, hazy, t=t, noise=noise, full_network=not fast)
+            inputs = to_memory_format((gt, coarse, hazy, t, noise), options.channels_last)
+            if graphed is not None:
+                graphed(*inputs)
+                return
+            loss = loss_of(*inputs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -531,7 +549,8 @@ def main(argv=None):
         fast = run_case(args, kind="train_fast", size=args.train_size)
         slow = run_case(args, kind="train_straightforward", size=args.train_size)
         records += [fast, slow]
-        cuda_note = " (CUDA: the trainer's defaults, TF32 on, deterministic algorithms)" if cuda else ""
+        cuda_note = (" (CUDA: the trainer's defaults, TF32 on, deterministic algorithms, fused Adam)" if cuda
+                     else " (CPU: plain Adam, the trainer's default there)")
         lines += [f"Stage-2 training step ({args.train_size}x{args.train_size}, batch {args.train_batch}, "
                   f"Adam){cuda_note}:", "",
                   "| path | s / step | it/s | peak |", "|---|---|---|---|",
@@ -542,8 +561,21 @@ def main(argv=None):
                   f"| speed-up | {slow['seconds'] / fast['seconds']:.2f}x | | |"]
         if cuda:
             for label, opts in (("fast, not deterministic (train.deterministic: false)", {"deterministic": False}),
-                                ("fast, true float32 (train.tf32: false)", {"tf32": False})):
-                r = run_case(args, kind="train_fast", size=args.train_size, **opts)
+                                ("fast, true float32 (train.tf32: false)", {"tf32": False}),
+                                ("fast, plain Adam (train.fused_optimizer: false)", {"fused": None}),
+                                ("fast, fused Adam (train.fused_optimizer: auto)", {"fused": True}),
+                                ("fast, fused Adam + CUDA graph (train.cuda_graph: true)",
+                                 {"fused": True, "cuda_graph": True}),
+                                ("fast, graph, not deterministic", {"fused": True, "cuda_graph": True,
+                                                                    "deterministic": False}),
+                                ("fast, graph + channels_last + bf16 (train.precision: bf16)",
+                                 {"fused": True, "cuda_graph": True, "channels_last": True, "precision": "bf16"})):
+                try:
+                    r = run_case(args, kind="train_fast", size=args.train_size, **opts)
+                except CaseFailed as e:
+                    records.append(dict(kind="train_fast", size=args.train_size, **opts, error=str(e)))
+                    lines.append(f"| {label} | {e} | | |")
+                    continue
                 records.append(r)
                 lines.append(f"| {label} | {r['seconds']:.3f} | {r['it_per_s']:.3f} | {r['peak_mib']:.0f} |")
         lines.append("")

@@ -28,7 +28,9 @@ for the call); ``precision='tf32'`` allows them (faster on Ampere and later card
 about 3 decimal digits per product); ``precision='bf16'`` runs both networks under bfloat16 autocast (the sampler's
 arithmetic stays float32; 'bf16-stage1' only stage 1, which is far less sensitive),
 ``channels_last`` stores activations NHWC (meant for GPU convolutions), ``compile`` wraps
-both networks with ``torch.compile``. ``fast_norm`` runs GroupNorm (+ scale/shift + SiLU) through
+both networks with ``torch.compile``, its compiled code kept in ``compile_cache`` (a folder,
+default ``$DSRDMPD_COMPILE_CACHE``; :mod:`dsrdmpd.compile_cache`) so a later process with
+the same folder starts without compiling again. ``fast_norm`` runs GroupNorm (+ scale/shift + SiLU) through
 the split-reduction kernels of :mod:`dsrdmpd.models.norm` on CUDA (the CPU keeps PyTorch's);
 ``cuda_graphs`` captures stage 1 and the whole sampler once per input shape and replays it
 (:mod:`dsrdmpd.cuda_graphs`; at most ``max_graphs`` graphs, least recently used dropped;
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 
 from .builders import load_stage1, load_stage2
 from .cuda_graphs import GraphRunner
+from .compile_cache import use_compile_cache
 from .config import DEFAULTS, ConfigError, load_config
 from .diffusion import ResidualDiffusion, start_noise, window_noise
 from .models import MCESSUNet
@@ -88,7 +91,8 @@ class Dehazer:
                  seed: int = 0, eta: float = 0.0, fast: bool = True, steps: Optional[int] = None,
                  tile: Optional[int] = None, overlap: int = 64, tile_batch: int = 1,
                  precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                 fast_norm: bool = False, cuda_graphs: bool = False, max_graphs: int = 4):
+                 fast_norm: bool = False, cuda_graphs: bool = False, max_graphs: int = 4,
+                 compile_cache: Optional[str] = None):
         self.device = torch.device(device)
         self.stage1 = stage1.to(self.device).eval()
         self.stage2 = stage2.to(self.device).eval()
@@ -99,6 +103,7 @@ class Dehazer:
             self.stage1.to(memory_format=torch.channels_last)
             self.stage2.to(memory_format=torch.channels_last)
         if compile:
+            use_compile_cache(compile_cache)
             self.stage1.compile()
             self.stage2.net.compile()
         self.seed, self.eta, self.fast = seed, eta, fast

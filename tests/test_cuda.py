@@ -65,16 +65,51 @@ def test_gpu_training_starts_where_the_cpu_run_does_and_learns(stage, data_root,
     assert sum(gpu[-4:]) / 4 < 0.9 * sum(gpu[:4]) / 4
 
 
+STEP_OPTIONS = [pytest.param({}, id="defaults"), pytest.param({"cuda_graph": True}, id="graph"),
+                pytest.param({"cuda_graph": True, "channels_last": True, "fused_optimizer": False}, id="graph-cl-foreach")]
+
+
+@pytest.mark.parametrize("options", STEP_OPTIONS)
 @pytest.mark.parametrize("stage", [1, 2])
-def test_gpu_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
-    make = _make(stage, data_root, stage1_ckpt, "auto")       # default: tf32 on, deterministic on
+def test_gpu_resume_is_bit_exact(stage, options, data_root, stage1_ckpt, tmp_path):
+    """train.deterministic (the default) on the GPU: a run stopped after 5 steps and resumed
+    ends with the same weights, bit for bit, as the uninterrupted run; also with the step
+    captured in a CUDA graph (recaptured after the resume) and with channels-last."""
+    make = _make(stage, data_root, stage1_ckpt, "auto", **options)   # default: tf32 on, deterministic on, fused Adam
     def on_gpu(trainer):
         assert trainer.accelerator.device.type == "cuda"
+        assert trainer.optimizer.param_groups[0]["fused"] is (options.get("fused_optimizer", True) or None)
+        assert (trainer.graph_step is not None) == bool(options.get("cuda_graph"))
     _, sa, sb = run_straight_and_resumed(make, tmp_path, on_gpu)
     for key in ("model",) + (("ema",) if stage == 2 else ()):
         for name in sa[key]:
             assert torch.equal(sa[key][name], sb[key][name]), f"{key}.{name}"
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gpu_graphed_trainer_starts_as_the_eager_one_and_learns(stage, data_root, stage1_ckpt, tmp_path):
+    """train.cuda_graph: the first loss equals the eager trainer's (same weights: capture's
+    warm-up is undone), one capture for the whole run (static shapes), and it learns."""
+    runs = {}
+    for graph in (False, True):
+        trainer = _make(stage, data_root, stage1_ckpt, "auto", cuda_graph=graph, tf32=False)(tmp_path / str(graph))
+        trainer.train()
+        runs[graph] = _losses(tmp_path / str(graph))
+        if graph:
+            assert trainer.graph_step.captures == 1
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
+    assert sum(runs[True][-4:]) / 4 < 0.9 * sum(runs[True][:4]) / 4
+
+
+def test_gpu_bf16_precision_with_graph_and_channels_last_trains(data_root, stage1_ckpt, tmp_path):
+    trainer = _make(2, data_root, stage1_ckpt, "auto", precision="bf16", cuda_graph=True, channels_last=True,
+                    steps=20)(tmp_path)
+    assert trainer.tcfg["mixed_precision"] == "bf16"
+    trainer.train()
+    losses = _losses(tmp_path)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
 def test_gpu_bf16_mixed_precision_trains(data_root, stage1_ckpt, tmp_path):

@@ -14,6 +14,7 @@ from dsrdmpd.builders import build_stage1, build_stage2
 from dsrdmpd.inference import Dehazer
 from dsrdmpd.models.norm import GroupNormAct, triton_available
 
+from conftest import ROOT as ROOT_DIR
 from test_speed_options import chain_reference, psnr  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -149,3 +150,129 @@ def test_fast_options_against_cpu_float32(chain_reference, opts, min_db):  # noq
     ckpts, hazy, ref = chain_reference
     out = Dehazer.from_checkpoints(*ckpts, device="cuda", **opts)(hazy)
     assert psnr(out.restored.cpu(), ref.restored) > min_db
+
+
+# ---- training step: fused / capturable Adam and the whole step in one CUDA graph (train.cuda_graph)
+
+def _train_case(seed=0, channels_last=False):
+    from dsrdmpd.training.step_options import to_memory_format
+    torch.manual_seed(seed)
+    s2 = build_stage2({"dim": 16}).cuda().train()
+    s2.net.noise_decoder.requires_grad_(False)
+    if channels_last:
+        s2.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(seed + 1)
+    def batch():
+        images = [torch.rand(1, 3, 32, 32, generator=g) for _ in range(3)]
+        t, noise = torch.randint(0, s2.num_timesteps, (1,), generator=g), torch.randn(1, 3, 32, 32, generator=g)
+        return to_memory_format(tuple(x.cuda() for x in (*images, t, noise)), channels_last)
+    batches = [batch() for _ in range(4)]
+    return s2, batches
+
+
+def _train_eager(s2, opt, batches):
+    losses = []
+    for b in batches:
+        loss = s2(*b[:3], t=b[3], noise=b[4])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
+@pytest.mark.parametrize("fused", [True, None], ids=["fused", "foreach"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_graphed_training_step_equals_the_eager_step(fused, channels_last):
+    """4 steps replayed from one CUDA graph against 4 eager steps with the same capturable
+    Adam: the same losses and weights (within float32 rounding; the kernels are the same), the
+    warm-up that capture needs leaving no trace; and one graph for the 4 same-shape steps."""
+    from dsrdmpd.training.step_options import GraphedTrainingStep, StepOptions, make_adam
+    opts = StepOptions(channels_last, fused, True)
+    eager, batches = _train_case(channels_last=channels_last)
+    graphed = copy.deepcopy(eager)
+    ref = _train_eager(eager, make_adam([p for p in eager.parameters() if p.requires_grad], 1e-3, opts,
+                                        torch.device("cuda")), batches)
+    opt = make_adam([p for p in graphed.parameters() if p.requires_grad], 1e-3, opts, torch.device("cuda"))
+    step = GraphedTrainingStep(lambda *b: graphed(*b[:3], t=b[3], noise=b[4]), graphed, opt)
+    got = [step(*b) for b in batches]
+    assert step.captures == 1
+    torch.testing.assert_close(torch.stack(got), torch.stack(ref), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(opt.state[next(p for p in graphed.parameters() if p.requires_grad)]["step"]) == 4
+
+
+def test_fused_adam_on_cuda_equals_plain_adam_to_rounding():
+    from dsrdmpd.training.step_options import StepOptions, make_adam
+    a, batches = _train_case()
+    b = copy.deepcopy(a)
+    _train_eager(a, make_adam([p for p in a.parameters() if p.requires_grad], 1e-3, StepOptions(), "cuda"), batches)
+    _train_eager(b, make_adam([p for p in b.parameters() if p.requires_grad], 1e-3, StepOptions(fused=True), "cuda"),
+                 batches)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_cache_warm_start(tmp_path):
+    """A tiny network compiled in a fresh process with DSRDMPD_COMPILE_CACHE, then in a
+    second one: the second loads inductor's compiled graph from the folder (a cache hit,
+    no miss) and gives the same output. Both times are printed (-s)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    code = r'''
+import json, sys, time, torch
+from dsrdmpd.compile_cache import use_compile_cache
+from torch._dynamo.utils import counters
+use_compile_cache()
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__(); self.a = torch.nn.Conv2d(3, 16, 3, padding=1); self.b = torch.nn.Conv2d(16, 3, 1)
+    def forward(self, x):
+        return self.b(torch.nn.functional.silu(self.a(x)))
+torch.manual_seed(0); net = Net().cuda(); net.compile()
+x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).cuda()
+t0 = time.perf_counter()
+with torch.no_grad(): y = net(x)
+torch.cuda.synchronize()
+print(json.dumps({"s": time.perf_counter() - t0, "hit": counters["inductor"]["fxgraph_cache_hit"],
+                  "miss": counters["inductor"]["fxgraph_cache_miss"], "sum": float(y.double().sum())}))
+'''
+    env = {**os.environ, "DSRDMPD_COMPILE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT_DIR)}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"compile cache: cold {runs[0]['s']:.1f} s, warm {runs[1]['s']:.1f} s")
+    assert runs[0]["miss"] >= 1 and runs[1]["hit"] >= 1 and runs[1]["miss"] == 0
+    assert runs[1]["sum"] == runs[0]["sum"]
+    assert any((tmp_path / "cache").rglob("*"))
+
+
+def test_graphed_step_leaves_no_trace_of_its_warm_up_in_batchnorm_statistics():
+    """Capture runs warm-up steps; afterwards weights, BatchNorm running statistics and Adam's
+    state are as before them: after 3 replays everything equals 3 eager steps."""
+    from dsrdmpd.training.step_options import GraphedTrainingStep, StepOptions, make_adam
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 3, 1)).cuda().train()
+    graphed = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(2, 3, 16, 16, generator=g).cuda(), torch.rand(2, 3, 16, 16, generator=g).cuda())
+               for _ in range(3)]
+    opts = StepOptions(False, True, True)
+    opt_e = make_adam(eager.parameters(), 1e-2, opts, torch.device("cuda"))
+    for x, y in batches:
+        opt_e.zero_grad(set_to_none=True)
+        F.l1_loss(eager(x), y).backward()
+        opt_e.step()
+    step = GraphedTrainingStep(lambda x, y: F.l1_loss(graphed(x), y), graphed,
+                               make_adam(graphed.parameters(), 1e-2, opts, torch.device("cuda")))
+    for x, y in batches:
+        step(x, y)
+    for a, b in zip(list(graphed.parameters()) + list(graphed.buffers()),
+                    list(eager.parameters()) + list(eager.buffers())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ BatchNorm init N(1, 0.02); validation PSNR / SSIM each epoch; best + last checkp
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +34,18 @@ class Stage1Trainer(BaseTrainer):
     def build(self) -> None:
         self.model = build_stage1(self.cfg.get("stage1"))
         init_stage1_weights(self.model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=float(self.tcfg["lr"]),
-                                          betas=tuple(self.tcfg["betas"]))
+        self.optimizer = self.make_optimizer(self.model.parameters(), float(self.tcfg["lr"]),
+                                             betas=tuple(self.tcfg["betas"]))
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=int(self.tcfg["epochs"]), eta_min=float(self.tcfg["lr_min"]))
 
     def total_steps(self) -> int:
         return int(self.tcfg["epochs"]) * self.steps_per_epoch
 
-    def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
-        hazy, gt = batch["hazy"].to(self.accelerator.device), batch["gt"].to(self.accelerator.device)
+    def step_inputs(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
+        return self.device_inputs(batch["hazy"], batch["gt"])
+
+    def loss_from(self, hazy: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         with self.accelerator.autocast():
             out = self.model(hazy)
         return stage1_loss(out.float(), gt)

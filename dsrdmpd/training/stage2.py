@@ -15,7 +15,7 @@ and uncached runs are identical.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from ema_pytorch import EMA
@@ -60,7 +60,7 @@ class Stage2Trainer(BaseTrainer):
             # (as in the official code) and is not run at all here.
             self.model.net.noise_decoder.requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=float(self.tcfg["lr"]))
+        self.optimizer = self.make_optimizer(params, float(self.tcfg["lr"]))
         self.ema = EMA(self.model.net, beta=float(self.tcfg["ema_decay"]),
                        update_every=int(self.tcfg["ema_update_every"]),
                        update_after_step=int(self.tcfg["ema_update_after_step"]), include_online_model=False)
@@ -90,14 +90,19 @@ class Stage2Trainer(BaseTrainer):
             outs.append(c)
         return torch.stack(outs)
 
-    def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
+    def step_inputs(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
+        """(gt, coarse, hazy, t, noise): t and the noise drawn from the saved CPU generator."""
         dev = self.accelerator.device
         hazy, gt = batch["hazy"].to(dev), batch["gt"].to(dev)
         coarse = self.coarse_for(hazy, batch["index"])
         b = gt.shape[0]
         g = self.generators["loss"]
-        t = torch.randint(0, self.model_unwrapped.num_timesteps, (b,), generator=g).to(dev)
-        noise = torch.randn(gt.shape, generator=g).to(dev)
+        t = torch.randint(0, self.model_unwrapped.num_timesteps, (b,), generator=g)
+        noise = torch.randn(gt.shape, generator=g)
+        return self.device_inputs(gt, coarse, hazy, t, noise)
+
+    def loss_from(self, gt: torch.Tensor, coarse: torch.Tensor, hazy: torch.Tensor, t: torch.Tensor,
+                  noise: torch.Tensor) -> torch.Tensor:
         with self.accelerator.autocast():
             return self.model(gt, coarse, hazy, t=t, noise=noise)
 

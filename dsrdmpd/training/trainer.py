@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -23,6 +23,8 @@ from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, configure_cuda, load_training_state, make_loader,
                      optional_tensorboard, plan_data, prepare_run_dir, progress, resolve_resume, restore_rng,
                      save_training_checkpoint, seed_everything)
+from .step_options import (GraphedTrainingStep, apply_precision, load_optimizer_state, make_adam,
+                           portable_optimizer_state, resolve_step_options, to_memory_format)
 
 
 def make_accelerator(device: str, mixed_precision: str, grad_accum: int) -> Accelerator:
@@ -61,9 +63,9 @@ class BaseTrainer:
     train_defaults: Dict[str, Any] = {}
     # train keys read without a default value: device ('auto' | 'cpu'), tensorboard, val_protocol, val_every,
     # save_every (last.pt), keep_every (step_<N>.pt snapshots), tf32 and deterministic (CUDA only, see
-    # configure_cuda)
+    # configure_cuda), precision, channels_last, fused_optimizer, cuda_graph (see step_options)
     train_options = ("device", "tensorboard", "val_protocol", "val_every", "save_every", "keep_every", "tf32",
-                     "deterministic")
+                     "deterministic", "precision", "channels_last", "fused_optimizer", "cuda_graph")
     data_keys = ("preset", "root", "train_split", "val_split", "val_holdout", "val_limit", "crop", "flip", "resize",
                  "resize_mode", "num_workers", "hazy_dir", "gt_dir", "hazy_key", "gt_key", "list_file")
 
@@ -78,8 +80,12 @@ class BaseTrainer:
         self.run_dir = Path(run_dir)
         self.trust = bool(trust)      # checkpoints that need arbitrary unpickling may be read (--trust-checkpoint)
         device = str(self.tcfg.get("device", "auto"))
+        apply_precision(self.tcfg)
         self.accelerator = make_accelerator(device, self.tcfg.get("mixed_precision", "no"),
                                             int(self.tcfg.get("grad_accum", 1)))
+        self.step_options = resolve_step_options(self.tcfg, self.accelerator.device.type,
+                                                 self.accelerator.num_processes,
+                                                 self.accelerator.gradient_accumulation_steps)
         if self.accelerator.device.type == "cuda":
             configure_cuda(bool(self.tcfg.get("tf32", True)), bool(self.tcfg.get("deterministic", True)))
         self.is_main = self.accelerator.is_main_process
@@ -104,7 +110,11 @@ class BaseTrainer:
         self.step = 0
         self.best: Dict[str, Any] = {"psnr": -math.inf, "step": None}
         self.build()
+        if self.step_options.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.graph_step = (GraphedTrainingStep(self.loss_from, self.model, self.optimizer)
+                           if self.step_options.cuda_graph else None)
         path = resolve_resume(resume, self.run_dir)
         if path is not None:
             self.load_state(load_training_state(path, self.stage, self.trust))
@@ -131,8 +141,26 @@ class BaseTrainer:
     def total_steps(self) -> int:
         raise NotImplementedError
 
-    def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
+    def step_inputs(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
+        """The device tensors one step's loss is a function of (every random draw made here,
+        on the host: a captured step replays device work only)."""
         raise NotImplementedError
+
+    def loss_from(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The loss of :meth:`step_inputs`' tensors (device work only)."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
+        return self.loss_from(*self.step_inputs(batch))
+
+    def make_optimizer(self, params, lr: float, **kwargs) -> torch.optim.Adam:
+        """Adam in the implementation the step options choose (see step_options)."""
+        return make_adam(params, lr, self.step_options, self.accelerator.device, **kwargs)
+
+    def device_inputs(self, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``tensors`` on the training device, channels-last when ``train.channels_last``."""
+        dev = self.accelerator.device
+        return to_memory_format(tuple(t.to(dev) for t in tensors), self.step_options.channels_last)
 
     def restore_outputs(self, hazy: torch.Tensor) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -172,7 +200,7 @@ class BaseTrainer:
         scaler = self.accelerator.scaler
         return {"stage": self.stage, "config": self.cfg, "step": self.step, "epoch": self.epoch,
                 **self.weights_for_inference(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": portable_optimizer_state(self.optimizer),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng, "processes": self.accelerator.num_processes, "best": self.best, **self.extra_state()}
 
@@ -198,7 +226,7 @@ class BaseTrainer:
         model = self.accelerator.unwrap_model(self.model)
         target = model.net if self.stage == 2 and hasattr(model, "net") else model
         target.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.restore_own_rng(state["rng"])
@@ -280,12 +308,15 @@ class BaseTrainer:
             if self.step >= stop:
                 break
             with self.accelerator.accumulate(self.model):
-                loss = self.compute_loss(batch)
-                self.accelerator.backward(loss)
-                if clip and self.accelerator.sync_gradients:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), float(clip))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.graph_step is not None:         # forward, backward and Adam in one replay
+                    loss = self.graph_step(*self.step_inputs(batch))
+                else:
+                    loss = self.compute_loss(batch)
+                    self.accelerator.backward(loss)
+                    if clip and self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(self.model.parameters(), float(clip))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             running += float(loss.detach())
             count += 1
             if not self.accelerator.sync_gradients:
