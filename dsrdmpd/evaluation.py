@@ -229,8 +229,8 @@ def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "p
     return finish_item(item, read, result, tiled, out_dir, protocol, save_coarse, panel)
 
 
-def finish_item(item: Item, read: ReadItem, result, tiled: Optional[int], out_dir: Path, protocol: str = "paper",
-                save_coarse: bool = False, panel: bool = False) -> Dict[str, object]:
+def finish_item(item: Item, read: ReadItem, result: DehazeResult, tiled: Optional[int], out_dir: Path,
+                protocol: str = "paper", save_coarse: bool = False, panel: bool = False) -> Dict[str, object]:
     """Write an item's outputs from its (1, 3, H, W) ``result``; return its row (scores when
     it has GT; ``tiled``: the automatic tile size it ran in, if any)."""
     hazy, gt = read.hazy, read.gt
@@ -302,7 +302,8 @@ def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: 
               progress: bool = True, resume: bool = False, rank: int = 0, world: int = 1,
               raster: Optional[RasterOptions] = None, run_id: str = "",
               max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-              max_untiled_pixels: Optional[int] = DEFAULT_MAX_UNTILED_PIXELS, batch: int = 1) -> List[Dict[str, object]]:
+              max_untiled_pixels: Optional[int] = DEFAULT_MAX_UNTILED_PIXELS,
+              batch: int = 1) -> List[Dict[str, object]]:
     """Process this process's share of ``items`` (every ``world``-th from ``rank``) into
     ``out_dir``; panels for the first ``panels`` items. Returns their rows in item order; a
     failed item's row is ``{'name', 'error'}``; records carry ``run_id`` (the fingerprint's
