@@ -20,6 +20,10 @@ the records of all processes are merged afterwards by :func:`collect_rows`.
 Memory: without a tile size, an image of more than ``max_untiled_pixels`` (default 4 Mpx,
 2048 x 2048) runs in :data:`AUTO_TILE` x :data:`AUTO_TILE` tiles, and an image that runs
 out of memory untiled is retried once in such tiles; its row then says ``tiled``.
+
+Batches: with ``batch`` > 1, :func:`run_items` runs images of the same size (after
+``resize``) together, up to ``batch`` per pipeline call; everything above (failures,
+records, resume, writes) stays per image, and a call that fails is redone image by image.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -39,8 +43,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import DataError
-from .imageio import DEFAULT_MAX_PIXELS, TIFF_EXTENSIONS, read_image, write_image, write_text_atomic
-from .inference import Dehazer
+from .imageio import (DEFAULT_MAX_PIXELS, TIFF_EXTENSIONS, check_pixel_limit, read_image, write_image,
+                      write_text_atomic)
+from .inference import DehazeResult, Dehazer
 from .metrics import PROTOCOLS, psnr_ssim
 from .raster import RasterOptions, is_raster, dehaze_raster
 from .runfolder import RunFolder
@@ -52,6 +57,7 @@ AUTO_TILE = 512             # tile size for images too large to run whole
 DEFAULT_MAX_UNTILED_PIXELS = 2048 * 2048
 # OSError numbers that concern the whole run (every later write would fail too): they end it.
 RUN_WIDE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+T = TypeVar("T")
 
 
 class RunStopped(RuntimeError):
@@ -173,19 +179,23 @@ def dehaze_in_memory(dehazer: Dehazer, hazy: torch.Tensor, max_untiled_pixels: O
     return tiled(hazy), tiled.tile
 
 
-def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "paper", resize: Optional[int] = None,
-                 save_coarse: bool = False, panel: bool = False,
-                 raster: Optional["RasterOptions"] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                 max_untiled_pixels: Optional[int] = DEFAULT_MAX_UNTILED_PIXELS) -> Dict[str, object]:
-    """Dehaze one item, write its outputs; return its row (metrics when it has GT). With
-    ``raster`` options, a TIFF without GT goes through :func:`dsrdmpd.raster.dehaze_raster`
-    (GeoTIFF out, streamed; no coarse output or panel). Images above ``max_pixels`` are
-    refused from their header; see :func:`dehaze_in_memory` for ``max_untiled_pixels``."""
-    if raster is not None and item.gt is None and is_raster(item.hazy):
-        if resize:
-            raise DataError(f"{item.hazy}: --resize does not apply to satellite rasters")
-        note = f"dehazed with DS-RDMPD (seed {dehazer.seed}, {dehazer.steps} sampling steps)"
-        return dehaze_raster(dehazer, item.hazy, out_dir / "restored" / output_name(Path(item.name)), raster, note)
+def streams_as_raster(item: Item, raster: Optional[RasterOptions]) -> bool:
+    """Whether ``item`` goes through :func:`dsrdmpd.raster.dehaze_raster` (a TIFF without GT,
+    with raster options) instead of being read whole."""
+    return raster is not None and item.gt is None and is_raster(item.hazy)
+
+
+@dataclass
+class ReadItem:
+    """An item's images as the pipeline gets them (after ``resize``)."""
+    hazy: torch.Tensor                 # (1, 3, H, W) float32 in [0, 1]
+    gt: Optional[torch.Tensor]         # (1, 3, H, W) or None
+    bit_depth: int                     # of the hazy file: outputs are written back alike
+
+
+def read_item(item: Item, resize: Optional[int] = None,
+              max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> ReadItem:
+    """Read (and resize) an item's hazy image and GT; a GT of another size is a DataError."""
     img = read_image(item.hazy, max_pixels)
     gt_img = read_image(item.gt, max_pixels) if item.gt is not None else None
     hazy, gt = img.tensor[None], (gt_img.tensor[None] if gt_img is not None else None)
@@ -195,10 +205,37 @@ def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "p
     elif gt is not None and gt.shape != hazy.shape:
         raise DataError(f"size mismatch: {item.hazy} is {tuple(hazy.shape[-2:])} but {item.gt} is "
                         f"{tuple(gt.shape[-2:])}")
-    result, tiled = dehaze_in_memory(dehazer, hazy, max_untiled_pixels)
+    return ReadItem(hazy, gt, img.bit_depth)
+
+
+def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "paper", resize: Optional[int] = None,
+                 save_coarse: bool = False, panel: bool = False,
+                 raster: Optional["RasterOptions"] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 max_untiled_pixels: Optional[int] = DEFAULT_MAX_UNTILED_PIXELS,
+                 read: Optional[ReadItem] = None) -> Dict[str, object]:
+    """Dehaze one item alone, write its outputs; return its row (metrics when it has GT).
+    With ``raster`` options, a TIFF without GT goes through :func:`dsrdmpd.raster.dehaze_raster`
+    (GeoTIFF out, streamed; no coarse output or panel). Images above ``max_pixels`` are
+    refused from their header; see :func:`dehaze_in_memory` for ``max_untiled_pixels``.
+    ``read``: the item's images when already read (they are not read again)."""
+    if streams_as_raster(item, raster):
+        if resize:
+            raise DataError(f"{item.hazy}: --resize does not apply to satellite rasters")
+        note = f"dehazed with DS-RDMPD (seed {dehazer.seed}, {dehazer.steps} sampling steps)"
+        return dehaze_raster(dehazer, item.hazy, out_dir / "restored" / output_name(Path(item.name)), raster, note)
+    read = read or read_item(item, resize, max_pixels)
+    result, tiled = dehaze_in_memory(dehazer, read.hazy, max_untiled_pixels)
     check_finite(result, item)
+    return finish_item(item, read, result, tiled, out_dir, protocol, save_coarse, panel)
+
+
+def finish_item(item: Item, read: ReadItem, result: DehazeResult, tiled: Optional[int], out_dir: Path,
+                protocol: str = "paper", save_coarse: bool = False, panel: bool = False) -> Dict[str, object]:
+    """Write an item's outputs from its (1, 3, H, W) ``result``; return its row (scores when
+    it has GT; ``tiled``: the automatic tile size it ran in, if any)."""
+    hazy, gt = read.hazy, read.gt
     name = output_name(Path(item.name))
-    depth = output_bit_depth(item.hazy, img.bit_depth)
+    depth = output_bit_depth(item.hazy, read.bit_depth)
     write_image(result.restored[0], out_dir / "restored" / name, depth)
     if save_coarse:
         write_image(result.coarse[0], out_dir / "coarse" / name, depth)
@@ -220,53 +257,185 @@ def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "p
     return row
 
 
+def batch_key(dehazer: Dehazer, item: Item, resize: Optional[int] = None, raster: Optional[RasterOptions] = None,
+              max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+              max_untiled_pixels: Optional[int] = DEFAULT_MAX_UNTILED_PIXELS) -> Optional[Tuple[int, int]]:
+    """The (height, width) ``item`` will have in the pipeline (from its header, or ``resize``),
+    when it may share a pipeline call with images of that size; None when it runs alone:
+    tiled (``dehazer.tile``, or above ``max_untiled_pixels``), a streamed satellite raster,
+    or a header that cannot be read or is above ``max_pixels`` (the item then fails alone,
+    with the reason reading it gives)."""
+    if dehazer.tile is not None or streams_as_raster(item, raster):
+        return None
+    try:
+        h, w = check_pixel_limit(item.hazy, max_pixels)
+    except Exception:                  # not readable: it fails alone, when read
+        return None
+    if resize:
+        h = w = resize
+    if max_untiled_pixels and h * w > max_untiled_pixels:
+        return None
+    return h, w
+
+
+def plan_batches(keyed: Sequence[Tuple[Optional[Tuple[int, int]], T]], batch: int) -> List[List[T]]:
+    """Pipeline calls for ``(key, entry)`` pairs in item order: entries with the same key
+    (image size) share a call, at most ``batch`` per call, each call's entries in item
+    order and the calls in the order of their first entry; a None key, or ``batch`` 1, is a
+    call of its own. Only the grouping depends on ``batch``, never an image's result."""
+    calls: List[List[T]] = []
+    filling: Dict[Tuple[int, int], List[T]] = {}
+    for key, entry in keyed:
+        if key is None or batch <= 1:
+            calls.append([entry])
+            continue
+        call = filling.get(key)
+        if call is None or len(call) >= batch:
+            call = filling[key] = []
+            calls.append(call)
+        call.append(entry)
+    return calls
+
+
 def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: str = "paper",
               resize: Optional[int] = None, save_coarse: bool = False, panels: int = 0,
               progress: bool = True, resume: bool = False, rank: int = 0, world: int = 1,
               raster: Optional[RasterOptions] = None, run_id: str = "",
               max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-              max_untiled_pixels: Optional[int] = DEFAULT_MAX_UNTILED_PIXELS) -> List[Dict[str, object]]:
+              max_untiled_pixels: Optional[int] = DEFAULT_MAX_UNTILED_PIXELS,
+              batch: int = 1) -> List[Dict[str, object]]:
     """Process this process's share of ``items`` (every ``world``-th from ``rank``) into
-    ``out_dir``; panels for the first ``panels`` items. Returns their rows; a failed item's
-    row is ``{'name', 'error'}``; records carry ``run_id`` (the fingerprint's digest) and the
-    process that did the item. With ``resume``, items with a readable record of this run and
-    an output file are skipped. Any exception of one item fails that item; interruptions
-    pass through and :func:`run_wide` errors raise :class:`RunStopped`. The caller prepares
-    the folder (lock, fingerprint, clearing old records: :class:`dsrdmpd.runfolder.RunFolder`)."""
+    ``out_dir``; panels for the first ``panels`` items. Returns their rows in item order; a
+    failed item's row is ``{'name', 'error'}``; records carry ``run_id`` (the fingerprint's
+    digest) and the process that did the item. With ``resume``, items with a readable record
+    of this run and an output file are skipped. Any exception of one item fails that item;
+    interruptions pass through and :func:`run_wide` errors raise :class:`RunStopped`. The
+    caller prepares the folder (lock, fingerprint, clearing old records:
+    :class:`dsrdmpd.runfolder.RunFolder`).
+
+    ``batch`` > 1: images of the same size share a pipeline call, up to ``batch`` per call
+    (:func:`batch_key`, :func:`plan_batches`); tiled images and streamed rasters run alone.
+    Each image keeps its own start noise (drawn from the seed alone, whatever its place in
+    the call), so its result does not depend on ``batch`` beyond float32 rounding (PyTorch
+    may pick another convolution kernel for another batch size). A call that fails, or gives
+    a non-finite output for any of its images, is redone one image at a time, so only the
+    bad image fails. Records, resume, the progress bar and every write stay per image."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown metric protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     out_dir = Path(out_dir)
-    folder = RunFolder(out_dir)
     check_output_names(items)
     mine = list(enumerate(items))[rank::world]
-    rows = []
-    done_before = 0
-    for k, item in tqdm(mine, desc="dehazing", unit="img", disable=not progress or rank != 0):
-        if resume and (out_dir / "restored" / output_name(Path(item.name))).is_file():
-            row = folder.read_record(item.name, run_id)
-            if row is not None and "error" not in row:
-                rows.append(row)
-                done_before += 1
-                continue
+    with tqdm(total=len(mine), desc="dehazing", unit="img", disable=not progress or rank != 0) as bar:
+        runner = ItemRunner(dehazer, out_dir, run_id, rank, bar, protocol=protocol, resize=resize,
+                            save_coarse=save_coarse, panels=panels, raster=raster, max_pixels=max_pixels,
+                            max_untiled_pixels=max_untiled_pixels)
+        todo = []
+        for k, item in mine:
+            if resume and (out_dir / "restored" / output_name(Path(item.name))).is_file():
+                row = runner.folder.read_record(item.name, run_id)
+                if row is not None and "error" not in row:
+                    runner.keep(k, row)
+                    continue
+            todo.append((k, item))
+        keyed = [(batch_key(dehazer, item, resize, raster, max_pixels, max_untiled_pixels) if batch > 1 else None,
+                  (k, item)) for k, item in todo]
+        for call in plan_batches(keyed, batch):
+            runner.run_call(call)
+    return [row for _, row in sorted(runner.rows, key=lambda kr: kr[0])]
+
+
+class ItemRunner:
+    """Runs items into ``out_dir`` and records each one (:func:`run_items`'s worker): one
+    item alone, or a group of same-size items in one pipeline call."""
+
+    def __init__(self, dehazer: Dehazer, out_dir: Path, run_id: str, rank: int, bar, **settings):
+        self.dehazer, self.out_dir, self.run_id, self.rank, self.bar = dehazer, out_dir, run_id, rank, bar
+        self.folder = RunFolder(out_dir)
+        self.protocol, self.resize = settings["protocol"], settings["resize"]
+        self.save_coarse, self.panels, self.raster = settings["save_coarse"], settings["panels"], settings["raster"]
+        self.max_pixels, self.max_untiled_pixels = settings["max_pixels"], settings["max_untiled_pixels"]
+        self.rows: List[Tuple[int, Dict[str, object]]] = []
+        self.done_now = 0
+
+    def keep(self, k: int, row: Dict[str, object]) -> None:
+        """An item done by an earlier run (resume)."""
+        self.rows.append((k, row))
+        self.bar.update(1)
+
+    def attempt(self, k: int, item: Item, work: Callable[[], Any]) -> Any:
+        """``work()`` for one item; any exception fails that item only (recorded with its
+        reason; returns None), a :func:`run_wide` one raises :class:`RunStopped`."""
         try:
-            row = process_item(dehazer, item, out_dir, protocol, resize, save_coarse, k < panels, raster,
-                               max_pixels, max_untiled_pixels)
+            return work()
         except Exception as exc:                   # one item's failure; interruptions are not Exceptions
             if run_wide(exc):
-                raise RunStopped(f"{out_dir}: {one_line(exc)}; the run stopped at {item.name!r} "
-                                 f"({len(rows) - done_before} item(s) done in this run are kept; free space "
+                raise RunStopped(f"{self.out_dir}: {one_line(exc)}; the run stopped at {item.name!r} "
+                                 f"({self.done_now} item(s) done in this run are kept; free space "
                                  f"and continue with --resume)") from exc
             row = {"name": item.name, "error": one_line(exc)}
             tqdm.write(f"skipped: {row['error']}")
+            self.record(k, item, row)
+            return None
+
+    def record(self, k: int, item: Item, row: Dict[str, object]) -> None:
+        """Record item ``k``'s row (done or failed) and count it in the progress bar."""
         try:
-            folder.write_record(item.name, row, run_id, rank)
+            self.folder.write_record(item.name, row, self.run_id, self.rank)
         except OSError as exc:
             if run_wide(exc):
-                raise RunStopped(f"{out_dir}: {one_line(exc)} while recording {item.name!r}; the run stopped "
+                raise RunStopped(f"{self.out_dir}: {one_line(exc)} while recording {item.name!r}; the run stopped "
                                  f"(free space and continue with --resume)") from exc
             tqdm.write(f"warning: {item.name!r} could not be recorded ({one_line(exc)}); it counts as not processed")
-        rows.append(row)
-    return rows
+        self.rows.append((k, row))
+        self.done_now += "error" not in row
+        self.bar.update(1)
+
+    def run_alone(self, k: int, item: Item, read: Optional[ReadItem] = None) -> None:
+        """Item ``k`` in a pipeline call of its own (:func:`process_item`), from ``read`` if given."""
+        row = self.attempt(k, item, lambda: process_item(
+            self.dehazer, item, self.out_dir, self.protocol, self.resize, self.save_coarse, k < self.panels,
+            self.raster, self.max_pixels, self.max_untiled_pixels, read))
+        if row is not None:
+            self.record(k, item, row)
+
+    def run_call(self, call: Sequence[Tuple[int, Item]]) -> None:
+        """The items of one planned call: read each (a failure fails that item), then one
+        pipeline call per size actually read (normally one), else each alone."""
+        if len(call) == 1:
+            self.run_alone(*call[0])
+            return
+        ready: Dict[Tuple[int, ...], list] = {}
+        for k, item in call:
+            read = self.attempt(k, item, lambda: read_item(item, self.resize, self.max_pixels))
+            if read is not None:
+                ready.setdefault(tuple(read.hazy.shape), []).append((k, item, read))
+        for same in ready.values():
+            result = self.together([read for _, _, read in same]) if len(same) > 1 else None
+            if result is None:
+                for k, item, read in same:
+                    self.run_alone(k, item, read)
+                continue
+            for i, (k, item, read) in enumerate(same):
+                one = DehazeResult(result.coarse[i:i + 1], result.restored[i:i + 1])
+                row = self.attempt(k, item, lambda: finish_item(item, read, one, None, self.out_dir, self.protocol,
+                                                             self.save_coarse, k < self.panels))
+                if row is not None:
+                    self.record(k, item, row)
+
+    def together(self, reads: Sequence[ReadItem]) -> Optional[DehazeResult]:
+        """One pipeline call on same-size images; None when it fails or any output value
+        is not finite (the caller then runs them one by one)."""
+        try:
+            result = self.dehazer(torch.cat([r.hazy for r in reads]))
+        except Exception as exc:                   # e.g. out of memory: each image alone may still fit
+            if out_of_memory(exc) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            tqdm.write(f"a call of {len(reads)} images failed ({one_line(exc)}); running them one by one")
+            return None
+        if not (bool(torch.isfinite(result.coarse).all()) and bool(torch.isfinite(result.restored).all())):
+            tqdm.write(f"a call of {len(reads)} images gave non-finite values; running them one by one")
+            return None
+        return result
 
 
 def collect_rows(items: Sequence[Item], out_dir: Path,

@@ -347,6 +347,45 @@ MUTATIONS: List[Mutation] = [
     Mutation("dehazer-ignores-compile-cache", "Dehazer(compile=True, compile_cache=DIR) ignores DIR",
              "dsrdmpd/inference.py", "use_compile_cache(compile_cache)", "use_compile_cache(None)",
              ("tests/test_training_fast.py::test_dehazer_with_compile_uses_the_cache_folder_before_its_first_call",)),
+    # issue 22 item 5: --batch N in dehaze / test (same-size images per pipeline call)
+    Mutation("batch-noise-by-position", "each image's start noise is seeded by its place in the batch",
+             "dsrdmpd/diffusion/residual_diffusion.py",
+             "generator=torch.Generator().manual_seed(int(seed))) for _ in range(b)]",
+             "generator=torch.Generator().manual_seed(int(seed) + _)) for _ in range(b)]",
+             ("tests/test_batching.py::test_batch_3_gives_the_results_of_batch_1",)),
+    Mutation("batch-mixes-sizes", "images of different sizes are planned into one call",
+             "dsrdmpd/evaluation.py", "        call = filling.get(key)\n        if call is None or len(call) >= batch:\n"
+             "            call = filling[key] = []",
+             "        call = filling.get(0)\n        if call is None or len(call) >= batch:\n"
+             "            call = filling[0] = []",
+             ("tests/test_batching.py::test_plan_groups_same_sizes_up_to_n_in_item_order", "tests/test_batching.py::test_batch_3_gives_the_results_of_batch_1")),
+    Mutation("batch-first-output-for-all", "every image of a call is written with the first image's output",
+             "dsrdmpd/evaluation.py", "one = DehazeResult(result.coarse[i:i + 1], result.restored[i:i + 1])",
+             "one = DehazeResult(result.coarse[0:1], result.restored[0:1])", ("tests/test_batching.py::test_batch_3_gives_the_results_of_batch_1",)),
+    Mutation("batch-failure-fails-group", "a call that fails fails all of its images",
+             "dsrdmpd/evaluation.py", "                for k, item, read in same:\n"
+             "                    self.run_alone(k, item, read)",
+             "                for k, item, read in same:\n"
+             "                    self.record(k, item, {\"name\": item.name, \"error\": \"its call failed\"})",
+             ("tests/test_batching.py::test_a_non_finite_image_in_a_call_fails_alone", "tests/test_batching.py::test_a_call_that_runs_out_of_memory_is_redone_image_by_image")),
+    Mutation("batch-nan-unchecked", "a NaN output of one image in a call is written (as a black image)",
+             "dsrdmpd/evaluation.py",
+             "        if not (bool(torch.isfinite(result.coarse).all()) and bool(torch.isfinite(result.restored).all())):",
+             "        if False:", ("tests/test_batching.py::test_a_non_finite_image_in_a_call_fails_alone",)),
+    Mutation("batch-error-ends-run", "a call that runs out of memory ends the run",
+             "dsrdmpd/evaluation.py",
+             "        except Exception as exc:                   # e.g. out of memory: each image alone may still fit",
+             "        except ():  # noqa\n            exc = None", ("tests/test_batching.py::test_a_call_that_runs_out_of_memory_is_redone_image_by_image",)),
+    Mutation("batch-unreadable-drops-call", "an unreadable image drops the images read before it in its call",
+             "dsrdmpd/evaluation.py", "            if read is not None:\n                ready.setdefault(",
+             "            if read is None:\n                ready = {}\n            else:\n                ready.setdefault(",
+             ("tests/test_batching.py::test_an_unreadable_image_leaves_its_call_to_the_others",)),
+    Mutation("batch-tiled-together", "images run with --tile are batched like the others",
+             "dsrdmpd/evaluation.py", "    if dehazer.tile is not None or streams_as_raster(item, raster):",
+             "    if streams_as_raster(item, raster):", ("tests/test_batching.py::test_tiled_images_run_alone",)),
+    Mutation("batch-in-fingerprint", "--batch is part of the run fingerprint (a run cannot resume with another N)",
+             "dsrdmpd/cli/batch.py", '"channels_last": bool(args.channels_last)})',
+             '"channels_last": bool(args.channels_last), "batch": args.batch})', ("tests/test_batching.py::test_a_run_resumes_with_another_batch_size",)),
 ]
 
 

@@ -135,12 +135,16 @@ def _run_locked(group: ProcessGroup, folder: RunFolder, cfg, args, items, title,
             extra={"max_untiled_pixels": args.max_untiled_pixels if dehazer.tile is None else None,
                    "fast_norm": bool(getattr(args, "fast_norm", False)),
                    "channels_last": bool(args.channels_last)})
+        # --batch (like --tile-batch, --device and the number of processes) is not part of the
+        # fingerprint: it only groups images into pipeline calls; each image keeps its own start
+        # noise, so its result does not depend on it beyond float32 rounding (tests/test_batching.py),
+        # and a run may be resumed with another --batch.
         folder.prepare(fingerprint, args.resume)
         return digest(fingerprint)
     run_id = group.on_main(prepare)
     run_items(dehazer, items, out, protocol, resize, args.save_coarse, args.panels, resume=args.resume,
               rank=group.rank, world=group.world, raster=raster, run_id=run_id, max_pixels=args.max_pixels,
-              max_untiled_pixels=args.max_untiled_pixels)
+              max_untiled_pixels=args.max_untiled_pixels, batch=args.batch)
     group.barrier()
     if group.rank != 0:
         return {}

@@ -5,6 +5,7 @@
     dsrdmpd-dehaze ... --input big_scene.png --output out/ --tile 512 --overlap 64     # large images
     dsrdmpd-dehaze ... --input S2_scene.tif --output out/ --bands 4,3,2 --scale 0,3000  # satellite products
     dsrdmpd-dehaze ... --input archive/ --output out/ --resume                         # continue a killed run
+    dsrdmpd-dehaze ... --input archive/ --output out/ --batch 8                        # same-size images 8 per call
     accelerate launch --num_processes 4 scripts/dehaze.py ... --input archive/ --output out/   # 4 GPUs
 
 Results go to <output>/restored/ with the input's name (PNG keeps its bit depth, TIFFs come

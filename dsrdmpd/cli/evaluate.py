@@ -4,6 +4,7 @@
         --output results/rsid
     dsrdmpd-test --stage1 ... --stage2 ... --hazy-dir my/hazy --gt-dir my/clear --output results/mine
     accelerate launch --num_processes 4 scripts/test.py ...      # items split over 4 GPUs, same results
+    dsrdmpd-test ... --batch 8      # same-size images 8 per pipeline call; each image's result is its own
 
 Writes <output>/restored/ (same names; PNG and TIFF keep their bit depth), metrics.csv
 (per image, stage 1 and stage 2), summary.md (means, naming the metric protocol; items

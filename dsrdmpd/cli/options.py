@@ -57,6 +57,9 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--tile", type=int, default=None, help="tile size for large scenes (multiple of 16, >= 64)")
     g.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (feathered blend)")
     g.add_argument("--tile-batch", type=int, default=1, help="tiles per network call")
+    g.add_argument("--batch", type=positive_int, default=1, metavar="N",
+                   help="images of the same size per pipeline call (tiled images and satellite rasters run "
+                        "alone); each image's result is its own whatever N (README: Batches)")
     g.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32: true float32 (the reference); tf32: TensorFloat-32 products on GPUs; bf16: bfloat16 "
                         "autocast for both networks, bf16-stage1: stage 1 only (faster on GPUs; see the README for "
@@ -71,6 +74,17 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-untiled-pixels", type=parse_pixels, default=DEFAULT_MAX_UNTILED_PIXELS,
                    help="without --tile, images of more pixels run in 512 x 512 tiles (0: only when an image "
                         "runs out of memory whole, which is retried tiled either way)")
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
+    return n
 
 
 def parse_pixels(text: str) -> int | None:
