@@ -115,3 +115,17 @@ def any_chain(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chain_meta(chain) -> dict:
     return json.loads((chain / "expected_metrics.json").read_text())
+
+
+@pytest.fixture()
+def passthrough_networks(monkeypatch):
+    """The commands load stand-in networks that return their input
+    (dsrdmpd.models.passthrough), for tests of the machinery around the networks: files,
+    formats, scores, batching, records. Seed and tiling options still reach the Dehazer."""
+    from dsrdmpd.inference import Dehazer
+    from dsrdmpd.models.passthrough import PassThroughStage1, PassThroughStage2
+
+    def load(*args, **kwargs):
+        keep = {k: kwargs[k] for k in ("seed", "tile", "overlap", "tile_batch") if k in kwargs}
+        return Dehazer(PassThroughStage1(), PassThroughStage2(), **keep)
+    monkeypatch.setattr(Dehazer, "from_checkpoints", staticmethod(load))

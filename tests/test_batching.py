@@ -17,7 +17,6 @@ from dsrdmpd.evaluation import plan_batches
 from dsrdmpd.imageio import read_image, to_uint, write_image
 from dsrdmpd.inference import Dehazer
 from dsrdmpd.metrics import psnr_ssim
-from dsrdmpd.models.passthrough import PassThroughStage1, PassThroughStage2
 
 from parity_bounds import assert_levels, assert_parity
 from parity_cases import exact_chain
@@ -64,12 +63,8 @@ def calls(monkeypatch):
 
 
 @pytest.fixture()
-def fast(monkeypatch):
-    """Commands get pass-through networks (the machinery around them is under test)."""
-    def load(*args, **kwargs):
-        keep = {k: kwargs[k] for k in ("seed", "tile", "overlap", "tile_batch") if k in kwargs}
-        return Dehazer(PassThroughStage1(), PassThroughStage2(), **keep)
-    monkeypatch.setattr(Dehazer, "from_checkpoints", staticmethod(load))
+def fast(passthrough_networks):
+    """Commands get pass-through networks (conftest; the machinery around them is under test)."""
 
 
 def _args(models, *rest):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -10,12 +11,13 @@ import pytest
 import torch
 
 from dsrdmpd.builders import build_stage1, build_stage2, save_stage
+from dsrdmpd.data.pairing import find_pairs
 from dsrdmpd.imageio import read_image, write_image
 from dsrdmpd.diffusion import NOISE_BLOCK, window_noise
 from dsrdmpd.inference import Dehazer, tile_starts
 from dsrdmpd.metrics import psnr_ssim
 
-from conftest import ROOT, realdata_sets, require_realdata
+from conftest import REALDATA_DIR, REQUIRE_REALDATA, ROOT, realdata_sets, require_realdata
 
 from dsrdmpd.cli import dehaze as dehaze_cmd, evaluate as evaluate_cmd  # noqa: E402
 
@@ -278,36 +280,71 @@ def tiny_checkpoints(tmp_path_factory):
     return root / "s1.pt", root / "s2.pt"
 
 
+def _output_name(name: str) -> str:
+    return name if name.endswith((".png", ".tif", ".tiff")) else name.rsplit(".", 1)[0] + ".png"
+
+
 @pytest.mark.parametrize("folder", realdata_sets())
-def test_runs_on_real_data(tiny_checkpoints, folder, tmp_path):
-    """Every real pair (256-600 px, PNG / JPEG / TIFF) goes through test.py (with GT) without
-    error; the evaluation folders also go through the inference command scripts/dehaze.py
-    (no GT; the train/ folders hold the same formats and sizes and are skipped there to keep
-    the suite under 10 minutes). Results come back at the input's size and bit depth, and
-    both commands write the same pixels."""
+def test_runs_on_real_data(tiny_checkpoints, passthrough_networks, folder, tmp_path):
+    """Every real pair (256-600 px, PNG / JPEG / TIFF) goes through test.py (with GT), and
+    the evaluation folders also through the inference command scripts/dehaze.py (no GT; the
+    train/ folders hold the same formats and sizes and are skipped there), with stand-in
+    networks that return their input: what is under test is the files. Each restored file
+    holds exactly the input's decoded pixels, at its size and bit depth; each score is the
+    hazy image's own score against its GT. (Real networks on real data:
+    test_tiny_networks_on_a_real_image; at 512-600 px they cost minutes per folder here.)"""
     folder = require_realdata(folder)
     s1, s2 = map(str, tiny_checkpoints)
     means = evaluate_cmd.run(["--stage1", s1, "--stage2", s2, "--hazy-dir", str(folder / "hazy"), "--gt-dir",
                               str(folder / "GT"), "--output", str(tmp_path / "test"), "--panels", "1"])
     rows = _read_csv(tmp_path / "test" / "metrics.csv")
-    names = sorted(p.name for p in (folder / "hazy").iterdir())
-    assert sorted(rows) == names
-    for name, r in rows.items():
-        assert np.isfinite(float(r["psnr_stage2"])) and 0 < float(r["ssim_stage2"]) <= 1
+    pairs = find_pairs(folder / "hazy", folder / "GT")
+    assert sorted(rows) == sorted(p.hazy.name for p in pairs) == sorted(p.name for p in (folder / "hazy").iterdir())
     assert set(means) == {"psnr_stage1", "ssim_stage1", "psnr_stage2", "ssim_stage2"}
     assert (tmp_path / "test" / "panels").is_dir()
+    for pair in pairs:
+        want = psnr_ssim(read_image(pair.hazy).tensor[None], read_image(pair.gt).tensor[None])
+        row = rows[pair.hazy.name]
+        for stage in (1, 2):
+            assert float(row[f"psnr_stage{stage}"]) == pytest.approx(want["psnr"][0], abs=2e-6)
+            assert float(row[f"ssim_stage{stage}"]) == pytest.approx(want["ssim"][0], abs=2e-6)
     runs = ["test"]
     if folder.name != "train":
         dehaze_cmd.run(["--stage1", s1, "--stage2", s2, "--input", str(folder / "hazy"), "--output",
-                            str(tmp_path / "dehaze")])
+                        str(tmp_path / "dehaze")])
         runs.append("dehaze")
-    for name in names:
-        hazy = read_image(folder / "hazy" / name)
-        out_name = name if name.endswith((".png", ".tif", ".tiff")) else name.rsplit(".", 1)[0] + ".png"
-        outs = [read_image(tmp_path / run / "restored" / out_name) for run in runs]
-        for out in outs:
-            assert out.tensor.shape == hazy.tensor.shape and out.bit_depth == hazy.bit_depth
-        assert all(torch.equal(outs[0].tensor, o.tensor) for o in outs[1:])
+    for pair in pairs:
+        hazy = read_image(pair.hazy)
+        for run in runs:
+            out = read_image(tmp_path / run / "restored" / _output_name(pair.hazy.name))
+            assert out.bit_depth == hazy.bit_depth, (run, pair.hazy.name)
+            assert torch.equal(out.tensor, hazy.tensor), (run, pair.hazy.name)
+
+
+def test_tiny_networks_on_a_real_image(tiny_checkpoints, tmp_path):
+    """Real (tiny, random) networks on the smallest real hazy image: test.py and dehaze.py
+    give the input's size and bit depth and the same pixels, and the result is not the input."""
+    sets = [p.values[0] for p in realdata_sets()]
+    if sets[0] is None and not REQUIRE_REALDATA:
+        pytest.skip(f"no real-data pairs under {REALDATA_DIR} (they cannot be redistributed)")
+    folder = require_realdata(sets[0])
+    smallest = min((p for s in sets for p in (s / "hazy").iterdir()), key=lambda p: p.stat().st_size)
+    pair = next(p for p in find_pairs(smallest.parent, smallest.parent.parent / "GT") if p.hazy == smallest)
+    (tmp_path / "hazy").mkdir(), (tmp_path / "GT").mkdir()
+    shutil.copy(pair.hazy, tmp_path / "hazy" / smallest.name)
+    shutil.copy(pair.gt, tmp_path / "GT" / smallest.name)
+    s1, s2 = map(str, tiny_checkpoints)
+    evaluate_cmd.run(["--stage1", s1, "--stage2", s2, "--hazy-dir", str(tmp_path / "hazy"), "--gt-dir",
+                      str(tmp_path / "GT"), "--output", str(tmp_path / "test")])
+    dehaze_cmd.run(["--stage1", s1, "--stage2", s2, "--input", str(tmp_path / "hazy"), "--output",
+                    str(tmp_path / "dehaze")])
+    hazy = read_image(smallest)
+    outs = [read_image(tmp_path / run / "restored" / _output_name(smallest.name)) for run in ("test", "dehaze")]
+    for out in outs:
+        assert out.tensor.shape == hazy.tensor.shape and out.bit_depth == hazy.bit_depth
+    assert torch.equal(outs[0].tensor, outs[1].tensor)
+    assert not torch.equal(outs[0].tensor, hazy.tensor)
+    assert folder.is_dir()
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):
