@@ -104,7 +104,7 @@ def test_bf16_accuracy_cpu(chain_reference, precision, min_coarse_db, min_restor
     bfloat16 keeps 8 mantissa bits, its relative errors grow through the layers and, in
     stage 2, through the 5 sampling steps, and restored values at the clamp (0 or 1) hide
     them. The four chain sets have the same weight scale (conv weight rms 0.0206 / 0.0362)
-    yet differ by 12 dB. Restored PSNR against float32 (``tests/parity_report.py
+    yet differ by 11-12 dB. Restored PSNR against float32 (``tests/parity_report.py
     --skip-parity --bf16``, README "Tests": all in-repository chain sets and random tiny
     models, this machine) was at least 45.3 dB (bf16-stage1) and 26.6 dB (bf16); issue 20
     reports 42.8 / 23.6 dB for another seed on another machine. The bounds, 38 and 20 dB,
