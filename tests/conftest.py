@@ -87,14 +87,19 @@ def realdata_sets() -> list:
 CHAINS = fixture_files("chain")
 
 
+_LAID_OUT = {}       # source chain folder -> its laid-out copy: ``chain`` and ``any_chain`` share one
+
+
 def _lay_out_chain(src, tmp_path_factory) -> Path:
     src = require(src)
-    folder = tmp_path_factory.mktemp(f"chain_{src.parent.name}")
-    shutil.copytree(src / "data", folder / "data")
-    for name in ("expected_metrics.json", "expected_outputs.pt", "weights.pt"):
-        shutil.copy2(src / name, folder / name)
-    write_official_checkpoints(src, folder)
-    return folder
+    if src not in _LAID_OUT:
+        folder = tmp_path_factory.mktemp(f"chain_{src.parent.name}")
+        shutil.copytree(src / "data", folder / "data")
+        for name in ("expected_metrics.json", "expected_outputs.pt", "weights.pt"):
+            shutil.copy2(src / name, folder / name)
+        write_official_checkpoints(src, folder)
+        _LAID_OUT[src] = folder
+    return _LAID_OUT[src]
 
 
 @pytest.fixture(scope="session", params=CHAINS if CUSTOM_PARITY else CHAINS[:1])
@@ -129,3 +134,11 @@ def passthrough_networks(monkeypatch):
         keep = {k: kwargs[k] for k in ("seed", "tile", "overlap", "tile_batch") if k in kwargs}
         return Dehazer(PassThroughStage1(), PassThroughStage2(), **keep)
     monkeypatch.setattr(Dehazer, "from_checkpoints", staticmethod(load))
+
+
+@pytest.fixture(scope="session")
+def chain_exact():
+    """``chain_exact(folder)``: {image name: float64 run of the folder's Dehazer} for a
+    ``chain`` / ``any_chain`` folder (parity_cases.chain_exact_results), computed once per
+    set in a session and shared by the chain parity tests and the speed-option tests."""
+    return parity_cases.chain_exact_results

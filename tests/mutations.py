@@ -386,6 +386,21 @@ MUTATIONS: List[Mutation] = [
     Mutation("batch-in-fingerprint", "--batch is part of the run fingerprint (a run cannot resume with another N)",
              "dsrdmpd/cli/batch.py", '"channels_last": bool(args.channels_last)})',
              '"channels_last": bool(args.channels_last), "batch": args.batch})', ("tests/test_batching.py::test_a_run_resumes_with_another_batch_size",)),
+    # speed options held to derived float32-rounding bounds (issue 20)
+    Mutation("tile-batch-noise-order", "batched tiles get their start noise in reverse order",
+             "dsrdmpd/inference.py",
+             "ns = torch.cat([tile_noise(i, y, xx) for i, y, xx in chunk]).to(self.device)",
+             "ns = torch.cat([tile_noise(i, y, xx) for i, y, xx in chunk[::-1]]).to(self.device)",
+             ("tests/test_speed_options.py::test_tile_batching_equals_one_tile_per_call",)),
+    Mutation("channels-last-one-level", "the channels_last path adds one 8-bit level to one input pixel",
+             "dsrdmpd/inference.py", "            x = x.contiguous(memory_format=torch.channels_last)\n",
+             "            x = x.contiguous(memory_format=torch.channels_last).clone()\n            x[:, :, 5, 7] += 1 / 255\n",
+             ("tests/test_speed_options.py::test_channels_last_matches_float32",)),
+    Mutation("explicit-attention-half-scores", "the explicit attention rounds its scaled queries through float16",
+             "dsrdmpd/models/unet_blocks.py", 'sim = torch.einsum("bhdi,bhdj->bhij", q * self.scale, k)',
+             'sim = torch.einsum("bhdi,bhdj->bhij", (q * self.scale).half().float(), k)',
+             ("tests/test_speed_options.py::test_fused_attention_equals_explicit",
+              "tests/test_speed_options.py::test_fused_attention_sample_equals_explicit")),
 ]
 
 

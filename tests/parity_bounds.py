@@ -20,6 +20,10 @@ d32 can be ~0 by chance. The third line catches a bug that only our float32 run 
 (it would inflate d32 instead of moving ``exact``): a bound that cannot resolve a quarter
 of an 8-bit level cannot mean "equal to float32 rounding".
 Bugs in our code are in both of our runs, so they move ``exact`` away from the authors'.
+
+Speed options (fused attention, channels_last, batched tiles) are one more float32
+evaluation order of the same function: ``assert_rounding_only`` holds the variant to the
+same bound, with our default float32 run as the measure of rounding.
 """
 from __future__ import annotations
 
@@ -107,6 +111,21 @@ def compare(what: str, ours: torch.Tensor, exact: torch.Tensor, authors: torch.T
 def assert_parity(what: str, ours: torch.Tensor, exact: torch.Tensor, authors: torch.Tensor) -> Parity:
     p = compare(what, ours, exact, authors)
     assert p.ok, f"not equal to float32 rounding: {p}"
+    return p
+
+
+def assert_rounding_only(what: str, reference32: torch.Tensor, exact: torch.Tensor,
+                         variant: torch.Tensor) -> Parity:
+    """A float32 variant of our code (another evaluation order) is within ``K * d32 + floor``
+    (and the rms bound) of ``exact``, ``d32`` measured on ``reference32``, our default float32
+    run, as for the authors' results. The bound must also resolve a planted error: one 8-bit
+    level added to one element of ``variant`` fails it (the cap guarantees this, so this
+    checks the cap and the comparison themselves)."""
+    p = compare(what, reference32, exact, variant)
+    assert p.ok, f"{what}: the variant differs by more than float32 rounding: {p}"
+    planted = variant.detach().clone(memory_format=torch.contiguous_format)
+    planted.view(-1)[planted.numel() // 2] += LEVEL
+    assert not compare(what, reference32, exact, planted).ok, f"{what}: one level in one element not caught"
     return p
 
 

@@ -9,6 +9,7 @@ import copy
 import functools
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -16,6 +17,7 @@ from dsrdmpd.builders import build_stage1, build_stage2
 from dsrdmpd.checkpoints import (STAGE2_CHECKED_BUFFERS, STAGE2_DROPPED_BUFFERS, check_stage2_buffers, load_into,
                                  official_to_project_keys)
 from dsrdmpd.diffusion.residual_diffusion import start_noise
+from dsrdmpd.imageio import read_image
 from dsrdmpd.inference import Dehazer, padded_size
 
 from fixture_recipe import fixture_state_dict
@@ -96,24 +98,45 @@ def stage2_sample(fx, diffusion, fast: bool):
                             fast=fast, return_start=True)
 
 
-def chain_dehazer(folder: Path, checkpoints: Path):
+def chain_dehazer(folder: Path, checkpoints: Path, **options):
     """A chain fixture's (metadata, expected outputs, Dehazer): the Dehazer loads the
     official-format files in ``checkpoints`` (fixture_recipe.write_official_checkpoints)
-    with the sizes and seed of the fixture's expected_metrics.json."""
+    with the sizes and seed of the fixture's expected_metrics.json; ``options`` go to the
+    Dehazer (precision, channels_last, ...)."""
     meta = json.loads((folder / "expected_metrics.json").read_text())
     expected = torch.load(folder / "expected_outputs.pt", map_location="cpu", weights_only=False)
     cfg = meta["config"]
     dehazer = Dehazer.from_checkpoints(str(checkpoints / "stage1_official.pth"), str(checkpoints / "stage2_official.pt"),
-                                       config={"stage1": cfg["stage1"], "stage2": cfg["stage2"]}, seed=cfg["seed"])
+                                       config={"stage1": cfg["stage1"], "stage2": cfg["stage2"]}, seed=cfg["seed"],
+                                       **options)
     return meta, expected, dehazer
 
 
-def exact_chain(dehazer: Dehazer, hazy: torch.Tensor):
-    """The same Dehazer (padding, start noise from its seed, cropping) with both networks in float64."""
+def exact_chain(dehazer: Dehazer, hazy: torch.Tensor, noise: Optional[torch.Tensor] = None):
+    """The same Dehazer (padding, tiles, start noise from its seed or ``noise``, cropping)
+    with both networks in float64. Stage boundaries stay as in the float32 code (the coarse
+    image and tile blending are float32: half an ulp each, far below the networks' rounding)."""
     twin = copy.copy(dehazer)
     twin.stage1 = float64_copy(dehazer.stage1, cast_inputs=True)
     twin.stage2 = float64_copy(dehazer.stage2)
     twin.stage2.net.register_forward_pre_hook(lambda m, args: (args[0].double(), *args[1:]))
-    noise = start_noise((hazy.shape[0], 3, *padded_size(*hazy.shape[-2:])), dehazer.seed)   # float32, as drawn
+    if noise is None:
+        noise = start_noise((hazy.shape[0], 3, *padded_size(*hazy.shape[-2:])), dehazer.seed)   # float32, as drawn
     with exact_arithmetic():
         return twin(hazy, noise=noise)
+
+
+def chain_names(folder: Path) -> list:
+    """The chain's image names (sorted, as in expected_outputs.pt)."""
+    return sorted(p.name for p in (folder / "data" / "hazy").iterdir())
+
+
+@functools.lru_cache(maxsize=None)
+def chain_exact_results(folder: Path) -> dict:
+    """{image name: DehazeResult} of the float64 run of a laid-out chain folder's Dehazer
+    (conftest: ``chain`` / ``any_chain``), one image at a time; computed once per folder
+    (the costly part of the chain tests, shared by tests/test_chain.py and
+    tests/test_speed_options.py through conftest's ``chain_exact`` fixture)."""
+    _, _, dehazer = chain_dehazer(folder, folder)
+    return {name: exact_chain(dehazer, read_image(folder / "data" / "hazy" / name).tensor[None])
+            for name in chain_names(folder)}

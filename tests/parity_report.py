@@ -2,7 +2,7 @@
 rounding, on the parity fixture sets; optionally bf16 accuracy against float32.
 
     .venv/bin/python tests/parity_report.py [--sets DIR ...] [--out results/parity_report.md]
-                                            [--bf16 [--seeds N] [--trained STAGE1 STAGE2 ...]]
+                                            [--bf16 [--seeds S ...] [--trained STAGE1 STAGE2 ...]]
 
 Produces the README "Tests" tables. For every set (default: the in-repository ones, as in
 tests/conftest.py) and every compared tensor it runs our code in float32 and in float64
@@ -10,7 +10,7 @@ tests/conftest.py) and every compared tensor it runs our code in float32 and in 
 ``max|authors - exact| / d32`` per kind of output (in brackets the range of d32), the worst
 rms ratio, and for the chain how many 8-bit levels of the restored images differ from the
 authors'. ``--bf16`` adds restored PSNR of precision 'bf16-stage1' and 'bf16' against
-float32 on every set's chain, on ``--seeds`` randomly initialised tiny models
+float32 on every set's chain, on randomly initialised tiny models (``--seeds``)
 (configs/stage*_tiny.yaml widths) and on ``--trained`` checkpoint pairs. A development
 script, not part of the suite.
 """
@@ -96,14 +96,25 @@ def parity_table(sets: list) -> str:
     return "\n".join(lines)
 
 
+def _weight_rms(model: torch.nn.Module) -> float:
+    """Root mean square of all convolution weights: the scale bf16's relative errors act on."""
+    ws = [m.weight.detach().double().flatten() for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return torch.cat(ws).pow(2).mean().sqrt().item()
+
+
 def bf16_psnr(make_dehazer, hazy: torch.Tensor) -> dict:
-    """{precision: restored PSNR against the float32 Dehazer}; ``make_dehazer(precision)`` builds a fresh one."""
-    ref = make_dehazer("fp32")(hazy).restored
-    return {p: psnr(make_dehazer(p)(hazy).restored, ref) for p in PRECISIONS}
+    """{precision: restored PSNR against the float32 Dehazer}, plus what the accuracy may
+    depend on: 'w1' / 'w2' the rms of each stage's conv weights, 'sat' the share of the
+    float32 restored values at the clamp (0 or 1). ``make_dehazer(precision)`` builds a fresh one."""
+    fp32 = make_dehazer("fp32")
+    ref = fp32(hazy).restored
+    stats = {"w1": _weight_rms(fp32.stage1), "w2": _weight_rms(fp32.stage2.net),
+             "sat": ((ref <= 0) | (ref >= 1)).double().mean().item()}
+    return {**{p: psnr(make_dehazer(p)(hazy).restored, ref) for p in PRECISIONS}, **stats}
 
 
-def bf16_cases(sets: list, seeds: int, trained: list) -> list:
-    """(case name, {precision: PSNR}) for every set's chain, ``seeds`` random tiny models (on
+def bf16_cases(sets: list, seeds: list, trained: list) -> list:
+    """(case name, bf16_psnr's dict) for every set's chain, random tiny models of ``seeds`` (on
     2 random 64 x 96 images) and the ``trained`` (stage-1, stage-2) checkpoint pairs (on the first chain's images)."""
     cases, first_hazy = [], None
     for folder in sets:
@@ -118,7 +129,7 @@ def bf16_cases(sets: list, seeds: int, trained: list) -> list:
             cases.append((f"{folder.name} chain", bf16_psnr(lambda p: Dehazer.from_checkpoints(*ckpts, precision=p),
                                                             hazy)))
         print(cases[-1], flush=True)
-    for seed in range(seeds):
+    for seed in seeds:
         torch.manual_seed(seed)
         s1, s2 = build_stage1(TINY[0]).eval(), build_stage2(TINY[1]).eval()
         images = torch.rand(2, 3, 64, 96)
@@ -140,8 +151,10 @@ def bf16_table(cases: list) -> str:
         values = [c[1][p] for c in cases]
         lines.append(f"| {p} | {min(values):.1f} dB | {statistics.median(values):.1f} dB | {max(values):.1f} dB "
                      f"| {len(values)} cases |")
-    lines += ["", "| case | " + " | ".join(PRECISIONS) + " |", "|---" * (len(PRECISIONS) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{v[p]:.1f} dB" for p in PRECISIONS) + " |" for name, v in cases]
+    lines += ["", "| case | " + " | ".join(PRECISIONS) + " | conv weight rms (stage 1 / 2) | restored at the clamp |",
+              "|---" * (len(PRECISIONS) + 3) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{v[p]:.1f} dB" for p in PRECISIONS)
+              + f" | {v['w1']:.3f} / {v['w2']:.3f} | {100 * v['sat']:.1f} % |" for name, v in cases]
     return "\n".join(lines)
 
 
@@ -151,7 +164,8 @@ def main(argv=None) -> int:
                     help="fixture folders (default: the in-repository sets)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "parity_report.md")
     ap.add_argument("--bf16", action="store_true", help="also measure bf16 accuracy against float32")
-    ap.add_argument("--seeds", type=int, default=4, help="random tiny models for --bf16 (default 4)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3],
+                    help="seeds of the random tiny models for --bf16 (default 0 1 2 3; none: no random models)")
     ap.add_argument("--trained", nargs=2, action="append", default=[], metavar=("STAGE1", "STAGE2"),
                     help="for --bf16: a trained checkpoint pair (e.g. the demo's best.pt files); repeatable")
     ap.add_argument("--skip-parity", action="store_true", help="only the bf16 part")

@@ -13,17 +13,18 @@ from dsrdmpd.inference import Dehazer
 from dsrdmpd.metrics import psnr_ssim
 
 from parity_bounds import LEVEL, assert_levels, assert_parity, compare
-from parity_cases import chain_dehazer, exact_chain
+from parity_cases import chain_dehazer
 
 
 @pytest.fixture(scope="module")
-def chain_run(any_chain):
+def chain_run(any_chain, chain_exact):
     """The chain through the public API, from the official-format files (conftest.any_chain),
-    and the float64 run of the same Dehazer (parity_bounds) per image: the exact reference."""
+    and the float64 run of the same Dehazer (parity_bounds) per image: the exact reference
+    (conftest.chain_exact, computed once per set and shared with test_speed_options)."""
     folder = any_chain
     meta, expected, dehazer = chain_dehazer(folder, folder)
-    exact = {name: exact_chain(dehazer, read_image(folder / "data" / "hazy" / name).tensor[None])
-             for name in expected}
+    exact = chain_exact(folder)
+    assert set(exact) == set(expected)
     return folder, meta, expected, dehazer, exact
 
 
