@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
-import os
 import queue
 import resource
 import statistics

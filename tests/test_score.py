@@ -318,7 +318,7 @@ def test_reproduce_table_with_a_scored_peer_column(tmp_path):
     md = (tmp_path / "t" / "tables.md").read_text()
     assert "| Mine PSNR / SSIM (scored here) |" in md
     cell = f"{rows['A']['scored']['Mine']['psnr']:.2f} / {rows['A']['scored']['Mine']['ssim']:.4f}"
-    assert f"| A |  |  | 30.00 | 0.9000 |  |  | S, Table 3 (second-hand) |  | skipped: not found: stage1=" in md
+    assert "| A |  |  | 30.00 | 0.9000 |  |  | S, Table 3 (second-hand) |  | skipped: not found: stage1=" in md
     assert f"| unknown | {cell} |" in md
     assert f"| Mine (scored here) | {cell} |" in md and "| Other | 28.50 / 0.8500 |  |  | S, Table 3" in md
     assert f"Mine (scored here): scored by this package on the same ground truth, {PROTOCOLS['y']}" in md
