@@ -103,7 +103,7 @@ def run_straight_and_resumed(make, tmp_path, check=lambda trainer: None):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
     if stage == 1:
-        make = lambda run, resume=None: Stage1Trainer(stage1_cfg(data_root, epochs=3, log_every=1), run, resume)
+        make = lambda run, resume=None: Stage1Trainer(stage1_cfg(data_root, epochs=2, log_every=1), run, resume)
     else:
         make = lambda run, resume=None: Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=8, val_every=4,
                                                                  save_every=100, ema_update_every=1,
@@ -203,8 +203,8 @@ def test_rng_capture_and_restore_round_trip():
 def test_ema_follows_the_configured_decay(data_root, stage1_ckpt, tmp_path, decay):
     """With the averaging on from the first step: decay 0 makes the EMA copy the model
     itself; decay 0.9 makes it lag behind (ema-pytorch warms the decay up from 0, so the
-    copy after 12 steps is the recurrence with decays min(0.9, 1 - (1 + n)^(-2/3)), n = 1, 2, ...)."""
-    cfg = stage2_cfg(data_root, stage1_ckpt, steps=12, val_every=100, save_every=12, ema_decay=decay,
+    copy after 6 steps is the recurrence with decays min(0.9, 1 - (1 + n)^(-2/3)), n = 1, 2, ...)."""
+    cfg = stage2_cfg(data_root, stage1_ckpt, steps=6, val_every=100, save_every=6, ema_decay=decay,
                      ema_update_every=1, ema_update_after_step=0)
     trainer = Stage2Trainer(cfg, tmp_path)
     snapshots = []
@@ -233,7 +233,7 @@ def test_second_trainer_in_one_process_gets_its_own_settings(data_root, stage1_c
     first one's device and refuses another mixed precision (found on a GPU machine)."""
     first = Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=2), tmp_path / "a")
     assert first.accelerator.mixed_precision == "no"
-    second = Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=2, mixed_precision="bf16"), tmp_path / "b")
+    second = Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=1, mixed_precision="bf16"), tmp_path / "b")
     assert second.accelerator.mixed_precision == "bf16"
     second.train()
     assert torch.isfinite(torch.tensor(_losses(tmp_path / "b"))).all()
