@@ -349,8 +349,13 @@ def test_tiny_networks_on_a_real_image(tiny_checkpoints, tmp_path):
 
 def test_demo_end_to_end_small(tmp_path, capsys):
     """The README's main command, shrunk: synthetic data, both tiny stages trained,
-    held-out scenes dehazed, table printed, results and panels written."""
+    held-out scenes dehazed, table printed, results and panels written; the run only
+    replaces the folders it writes (data/, runs/, results/), never other files in --output."""
     from dsrdmpd.cli import demo as demo_cmd
+    mine = tmp_path / "demo" / "notes.txt"
+    (tmp_path / "demo" / "results").mkdir(parents=True)
+    mine.write_text("keep me")
+    (tmp_path / "demo" / "results" / "old.csv").write_text("stale")
     assert demo_cmd.main(["--output", str(tmp_path / "demo"), "--size", "64", "--train-images", "6", "--test-images",
                       "2", "--test-size", "64", "--stage1-epochs", "1", "--stage2-steps", "4", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
@@ -362,23 +367,16 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     overview = read_image(tmp_path / "demo" / "results" / "overview.png").tensor
     assert panel.shape[-2] >= 192 and overview.shape[-2] == 2 * panel.shape[-2] + 10     # two panels stacked
     assert "not from the paper's models" in (tmp_path / "demo" / "results" / "summary.md").read_text()
+    assert mine.read_text() == "keep me" and not (tmp_path / "demo" / "results" / "old.csv").exists()
 
 
-def test_demo_bad_usage_is_one_line_and_keeps_other_files(tmp_path, capsys):
-    """Usage errors end with one line and exit code 2; a demo run only replaces the
-    folders it writes (data/, runs/, results/), never other files in --output."""
+def test_demo_bad_usage_is_one_line(tmp_path, capsys):
+    """Usage errors end with one line and exit code 2 (that a run keeps other files in
+    --output: test_demo_end_to_end_small)."""
     from dsrdmpd.cli import demo as demo_cmd
     assert demo_cmd.main(["--stage1", "s1.pth"]) == 2
     assert capsys.readouterr().err.strip() == "error: give both --stage1 and --stage2, or neither"
     assert demo_cmd.main(["--seeds", "0", "1", "--stage1", "a", "--stage2", "b", "--input", "x"]) == 2
-    mine = tmp_path / "notes.txt"
-    mine.write_text("keep me")
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "old.csv").write_text("stale")
-    assert demo_cmd.main(["--output", str(tmp_path), "--train-images", "4", "--valid-images", "1", "--test-images",
-                          "1", "--test-size", "64", "--size", "64", "--stage1-epochs", "1", "--stage2-steps", "1",
-                          "--device", "cpu"]) == 0
-    assert mine.read_text() == "keep me" and not (tmp_path / "results" / "old.csv").exists()
 
 
 def test_demo_seed_table_counts_the_seeds_where_stage_2_wins_on_both(tmp_path):
