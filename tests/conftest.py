@@ -74,9 +74,11 @@ def load_fixture(path: Path) -> dict:
 
 
 def realdata_sets() -> list:
-    """pytest params, one per real-data folder holding hazy/ and GT/."""
+    """pytest params, one per real-data folder holding hazy/ and GT/; ``train/`` folders are
+    left out when their parent has pairs (the same sources, formats and sizes)."""
     sets = sorted(h.parent for h in REALDATA_DIR.rglob("hazy") if (h.parent / "GT").is_dir()) \
         if REALDATA_DIR.is_dir() else []
+    sets = [s for s in sets if not (s.name == "train" and (s.parent / "hazy").is_dir())]
     if not sets:
         reason = f"no real-data pairs (hazy/ + GT/) under {REALDATA_DIR}"
         marks = [] if REQUIRE_REALDATA else [pytest.mark.skip(reason=reason + " (they cannot be redistributed)")]

@@ -203,8 +203,8 @@ def test_rng_capture_and_restore_round_trip():
 def test_ema_follows_the_configured_decay(data_root, stage1_ckpt, tmp_path, decay):
     """With the averaging on from the first step: decay 0 makes the EMA copy the model
     itself; decay 0.9 makes it lag behind (ema-pytorch warms the decay up from 0, so the
-    copy after 6 steps is the recurrence with decays min(0.9, 1 - (1 + n)^(-2/3)), n = 1, 2, ...)."""
-    cfg = stage2_cfg(data_root, stage1_ckpt, steps=6, val_every=100, save_every=6, ema_decay=decay,
+    copy after 4 steps is the recurrence with decays min(0.9, 1 - (1 + n)^(-2/3)), n = 1, 2, ...)."""
+    cfg = stage2_cfg(data_root, stage1_ckpt, steps=4, val_every=100, save_every=4, ema_decay=decay,
                      ema_update_every=1, ema_update_after_step=0)
     trainer = Stage2Trainer(cfg, tmp_path)
     snapshots = []
