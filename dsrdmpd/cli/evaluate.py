@@ -18,26 +18,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..data import PRESET_NAMES, find_pairs, split_pairs
+from ..data import find_pairs
 from ..evaluation import Item, items_from_pairs
 from ..imageio import list_images
 from .batch import run_batch
 from .errors import UsageError, run_command
-from .options import add_model_options, add_output_options, add_protocol_options, add_run_options, parser
+from .options import (add_dataset_options, add_model_options, add_output_options, add_protocol_options,
+                      add_run_options, dataset_split_pairs, parser)
 
 
 def build_parser():
     ap = parser("dsrdmpd-test", __doc__)
     add_model_options(ap)
     src = ap.add_argument_group("images")
-    src.add_argument("--data-root", help="dataset root (with --preset and --split)")
-    src.add_argument("--preset", default="rsid", choices=list(PRESET_NAMES),
-                     help="dataset layout (README 'Datasets'); 'paired' with --hazy-subdir/--gt-subdir/--*-key")
-    src.add_argument("--split", default="test")
-    src.add_argument("--hazy-subdir", help="with --preset paired: hazy folder under the root ('{split}' allowed)")
-    src.add_argument("--gt-subdir", help="with --preset paired: GT folder under the root ('{split}' allowed)")
-    src.add_argument("--list-file", help="with --preset realblur: list file under the root (default "
-                                         "RealBlur_J_{split}_list.txt; RealBlur_R_{split}_list.txt for -R)")
+    add_dataset_options(src)
     src.add_argument("--hazy-dir", help="folder (or one file) of hazy images, instead of --data-root")
     src.add_argument("--gt-dir", help="folder of ground truth for --hazy-dir (paired by name key)")
     src.add_argument("--hazy-key", default=r"(.+)", help="name-key rule for hazy files (regex, one group)")
@@ -50,11 +44,7 @@ def build_parser():
 
 def collect_items(args) -> List[Item]:
     if args.data_root:
-        data = {"preset": args.preset, "root": args.data_root, "list_file": args.list_file}
-        if args.preset == "paired":
-            data.update(hazy_key=args.hazy_key, gt_key=args.gt_key, hazy_dir=args.hazy_subdir,
-                        gt_dir=args.gt_subdir)
-        items = items_from_pairs(split_pairs(data, args.split))
+        items = items_from_pairs(dataset_split_pairs(args))
     elif args.hazy_dir and args.gt_dir:
         items = items_from_pairs(find_pairs(args.hazy_dir, args.gt_dir, args.hazy_key, args.gt_key))
     elif args.hazy_dir:

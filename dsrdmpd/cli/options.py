@@ -8,6 +8,7 @@ from typing import Any, Dict
 import torch
 
 from ..config import load_config
+from ..data import PRESET_NAMES, split_pairs
 from ..evaluation import DEFAULT_MAX_UNTILED_PIXELS
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..inference import PRECISIONS
@@ -99,6 +100,27 @@ def parse_pixels(text: str) -> int | None:
     if n != n or n == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite pixel count")
     return int(n) if n > 0 else None
+
+
+def add_dataset_options(group) -> None:
+    """--data-root, --preset, --split and the preset's own options, in an argument group."""
+    group.add_argument("--data-root", help="dataset root (with --preset and --split)")
+    group.add_argument("--preset", default="rsid", choices=list(PRESET_NAMES),
+                       help="dataset layout (README 'Datasets'); 'paired' with --hazy-subdir/--gt-subdir/--*-key")
+    group.add_argument("--split", default="test")
+    group.add_argument("--hazy-subdir", help="with --preset paired: hazy folder under the root ('{split}' allowed)")
+    group.add_argument("--gt-subdir", help="with --preset paired: GT folder under the root ('{split}' allowed)")
+    group.add_argument("--list-file", help="with --preset realblur: list file under the root (default "
+                                           "RealBlur_J_{split}_list.txt; RealBlur_R_{split}_list.txt for -R)")
+
+
+def dataset_split_pairs(args) -> list:
+    """The (hazy, GT) pairs of ``args.split`` of the dataset that add_dataset_options describes;
+    --hazy-key / --gt-key (each command declares its own) name the files of --preset paired."""
+    data = {"preset": args.preset, "root": args.data_root, "list_file": args.list_file}
+    if args.preset == "paired":
+        data.update(hazy_key=args.hazy_key, gt_key=args.gt_key, hazy_dir=args.hazy_subdir, gt_dir=args.gt_subdir)
+    return split_pairs(data, args.split)
 
 
 def add_output_options(ap: argparse.ArgumentParser) -> None:

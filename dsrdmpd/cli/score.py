@@ -17,11 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..data import PRESET_NAMES, split_pairs
 from ..metrics import PROTOCOLS
 from ..scoring import gt_references, parse_protocols, score_folder
 from .errors import ItemsFailed, UsageError, run_command
-from .options import parser
+from .options import add_dataset_options, dataset_split_pairs, parser
 
 
 def build_parser():
@@ -31,12 +30,7 @@ def build_parser():
     src.add_argument("--restored-key", default=r"(.+)", help="name-key rule for restored files (regex on the stem, "
                                                              "one group)")
     src.add_argument("--gt", type=Path, help="folder of ground truth (instead of --data-root)")
-    src.add_argument("--data-root", help="dataset root (with --preset and --split), as dsrdmpd-test")
-    src.add_argument("--preset", default="rsid", choices=list(PRESET_NAMES), help="dataset layout, as dsrdmpd-test")
-    src.add_argument("--split", default="test")
-    src.add_argument("--hazy-subdir", help="with --preset paired: hazy folder under the root ('{split}' allowed)")
-    src.add_argument("--gt-subdir", help="with --preset paired: GT folder under the root ('{split}' allowed)")
-    src.add_argument("--list-file", help="with --preset realblur: list file under the root")
+    add_dataset_options(src)
     src.add_argument("--hazy-key", default=r"(.+)", help="with --preset paired: name-key rule for hazy files")
     src.add_argument("--gt-key", default=r"(.+)", help="name-key rule for GT files (--gt, or --preset paired)")
     g = ap.add_argument_group("scoring")
@@ -57,10 +51,7 @@ def references(args) -> list:
     if args.gt:
         return gt_references(args.gt, args.gt_key)
     if args.data_root:
-        data = {"preset": args.preset, "root": args.data_root, "list_file": args.list_file}
-        if args.preset == "paired":
-            data.update(hazy_key=args.hazy_key, gt_key=args.gt_key, hazy_dir=args.hazy_subdir, gt_dir=args.gt_subdir)
-        return split_pairs(data, args.split)
+        return dataset_split_pairs(args)
     raise UsageError("give the ground truth: --gt DIR, or --data-root with --preset and --split")
 
 
