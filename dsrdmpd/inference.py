@@ -42,6 +42,7 @@ weight version (:class:`dsrdmpd.models.unet_blocks.WeightStandardizedConv2d`; ex
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -53,6 +54,7 @@ from .cuda_graphs import GraphRunner
 from .compile_cache import use_compile_cache
 from .config import DEFAULTS, ConfigError, load_config
 from .diffusion import ResidualDiffusion, start_noise, window_noise
+from .machine import cpu_has_bf16_kernels
 from .models import MCESSUNet
 from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE
 from .models.norm import set_fast_norm
@@ -84,6 +86,10 @@ def pad_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+class SlowPrecisionWarning(UserWarning):
+    """A precision this device runs far slower than float32 (bfloat16 on a CPU without oneDNN bf16)."""
+
+
 class Dehazer:
     """Both stages, ready to run. Models are put in eval mode on ``device``."""
 
@@ -99,6 +105,10 @@ class Dehazer:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r} is not one of {PRECISIONS}")
         self.precision, self.channels_last = precision, bool(channels_last)
+        if precision.startswith("bf16") and self.device.type == "cpu" and not cpu_has_bf16_kernels():
+            warnings.warn(f"precision {precision!r} on this CPU: PyTorch has no bfloat16 convolution kernels for it "
+                          "and falls back to its reference convolution, tens of times slower than 'fp32' (and "
+                          "less accurate); use precision 'fp32' on this machine", SlowPrecisionWarning, stacklevel=2)
         if self.channels_last:
             self.stage1.to(memory_format=torch.channels_last)
             self.stage2.to(memory_format=torch.channels_last)

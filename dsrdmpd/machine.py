@@ -25,3 +25,14 @@ def machine_description(device: str = "cpu") -> str:
     else:
         what = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     return f"{what}, torch {torch.__version__}"
+
+
+def cpu_has_bf16_kernels() -> bool:
+    """Whether PyTorch's oneDNN has bfloat16 convolutions for this CPU (AVX512-BF16, AMX or
+    AVX-512 BW/VL/DQ). Without them, bfloat16 autocast on the CPU falls back to PyTorch's
+    reference convolution, tens of times slower than float32 (README 'Benchmark')."""
+    import torch
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):     # an older or a stripped build: assume the slow path
+        return False

@@ -401,6 +401,17 @@ MUTATIONS: List[Mutation] = [
              'sim = torch.einsum("bhdi,bhdj->bhij", (q * self.scale).half().float(), k)',
              ("tests/test_speed_options.py::test_fused_attention_equals_explicit",
               "tests/test_speed_options.py::test_fused_attention_sample_equals_explicit")),
+    # CPU bfloat16 without oneDNN kernels (2026-11-30)
+    Mutation("cpu-bf16-silent", "bfloat16 on a CPU without bf16 kernels runs the slow reference convolution silently",
+             "dsrdmpd/inference.py", 'self.device.type == "cpu" and not cpu_has_bf16_kernels():',
+             'self.device.type == "cpu" and cpu_has_bf16_kernels():',
+             ("tests/test_speed_options.py::test_bf16_on_a_cpu_without_bf16_kernels_warns",)),
+    Mutation("ssim-one-axis-twice", "the separable SSIM filter applies its vertical factor twice, never the horizontal",
+             "dsrdmpd/metrics.py", "g.view(1, 1, 1, size).expand(n, 1, 1, size), padding=(0, padding)",
+             "g.view(1, 1, size, 1).expand(n, 1, size, 1), padding=(padding, 0)",
+             ("tests/test_evaluation.py::test_ssim_window_applied_as_its_two_factors",
+              "tests/test_evaluation.py::test_paper_protocol_against_independent_numpy",
+              "tests/test_evaluation.py::test_standard_protocol_against_skimage")),
 ]
 
 

@@ -125,8 +125,8 @@ def bf16_cases(sets: list, seeds: list, trained: list) -> list:
         first_hazy = hazy if first_hazy is None else first_hazy
         with tempfile.TemporaryDirectory() as tmp:
             write_official_checkpoints(chain, Path(tmp))
-            ckpts = (str(Path(tmp) / "stage1_official.pth"), str(Path(tmp) / "stage2_official.pt"))
-            cases.append((f"{folder.name} chain", bf16_psnr(lambda p: Dehazer.from_checkpoints(*ckpts, precision=p),
+            # the Dehazer of test_bf16_accuracy_cpu: the set's sizes and sampling seed
+            cases.append((f"{folder.name} chain", bf16_psnr(lambda p: chain_dehazer(chain, Path(tmp), precision=p)[2],
                                                             hazy)))
         print(cases[-1], flush=True)
     for seed in seeds:

@@ -98,6 +98,27 @@ def test_channels_last_matches_float32(chain_reference):
     assert_levels("channels_last restored", ref.reference.restored, ref.exact.restored, out.restored)
 
 
+@pytest.mark.parametrize("has_kernels", [False, True])
+def test_bf16_on_a_cpu_without_bf16_kernels_warns(monkeypatch, has_kernels):
+    """bfloat16 on a CPU whose oneDNN lacks bf16 convolutions runs PyTorch's reference
+    convolution (tens of times slower): a Dehazer asked for it says so; fp32 never warns."""
+    import warnings
+    import dsrdmpd.inference as inference
+    monkeypatch.setattr(inference, "cpu_has_bf16_kernels", lambda: has_kernels)
+    s1, s2 = build_stage1({"dim": 32}), build_stage2({"dim": 8})
+    for precision in ("bf16", "bf16-stage1", "fp32"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            Dehazer(s1, s2, precision=precision)
+        slow = [w for w in seen if issubclass(w.category, inference.SlowPrecisionWarning)]
+        assert len(slow) == (precision != "fp32" and not has_kernels), (precision, [str(w.message) for w in seen])
+        if slow:
+            assert f"precision {precision!r} on this CPU" in str(slow[0].message)
+    from dsrdmpd.machine import cpu_has_bf16_kernels
+    assert isinstance(cpu_has_bf16_kernels(), bool)
+
+
+@pytest.mark.filterwarnings("ignore::dsrdmpd.inference.SlowPrecisionWarning")
 @pytest.mark.parametrize("precision,min_coarse_db,min_restored_db", [("bf16-stage1", 55, 38), ("bf16", 55, 20)])
 def test_bf16_accuracy_cpu(chain_reference, precision, min_coarse_db, min_restored_db):
     """bf16 accuracy depends on the particular weights and images, not on one number:
