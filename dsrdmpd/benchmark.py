@@ -428,6 +428,8 @@ def main(argv=None):
                     help="passthrough: stand-ins that return their input (the streaming, I/O and mapping alone); "
                          "models: the networks at --dim1/--dim2")
     ap.add_argument("--raster-dir", type=Path, default=None, help="where the synthetic GeoTIFFs go (default: temp)")
+    ap.add_argument("--scoring", type=int, nargs="*", default=[],
+                    help="image sizes for the scoring table (SSIM on the CPU: 2-D window vs its two 1-D factors)")
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--tile-batch", type=int, default=1)
@@ -625,9 +627,37 @@ def main(argv=None):
         folder.rmdir()
         lines.append("")
 
+    if args.scoring:
+        lines += scoring_table(args.scoring, args.warmup, args.repeats, records)
+        save(lines, records)
+
     save(lines, records)
     print("\n".join(lines))
     return 0
+
+
+def scoring_table(sizes, warmup: int, repeats: int, records: list) -> list:
+    """Markdown lines: per size and protocol, ms per image of SSIM's local-mean filtering on
+    the CPU with the 2-D 11 x 11 window and with its two 1-D factors (what psnr_ssim uses),
+    side by side in this process; one record per row appended to ``records``."""
+    import torch
+    from .metrics import _ssim_map, rgb_to_y, ssim_map_2d_window
+    lines = [f"Scoring on the CPU ({torch.get_num_threads()} threads; one image, SSIM map only; median of "
+             f"{repeats} after {warmup} warm-up):", "",
+             "| size | protocol (input) | 2-D window (ms) | two 1-D passes (ms) | speed-up |", "|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+    for size in sizes:
+        a = torch.rand(1, 3, size, size, generator=g)
+        b = (a + 0.1 * torch.randn(1, 3, size, size, generator=g)).clamp(0, 1)
+        cases = (("paper (float32 RGB)", a, b, 5, 1.0),
+                 ("standard (float64 RGB)", (a * 255).round().double(), (b * 255).round().double(), 0, 255.0),
+                 ("y (float64 luma)", rgb_to_y(a), rgb_to_y(b), 0, 255.0))
+        for name, x, y, pad, rng in cases:
+            old = _timed(lambda: ssim_map_2d_window(x, y, pad, rng), "cpu", warmup, repeats)
+            new = _timed(lambda: _ssim_map(x, y, pad, rng), "cpu", warmup, repeats)
+            records.append({"kind": "scoring", "size": size, "protocol": name, "seconds_2d": old, "seconds": new})
+            lines.append(f"| {size} | {name} | {1000 * old:.1f} | {1000 * new:.1f} | {old / new:.2f}x |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -72,3 +72,21 @@ def test_script_is_a_thin_entry_point():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--pairs", "64by2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--pairs takes SIZExBATCH" in proc.stderr
+
+
+def test_scoring_table_times_both_window_forms(tmp_path):
+    """--scoring SIZE: one row per protocol with the 2-D window and the separable form timed
+    side by side (the speed-up is their ratio), in benchmark.md and benchmark.csv."""
+    out = tmp_path / "bench"
+    assert benchmark.main(["--sizes", "--variants", "--scoring", "24", "--out", str(out)] + TINY) == 0
+    rows = list(csv.DictReader(open(out / "benchmark.csv")))
+    assert [r["protocol"] for r in rows] == ["paper (float32 RGB)", "standard (float64 RGB)", "y (float64 luma)"]
+    md = (out / "benchmark.md").read_text()
+    for r in rows:
+        assert r["kind"] == "scoring" and r["size"] == "24"
+        old, new = float(r["seconds_2d"]), float(r["seconds"])
+        assert old > 0 and new > 0
+        row = f"| 24 | {r['protocol']} | {1000 * old:.1f} | {1000 * new:.1f} | "
+        assert row in md
+        speedup = float(md.split(row)[1].split("x |")[0])
+        assert speedup == pytest.approx(old / new, rel=0.01)      # the CSV keeps 6 decimals of each time
