@@ -33,8 +33,10 @@ def _cfg(stage, root, **train):
 
 @pytest.fixture(scope="module")
 def stage1_ckpt(data_root, tmp_path_factory):
+    """A stage-1 checkpoint for the stage-2 runs, trained on the GPU (seconds there; the
+    tests' 2 CPU threads took tens of seconds of the GPU check's time limit)."""
     run = tmp_path_factory.mktemp("s1")
-    Stage1Trainer(_cfg(1, data_root, epochs=1, device="cpu"), run).train()
+    Stage1Trainer(_cfg(1, data_root, epochs=1, device="auto"), run).train()
     return run / "checkpoints" / "last.pt"
 
 
