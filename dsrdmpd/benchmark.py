@@ -160,22 +160,27 @@ def count_launches(fn):
     launches = kernels = 0
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels += 1
+            # CUPTI's copy and fill records ("Memcpy DtoD ...", "Memset ...") are not kernels
+            kernels += not e.name.startswith(("Memcpy", "Memset"))
         elif "LaunchKernel" in e.name or "GraphLaunch" in e.name:
             launches += 1
     return launches, kernels
 
 
-def _pipeline(args, spec, dev, torch):
-    """Rows for the variants of one size and batch (one Dehazer after another)."""
+def _pipeline(args, spec, dev, torch, emit):
+    """The variants of one size and batch, one Dehazer after another; ``emit(row)`` as each
+    is measured (so a later variant that crashes or runs out of time loses only itself)."""
+    import gc
     from .inference import Dehazer
     size, batch = spec["size"], spec["batch"]
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     ref = None
-    rows = []
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else ""
     for v in spec["variants"]:
         if dev.startswith("cuda"):
+            # the previous Dehazer (a reference cycle with its GraphRunner) and its graphs' memory
+            # pools are freed first, so that they count neither in this variant's peak nor in its time
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         d = Dehazer(*_models(args), device=dev, **VARIANTS[v])
@@ -202,9 +207,8 @@ def _pipeline(args, spec, dev, torch):
         if v != "fp32":
             mse = ((out - ref) ** 2).mean().item()
             row["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
-        rows.append(row)
+        emit(row)
         del d
-    return rows
 
 
 def _first_call(args, spec, dev, torch):
@@ -221,13 +225,19 @@ def _first_call(args, spec, dev, torch):
 
 
 def _case(args, spec, queue):
-    """One measurement in this (fresh) process; puts a dict (or a list of dicts) on ``queue``."""
+    """One measurement in this (fresh) process: puts ("row", dict) on ``queue`` for each row
+    measured (one, or one per variant of a pipeline group), then ("end", None)."""
     if spec["kind"] == "compile":
         from .compile_cache import use_compile_cache
         use_compile_cache(spec["cache_dir"])         # the mechanism of Dehazer(compile_cache=...) and the tools
+    import os
     import torch
     from .inference import Dehazer
     from .models.unet_blocks import set_fused_attention
+    # the kernel count profiles once per variant while CUDA graphs exist: keep CUPTI set up
+    # between profiler sessions (PyTorch does the same for inductor's graphs; re-initialising
+    # CUPTI after a teardown with graphs alive has crashed on CUDA 11/12)
+    os.environ.setdefault("TEARDOWN_CUPTI", "0")
     if args.threads:
         torch.set_num_threads(args.threads)
     dev, kind, size = args.device, spec["kind"], spec["size"]
@@ -251,7 +261,8 @@ def _case(args, spec, queue):
             out["seconds"] = _timed(fn, dev, args.warmup, args.repeats)
         out["params_m"] = sum(p.numel() for p in (s1 if s2 is None else s2).parameters()) / 1e6
     elif kind == "pipeline":
-        queue.put(_pipeline(args, spec, dev, torch))
+        _pipeline(args, spec, dev, torch, lambda row: queue.put(("row", row)))
+        queue.put(("end", None))
         return
     elif kind == "compile":
         out = _first_call(args, spec, dev, torch)
@@ -331,7 +342,8 @@ def _case(args, spec, queue):
     else:
         raise ValueError(kind)
     out["peak_mib"] = _peak(dev)
-    queue.put(out)
+    queue.put(("row", out))
+    queue.put(("end", None))
 
 
 def make_geotiff(path: Path, size: int) -> None:
@@ -356,32 +368,47 @@ def make_geotiff(path: Path, size: int) -> None:
 
 
 class CaseFailed(RuntimeError):
-    """A benchmark case that crashed (out of memory, say) or ran past --case-timeout."""
+    """A benchmark case that crashed (out of memory, say) or ran past --case-timeout;
+    ``rows``: what it measured before that (pipeline groups report variant by variant)."""
+
+    def __init__(self, message: str, rows=()):
+        super().__init__(message)
+        self.rows = list(rows)
+
+
+def _label(row) -> dict:
+    """What a progress line names: the case, and the options that tell cases apart."""
+    return {k: v for k, v in row.items() if k not in ("flops", "variants", "path", "cache_dir") and
+            not isinstance(v, float)}
 
 
 def run_case(args, **spec):
-    """Run one case in a fresh process; its dict (or list of dicts for a pipeline group)."""
+    """Run one case in a fresh process; its dict (a list of dicts for a pipeline group).
+    Each row is printed to stderr as it arrives."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_case, args=(args, spec, q))
     start = time.monotonic()
     p.start()
-    res = None
-    while res is None:
+    rows = []
+    while True:
         try:
-            res = q.get(timeout=1)
+            tag, row = q.get(timeout=1)
         except queue.Empty:
             if not p.is_alive() and q.empty():      # died before reporting (error printed above)
-                raise CaseFailed(f"failed (exit {p.exitcode})") from None
+                raise CaseFailed(f"failed (exit {p.exitcode})", rows) from None
             if args.case_timeout and time.monotonic() - start > args.case_timeout:
                 p.terminate()
                 p.join()
-                raise CaseFailed(f"stopped after {args.case_timeout:.0f} s") from None
+                raise CaseFailed(f"stopped after {args.case_timeout:.0f} s", rows) from None
+            continue
+        if tag == "end":
+            break
+        rows.append(row)
+        print(f"  {_label(row)}: {row['seconds']:.3f} s, peak {row['peak_mib']:.0f} MiB", file=sys.stderr,
+              flush=True)
     p.join()
-    for r in res if isinstance(res, list) else [res]:
-        label = {k: v for k, v in r.items() if k in ("kind", "size", "batch", "variant")} or spec
-        print(f"  {label}: {r['seconds']:.3f} s, peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
-    return res
+    return rows if spec.get("kind") == "pipeline" else rows[0]
 
 
 def _fmt(v, f="{:.3f}"):
@@ -512,14 +539,11 @@ def main(argv=None):
                 flops = flops_per_image[size] * batch
             groups = [args.variants] if cuda else [[v] for v in args.variants]
             for group in groups:
+                failed = None
                 try:
                     rows = run_case(args, kind="pipeline", size=size, batch=batch, variants=group, flops=flops)
                 except CaseFailed as e:
-                    records.append(dict(kind="pipeline", size=size, batch=batch, variant=" ".join(group),
-                                        error=str(e)))
-                    lines.append(f"| {size} | {batch} | {', '.join(group)} | {e} | | | | | | | |")
-                    save(lines, records)
-                    continue
+                    rows, failed = e.rows, e       # the variants measured before the failure keep their rows
                 for r in rows:
                     records.append(r)
                     lines.append(f"| {size} | {batch} | {r['variant']} | {r['ms_per_image']:.1f} | "
@@ -529,6 +553,11 @@ def main(argv=None):
                                  f"{_fmt(r.get('fraction_of_peak') and 100 * r['fraction_of_peak'], '{:.1f} %')} | "
                                  f"{_fmt(r.get('psnr_vs_fp32'), '{:.1f}') or 'reference'} | "
                                  f"{r['peak_mib']:.0f} |")
+                if failed is not None:
+                    rest = group[len(rows):]
+                    records.append(dict(kind="pipeline", size=size, batch=batch, variant=" ".join(rest),
+                                        error=str(failed)))
+                    lines.append(f"| {size} | {batch} | {', '.join(rest)} | {failed} | | | | | | | |")
                 save(lines, records)
         lines.append("")
 
@@ -556,38 +585,37 @@ def main(argv=None):
         save(lines, records)
 
     if args.train_size:
-        fast = run_case(args, kind="train_fast", size=args.train_size)
-        slow = run_case(args, kind="train_straightforward", size=args.train_size)
-        records += [fast, slow]
         cuda_note = (" (CUDA: the trainer's defaults, TF32 on, deterministic algorithms, fused Adam)" if cuda
                      else " (CPU: plain Adam, the trainer's default there)")
         lines += [f"Stage-2 training step ({args.train_size}x{args.train_size}, batch {args.train_batch}, "
-                  f"Adam){cuda_note}:", "",
-                  "| path | s / step | it/s | peak |", "|---|---|---|---|",
-                  f"| fast (cached stage 1, residual decoder only) | {fast['seconds']:.3f} | {fast['it_per_s']:.3f} | "
-                  f"{fast['peak_mib']:.0f} |",
-                  f"| straightforward (stage 1 every step, full network) | {slow['seconds']:.3f} | "
-                  f"{slow['it_per_s']:.3f} | {slow['peak_mib']:.0f} |",
-                  f"| speed-up | {slow['seconds'] / fast['seconds']:.2f}x | | |"]
-        if cuda:
-            for label, opts in (("fast, not deterministic (train.deterministic: false)", {"deterministic": False}),
-                                ("fast, true float32 (train.tf32: false)", {"tf32": False}),
-                                ("fast, plain Adam (train.fused_optimizer: false)", {"fused": None}),
-                                ("fast, fused Adam (train.fused_optimizer: auto)", {"fused": True}),
-                                ("fast, fused Adam + CUDA graph (train.cuda_graph: true)",
-                                 {"fused": True, "cuda_graph": True}),
-                                ("fast, graph, not deterministic", {"fused": True, "cuda_graph": True,
-                                                                    "deterministic": False}),
-                                ("fast, graph + channels_last + bf16 (train.precision: bf16)",
-                                 {"fused": True, "cuda_graph": True, "channels_last": True, "precision": "bf16"})):
-                try:
-                    r = run_case(args, kind="train_fast", size=args.train_size, **opts)
-                except CaseFailed as e:
-                    records.append(dict(kind="train_fast", size=args.train_size, **opts, error=str(e)))
-                    lines.append(f"| {label} | {e} | | |")
-                    continue
+                  f"Adam){cuda_note}:", "", "| path | s / step | it/s | peak |", "|---|---|---|---|"]
+        cases = [("fast (cached stage 1, residual decoder only)", "train_fast", {}),
+                 ("straightforward (stage 1 every step, full network)", "train_straightforward", {})]
+        if cuda:     # the step options, most wanted first (a run cut short keeps the first rows)
+            cases += [("fast, fused Adam + CUDA graph (train.cuda_graph: true)", "train_fast",
+                       {"fused": True, "cuda_graph": True}),
+                      ("fast, graph, not deterministic", "train_fast",
+                       {"fused": True, "cuda_graph": True, "deterministic": False}),
+                      ("fast, not deterministic (train.deterministic: false)", "train_fast", {"deterministic": False}),
+                      ("fast, graph + channels_last + bf16 (train.precision: bf16)", "train_fast",
+                       {"fused": True, "cuda_graph": True, "channels_last": True, "precision": "bf16"}),
+                      ("fast, true float32 (train.tf32: false)", "train_fast", {"tf32": False}),
+                      ("fast, plain Adam (train.fused_optimizer: false)", "train_fast", {"fused": None})]
+        measured = {}
+        for label, kind, opts in cases:
+            try:
+                r = run_case(args, kind=kind, size=args.train_size, **opts)
+            except CaseFailed as e:
+                records.append(dict(kind=kind, size=args.train_size, **opts, error=str(e)))
+                lines.append(f"| {label} | {e} | | |")
+            else:
                 records.append(r)
                 lines.append(f"| {label} | {r['seconds']:.3f} | {r['it_per_s']:.3f} | {r['peak_mib']:.0f} |")
+                if not opts:
+                    measured[kind] = r["seconds"]
+            if not opts and kind == "train_straightforward" and len(measured) == 2:
+                lines.append(f"| speed-up | {measured['train_straightforward'] / measured['train_fast']:.2f}x | | |")
+            save(lines, records)
         lines.append("")
         save(lines, records)
 

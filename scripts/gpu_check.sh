@@ -25,10 +25,16 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
+# the tests' CPU-side parts (CPU reference runs, the stage-1 fixture run) use 8 of the card
+# machine's cores instead of the 2 of the development machine (tests/conftest.py)
+export DSRDMPD_TEST_THREADS=${DSRDMPD_TEST_THREADS:-8}
 budget=${BUDGET:-330}
 status=0
 left() { echo $(( budget - SECONDS )); }
 limit() { local want=$1 l; l=$(left); (( l < want )) && want=$l; (( want < 10 )) && want=10; echo "$want"; }
+# a part past its limit gets SIGINT first: pytest then still prints the failures and durations it
+# has (SIGTERM would lose them), the benchmark keeps its finished rows; SIGKILL 10 s later
+stop() { timeout -s INT -k 10 "$@"; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
@@ -37,31 +43,32 @@ limit() { local want=$1 l; l=$(left); (( l < want )) && want=$l; (( want < 10 ))
 } 2>&1 | tee "$out/check.txt"
 
 # 1. the fast paths against the float32 reference (norm, graphs; Triton kernels in the interpreter too)
-timeout "$(limit "${FAST_TEST_LIMIT:-70}")" "$py" -m pytest -q -rs tests/test_cuda_fast.py -k "not compile_cache" \
-    "tests/test_fast_path.py::test_triton_kernels_in_the_interpreter" 2>&1 | tee -a "$out/check.txt" || status=1
+stop "$(limit "${FAST_TEST_LIMIT:-70}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda_fast.py \
+    -k "not compile_cache" "tests/test_fast_path.py::test_triton_kernels_in_the_interpreter" 2>&1 \
+    | tee -a "$out/check.txt" || status=1
 
 # 2. inference: size x batch x variant (one process per size and batch), then training steps/s
-timeout "$(limit "${BENCH_LIMIT:-110}")" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 \
+stop "$(limit "${BENCH_LIMIT:-110}")" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 \
     --pairs 256x1 256x8 256x32 512x1 1024x1 \
     --variants fp32 tf32 tf32+fastnorm tf32+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs \
     --warmup 1 --repeats 3 --case-timeout 90 --out "$out/inference" 2>&1 | tee -a "$out/bench.log" \
     || status=1
-timeout "$(limit "${TRAIN_LIMIT:-60}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
+stop "$(limit "${TRAIN_LIMIT:-60}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
     --train-size 256 --warmup 2 --repeats 5 --case-timeout 30 --out "$out/training" 2>&1 \
     | tee -a "$out/bench.log" || status=1
 
 # 3. the CUDA tests of training (graph-captured step, exact resume with the step options) and the command line
-timeout "$(limit "${TEST_LIMIT:-90}")" "$py" -m pytest -q tests/test_cuda.py 2>&1 | tee -a "$out/check.txt" \
-    || status=1
+stop "$(limit "${TEST_LIMIT:-90}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda.py 2>&1 \
+    | tee -a "$out/check.txt" || status=1
 
 # 4. torch.compile with the persistent cache (DSRDMPD_COMPILE_CACHE): the warm-start test, then the
 #    first call with an empty and with a filled cache at paper width: only if time is left
 if (( $(left) >= ${COMPILE_MIN:-60} )); then
-    timeout "$(limit 120)" "$py" -m pytest -q -s tests/test_cuda_fast.py -k compile_cache 2>&1 \
+    stop "$(limit 120)" "$py" -m pytest -q -s tests/test_cuda_fast.py -k compile_cache 2>&1 \
         | tee -a "$out/check.txt" || status=1
 fi
 if (( $(left) >= ${COMPILE_MIN:-100} )); then
-    timeout "$(limit "$(left)")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
+    stop "$(limit "$(left)")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
         --compile-sizes 256 --repeats 3 --case-timeout $(( $(left) / 2 )) --out "$out/compile" 2>&1 \
         | tee -a "$out/bench.log" || status=1
 else

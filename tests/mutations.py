@@ -412,6 +412,15 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_evaluation.py::test_ssim_window_applied_as_its_two_factors",
               "tests/test_evaluation.py::test_paper_protocol_against_independent_numpy",
               "tests/test_evaluation.py::test_standard_protocol_against_skimage")),
+    # GPU-readiness audit (issue 22): the benchmark keeps what it measured when a case fails
+    Mutation("bench-group-rows-lost", "a variant group that fails loses the rows its earlier variants measured",
+             "dsrdmpd/benchmark.py", 'raise CaseFailed(f"failed (exit {p.exitcode})", rows) from None',
+             'raise CaseFailed(f"failed (exit {p.exitcode})") from None',
+             ("tests/test_benchmark.py::test_a_variant_group_keeps_the_rows_measured_before_a_failure",)),
+    Mutation("bench-train-case-uncaught", "a training case that fails or runs too long stops the benchmark",
+             "dsrdmpd/benchmark.py", "            except CaseFailed as e:\n                records.append(dict(kind=kind,",
+             "            except ZeroDivisionError as e:\n                records.append(dict(kind=kind,",
+             ("tests/test_benchmark.py::test_a_training_case_past_its_time_limit_becomes_a_row",)),
 ]
 
 

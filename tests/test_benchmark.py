@@ -68,6 +68,28 @@ def test_a_case_past_its_time_limit_becomes_a_row(tmp_path):
         "stopped after 1 s" in (out / "benchmark.md").read_text()
 
 
+def test_a_training_case_past_its_time_limit_becomes_a_row(tmp_path):
+    """The training table survives a case that fails or runs too long (its row says so)."""
+    out = tmp_path / "bench"
+    assert benchmark.main(["--sizes", "--variants", "--case-timeout", "0.5", "--out", str(out)] + TINY +
+                          ["--train-size", "64"]) == 0
+    md = (out / "benchmark.md").read_text()
+    assert "| fast (cached stage 1, residual decoder only) | stopped after" in md
+    assert "| straightforward (stage 1 every step, full network) | stopped after" in md
+
+
+def test_a_variant_group_keeps_the_rows_measured_before_a_failure():
+    """On CUDA the variants of one size and batch share a process: each row comes back as it
+    is measured, so a variant that crashes (here one the process does not know) or runs out
+    of time loses only itself and the ones after it, not the rows already measured."""
+    args = SimpleNamespace(device="cpu", threads=1, warmup=0, repeats=1, profile=False, peak_tflops=0.0,
+                           stage1=None, stage2=None, dim1=32, dim2=8, plain=False, case_timeout=300)
+    with pytest.raises(benchmark.CaseFailed, match="failed") as failure:
+        benchmark.run_case(args, kind="pipeline", size=64, batch=1, variants=["fp32", "no-such-variant"], flops=None)
+    assert [r["variant"] for r in failure.value.rows] == ["fp32"]
+    assert failure.value.rows[0]["seconds"] > 0
+
+
 def test_script_is_a_thin_entry_point():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--pairs", "64by2"],
                           capture_output=True, text=True, timeout=120)

@@ -33,8 +33,10 @@ def _cfg(stage, root, **train):
 
 @pytest.fixture(scope="module")
 def stage1_ckpt(data_root, tmp_path_factory):
+    """A stage-1 checkpoint for the stage-2 runs, trained on the GPU (seconds there; the
+    tests' 2 CPU threads took tens of seconds of the GPU check's time limit)."""
     run = tmp_path_factory.mktemp("s1")
-    Stage1Trainer(_cfg(1, data_root, epochs=1, device="cpu"), run).train()
+    Stage1Trainer(_cfg(1, data_root, epochs=1, device="auto"), run).train()
     return run / "checkpoints" / "last.pt"
 
 
@@ -121,16 +123,26 @@ def test_gpu_bf16_mixed_precision_trains(data_root, stage1_ckpt, tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
+def _dehaze_args(chain):
+    return ["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
+            "--input", str(chain / "data" / "hazy")]
+
+
+@pytest.fixture(scope="module")
+def cpu_dehazed(chain, tmp_path_factory):
+    """``dehaze --device cpu`` on the chain set, once for both precisions below."""
+    out = tmp_path_factory.mktemp("dehaze") / "cpu"
+    assert dehaze.main(_dehaze_args(chain) + ["--output", str(out), "--device", "cpu"]) == 0
+    return out / "restored"
+
+
 @pytest.mark.parametrize("precision,max_levels", [("fp32", 1), ("tf32", 4)])
-def test_dehaze_command_on_gpu_matches_cpu(chain, tmp_path, precision, max_levels):
+def test_dehaze_command_on_gpu_matches_cpu(chain, cpu_dehazed, tmp_path, precision, max_levels):
     """The same 8-bit files from ``dehaze --device cuda`` as on the CPU: at most one level
     apart in true float32 (rounding at .5), a few levels with TensorFloat-32."""
-    args = ["--stage1", str(chain / "stage1_official.pth"), "--stage2", str(chain / "stage2_official.pt"),
-            "--input", str(chain / "data" / "hazy")]
-    assert dehaze.main(args + ["--output", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
-    assert dehaze.main(args + ["--output", str(tmp_path / "gpu"), "--device", "cuda",
-                               "--precision", precision]) == 0
-    cpu, gpu = tmp_path / "cpu" / "restored", tmp_path / "gpu" / "restored"
+    assert dehaze.main(_dehaze_args(chain) + ["--output", str(tmp_path / "gpu"), "--device", "cuda",
+                                              "--precision", precision]) == 0
+    cpu, gpu = cpu_dehazed, tmp_path / "gpu" / "restored"
     names = sorted(p.name for p in cpu.iterdir())
     assert names and names == sorted(p.name for p in gpu.iterdir())
     worst = max((read_image(cpu / n).tensor - read_image(gpu / n).tensor).abs().max().item() for n in names) * 255

@@ -15,7 +15,7 @@ from dsrdmpd.inference import Dehazer
 from dsrdmpd.models.norm import GroupNormAct, triton_available
 
 from conftest import ROOT as ROOT_DIR
-from test_speed_options import chain_reference, psnr  # noqa: F401  (fixture)
+from test_speed_options import chain_float32, psnr  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = dict(rtol=1e-4, atol=1e-5)        # the parity tests' float32 bound
@@ -143,13 +143,15 @@ def test_tiles_of_a_scene_share_one_graph():
 
 @pytest.mark.parametrize("opts,min_db", [({"fast_norm": True}, 80), ({"fast_norm": True, "channels_last": True}, 60),
                                          ({"fast_norm": True, "precision": "tf32"}, 40),
-                                         ({"fast_norm": True, "precision": "bf16"}, 30),
+                                         ({"fast_norm": True, "precision": "bf16"}, 20),
                                          ({"fast_norm": True, "cuda_graphs": True, "precision": "tf32"}, 40)])
-def test_fast_options_against_cpu_float32(chain_reference, opts, min_db):  # noqa: F811
-    """The same bounds as the options without the fast paths (test_speed_options.py)."""
-    ckpts, hazy, ref = chain_reference
-    out = Dehazer.from_checkpoints(*ckpts, device="cuda", **opts)(hazy)
-    assert psnr(out.restored.cpu(), ref.restored) > min_db
+def test_fast_options_against_cpu_float32(chain_float32, opts, min_db):  # noqa: F811
+    """The same bounds as the options without the fast paths (test_speed_options.py::
+    test_gpu_options_against_cpu_float32; bf16: 20 dB, the chain sets' bf16 is 26.6-42.6 dB
+    on the CPU), with the chain set's sizes and seed (``chain_float32.make``)."""
+    ref = chain_float32
+    out = ref.make(device="cuda", **opts)(ref.hazy)
+    assert psnr(out.restored.cpu(), ref.reference.restored) > min_db
 
 
 # ---- training step: fused / capturable Adam and the whole step in one CUDA graph (train.cuda_graph)
@@ -240,7 +242,8 @@ torch.cuda.synchronize()
 print(json.dumps({"s": time.perf_counter() - t0, "hit": counters["inductor"]["fxgraph_cache_hit"],
                   "miss": counters["inductor"]["fxgraph_cache_miss"], "sum": float(y.double().sum())}))
 '''
-    env = {**os.environ, "DSRDMPD_COMPILE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT_DIR)}
+    env = {**os.environ, "DSRDMPD_COMPILE_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT_DIR), os.environ.get("PYTHONPATH", "")])}
     runs = []
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400)
@@ -257,8 +260,11 @@ def test_graphed_step_leaves_no_trace_of_its_warm_up_in_batchnorm_statistics():
     state are as before them: after 3 replays everything equals 3 eager steps."""
     from dsrdmpd.training.step_options import GraphedTrainingStep, StepOptions, make_adam
     torch.manual_seed(0)
-    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                torch.nn.Conv2d(8, 3, 1)).cuda().train()
+    # no bias before the BatchNorm: its gradient is zero up to rounding, and Adam turns rounding-level
+    # gradients into steps of about lr whose sign the rounding decides (this test does not run with
+    # deterministic kernels, so the eager and the graphed run may round differently)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1)).cuda().train()
     graphed = copy.deepcopy(eager)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.rand(2, 3, 16, 16, generator=g).cuda(), torch.rand(2, 3, 16, 16, generator=g).cuda())

@@ -39,16 +39,25 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def chain_reference(chain, chain_exact):
-    """The chain set's images run by the float32 Dehazer (with the set's sizes and seed),
-    the float64 run of the same Dehazer (shared with tests/test_chain.py), and
-    ``make(**options)``: a Dehazer of the same checkpoints with other options."""
+def chain_float32(chain):
+    """The chain set's images (``hazy``), ``make(**options)``: a Dehazer of the set's
+    checkpoints with its sizes and seed and other options, and ``reference``: the images run
+    by the float32 Dehazer on the CPU (what the GPU tests compare with)."""
     names = chain_names(chain)
     hazy = torch.cat([read_image(chain / "data" / "hazy" / n).tensor[None] for n in names])
     make = lambda **options: chain_dehazer(chain, chain, **options)[2]     # noqa: E731
+    return SimpleNamespace(names=names, hazy=hazy, make=make, reference=make()(hazy))
+
+
+@pytest.fixture(scope="module")
+def chain_reference(chain_float32, chain, chain_exact):
+    """``chain_float32`` and ``exact``: the float64 run of the same Dehazer (shared with
+    tests/test_chain.py; about a minute of CPU on the 2-core machine, so the GPU tests,
+    which do not need it, take ``chain_float32`` alone)."""
+    names = chain_float32.names
     exact = chain_exact(chain)
     exact = DehazeResult(*(torch.cat([getattr(exact[n], k) for n in names]) for k in ("coarse", "restored")))
-    return SimpleNamespace(hazy=hazy, make=make, reference=make()(hazy), exact=exact)
+    return SimpleNamespace(**vars(chain_float32), exact=exact)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -175,15 +184,15 @@ def test_unknown_precision_is_refused():
                                          ({"precision": "bf16-stage1"}, 38),
                                          ({"precision": "bf16-stage1", "channels_last": True}, 38),
                                          ({"precision": "bf16"}, 20)])
-def test_gpu_options_against_cpu_float32(chain_reference, opts, min_db):
-    ref = chain_reference
+def test_gpu_options_against_cpu_float32(chain_float32, opts, min_db):
+    ref = chain_float32
     out = ref.make(device="cuda", **opts)(ref.hazy)
     assert psnr(out.restored.cpu(), ref.reference.restored) > min_db
 
 
 @needs_cuda
-def test_gpu_compile_matches_eager(chain_reference):
-    ref = chain_reference
+def test_gpu_compile_matches_eager(chain_float32):
+    ref = chain_float32
     eager = ref.make(device="cuda")(ref.hazy).restored
     compiled = ref.make(device="cuda", compile=True)(ref.hazy).restored
     assert psnr(compiled, eager) > 60
