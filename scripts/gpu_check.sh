@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One short GPU session (about 5.5 minutes on an H100/H200): the CUDA tests of the fast paths,
+# One short GPU session (under 7 minutes on an H100/H200): the CUDA tests of the fast paths,
 # the GPU benchmark tables (size x batch x precision with the fast GroupNorm and CUDA graphs,
 # training steps/s), the older CUDA tests, and torch.compile cold/warm if time is left.
 # Every part has its own time limit and writes its raw output to OUT_DIR as it goes, so a
-# hang or a slow part cannot eat the session; BUDGET (seconds, default 330) bounds the whole, so
+# hang or a slow part cannot eat the session; BUDGET (seconds, default 400) bounds the whole, so
 # that a lent GPU's 15 minutes (start-up included) leave room to run it a second time.
-# OUT_DIR gets 8 files: check.txt (machine, test output, total time), bench.log (benchmark
-# progress) and benchmark.md + benchmark.csv in inference/, training/ and compile/.
+# OUT_DIR gets check.txt (machine, test output, total time), bench.log (benchmark progress) and
+# benchmark.md + benchmark.csv in inference/, scene/, training/ and, if time was left,
+# inference_more/ and compile/.
 # tests/test_speed_options.py's GPU cases (measured on the H200 before) are not rerun here.
 #
 # Usage (on a CUDA machine, in the repo root):
@@ -28,7 +29,7 @@ export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:40
 # the tests' CPU-side parts (CPU reference runs, the stage-1 fixture run) use 8 of the card
 # machine's cores instead of the 2 of the development machine (tests/conftest.py)
 export DSRDMPD_TEST_THREADS=${DSRDMPD_TEST_THREADS:-8}
-budget=${BUDGET:-330}
+budget=${BUDGET:-400}
 status=0
 left() { echo $(( budget - SECONDS )); }
 limit() { local want=$1 l; l=$(left); (( l < want )) && want=$l; (( want < 10 )) && want=10; echo "$want"; }
@@ -47,13 +48,18 @@ stop "$(limit "${FAST_TEST_LIMIT:-70}")" "$py" -m pytest -q -rs --durations=15 t
     -k "not compile_cache" "tests/test_fast_path.py::test_triton_kernels_in_the_interpreter" 2>&1 \
     | tee -a "$out/check.txt" || status=1
 
-# 2. inference: size x batch x variant (one process per size and batch), then training steps/s
+# 2. inference: the issue's target cases first (256 x 1, 256 x 32, 512 x 1; true float32, TF32 and
+#    bf16, each plain and with the fast options; one process per size and batch), then the
+#    4096 x 4096 scene in 512 tiles and the training steps/s
 stop "$(limit "${BENCH_LIMIT:-110}")" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 \
-    --pairs 256x1 256x8 256x32 512x1 1024x1 \
-    --variants fp32 tf32 tf32+fastnorm tf32+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs \
-    --warmup 1 --repeats 3 --case-timeout 90 --out "$out/inference" 2>&1 | tee -a "$out/bench.log" \
+    --pairs 256x1 256x32 512x1 \
+    --variants fp32 fp32+fastnorm+graphs tf32 tf32+fastnorm+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs \
+    --warmup 1 --repeats 3 --case-timeout 60 --out "$out/inference" 2>&1 | tee -a "$out/bench.log" \
     || status=1
-stop "$(limit "${TRAIN_LIMIT:-60}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
+stop "$(limit "${SCENE_LIMIT:-40}")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
+    --scene 4096 --tile 512 --overlap 64 --tile-batch 4 --scene-variant tf32+cl+fastnorm+graphs --warmup 1 \
+    --case-timeout 35 --out "$out/scene" 2>&1 | tee -a "$out/bench.log" || status=1
+stop "$(limit "${TRAIN_LIMIT:-75}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
     --train-size 256 --warmup 2 --repeats 5 --case-timeout 30 --out "$out/training" 2>&1 \
     | tee -a "$out/bench.log" || status=1
 
@@ -61,8 +67,15 @@ stop "$(limit "${TRAIN_LIMIT:-60}")" "$py" scripts/benchmark.py --device cuda --
 stop "$(limit "${TEST_LIMIT:-90}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda.py 2>&1 \
     | tee -a "$out/check.txt" || status=1
 
-# 4. torch.compile with the persistent cache (DSRDMPD_COMPILE_CACHE): the warm-start test, then the
-#    first call with an empty and with a filled cache at paper width: only if time is left
+# 4. if time is left: the rest of the grid (256 x 8, 1024 x 1), then torch.compile with the persistent
+#    cache (DSRDMPD_COMPILE_CACHE): the warm-start test and the first call with an empty and with a
+#    filled cache at paper width
+if (( $(left) >= ${GRID_MIN:-60} )); then
+    stop "$(limit 60)" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 --pairs 256x8 1024x1 \
+        --variants fp32 tf32 tf32+fastnorm+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs \
+        --warmup 1 --repeats 3 --case-timeout 50 --out "$out/inference_more" 2>&1 | tee -a "$out/bench.log" \
+        || status=1
+fi
 if (( $(left) >= ${COMPILE_MIN:-60} )); then
     stop "$(limit 120)" "$py" -m pytest -q -s tests/test_cuda_fast.py -k compile_cache 2>&1 \
         | tee -a "$out/check.txt" || status=1
