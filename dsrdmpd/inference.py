@@ -107,7 +107,7 @@ class Dehazer:
         self.precision, self.channels_last = precision, bool(channels_last)
         if precision.startswith("bf16") and self.device.type == "cpu" and not cpu_has_bf16_kernels():
             warnings.warn(f"precision {precision!r} on this CPU: PyTorch has no bfloat16 convolution kernels for it "
-                          "and falls back to its reference convolution, tens of times slower than 'fp32'; "
+                          "and falls back to its reference convolution, an order of magnitude slower than 'fp32'; "
                           "use precision 'fp32' on this machine", SlowPrecisionWarning, stacklevel=2)
         if self.channels_last:
             self.stage1.to(memory_format=torch.channels_last)

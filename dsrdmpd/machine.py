@@ -30,7 +30,7 @@ def machine_description(device: str = "cpu") -> str:
 def cpu_has_bf16_kernels() -> bool:
     """Whether PyTorch's oneDNN has bfloat16 convolutions for this CPU (AVX512-BF16, AMX or
     AVX-512 BW/VL/DQ). Without them, bfloat16 autocast on the CPU falls back to PyTorch's
-    reference convolution, tens of times slower than float32 (README 'Benchmark')."""
+    reference convolution, an order of magnitude slower than float32 (README 'Tests')."""
     import torch
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
