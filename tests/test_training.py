@@ -35,7 +35,9 @@ def stage1_cfg(root, **train):
 @pytest.fixture(scope="module")
 def stage1_ckpt(data_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("s1")
-    Stage1Trainer(stage1_cfg(data_root, epochs=1), run).train()
+    cfg = stage1_cfg(data_root, epochs=1)
+    cfg["data"]["val_split"] = None         # no validation: only the weights are used
+    Stage1Trainer(cfg, run).train()
     return run / "checkpoints" / "last.pt"
 
 
@@ -125,8 +127,9 @@ def test_resume_rejects_other_stage(data_root, stage1_ckpt, tmp_path):
 def test_precomputed_coarse_is_exact(data_root, stage1_ckpt, tmp_path):
     runs = {}
     for cache in (True, False):
-        t = Stage2Trainer(stage2_cfg(data_root, stage1_ckpt, steps=3, val_every=100, save_every=100,
-                                     precompute_coarse=cache), tmp_path / str(cache))
+        cfg = stage2_cfg(data_root, stage1_ckpt, steps=3, val_every=100, save_every=100, precompute_coarse=cache)
+        cfg["data"]["val_split"] = None     # the training states are compared, validation adds nothing
+        t = Stage2Trainer(cfg, tmp_path / str(cache))
         t.train()
         runs[cache] = t.unwrapped_state()
     _states_equal(runs[True], runs[False])
@@ -206,6 +209,7 @@ def test_ema_follows_the_configured_decay(data_root, stage1_ckpt, tmp_path, deca
     copy after 4 steps is the recurrence with decays min(0.9, 1 - (1 + n)^(-2/3)), n = 1, 2, ...)."""
     cfg = stage2_cfg(data_root, stage1_ckpt, steps=4, val_every=100, save_every=4, ema_decay=decay,
                      ema_update_every=1, ema_update_after_step=0)
+    cfg["data"]["val_split"] = None         # the averaging is checked, not validation
     trainer = Stage2Trainer(cfg, tmp_path)
     snapshots = []
     original = trainer.after_optimizer_step
