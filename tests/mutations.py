@@ -421,6 +421,9 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/benchmark.py", "            except CaseFailed as e:\n                records.append(dict(kind=kind,",
              "            except ZeroDivisionError as e:\n                records.append(dict(kind=kind,",
              ("tests/test_benchmark.py::test_a_training_case_past_its_time_limit_becomes_a_row",)),
+    Mutation("compile-cache-flag-dropped", "dehaze.py / test.py --compile-cache DIR never reaches the Dehazer",
+             "dsrdmpd/cli/options.py", "compile=args.compile, compile_cache=compile_cache)", "compile=args.compile)",
+             ("tests/test_training_fast.py::test_compile_cache_option_of_the_commands",)),
 ]
 
 

@@ -253,3 +253,18 @@ def test_dehazer_with_compile_uses_the_cache_folder_before_its_first_call(tmp_pa
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/kept")
     Dehazer(build_stage1({"dim": 32}), build_stage2({"dim": 8}))                  # no compile: nothing set
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/kept"
+
+
+def test_compile_cache_option_of_the_commands(tmp_path):
+    """dehaze.py / test.py --compile --compile-cache DIR hand DIR to the Dehazer; without
+    --compile the option is a usage error, not silently ignored; unset: None (the
+    environment variable decides)."""
+    from dsrdmpd.cli import dehaze as dehaze_cmd
+    from dsrdmpd.cli.errors import UsageError
+    from dsrdmpd.cli.options import dehazer_options
+    base = ["--stage1", "a.pt", "--stage2", "b.pt", "--input", "x", "--output", str(tmp_path / "o")]
+    args = dehaze_cmd.build_parser().parse_args(base + ["--compile", "--compile-cache", str(tmp_path / "cc")])
+    assert dehazer_options(args)["compile_cache"] == str(tmp_path / "cc") and dehazer_options(args)["compile"]
+    assert dehazer_options(dehaze_cmd.build_parser().parse_args(base + ["--compile"]))["compile_cache"] is None
+    with pytest.raises(UsageError, match="^--compile-cache is for --compile runs"):
+        dehazer_options(dehaze_cmd.build_parser().parse_args(base + ["--compile-cache", str(tmp_path / "cc")]))

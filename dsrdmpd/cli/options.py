@@ -67,6 +67,9 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
                         "the accuracy cost)")
     g.add_argument("--channels-last", action="store_true", help="NHWC activations (faster convolutions on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks (the first image is slow)")
+    g.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="with --compile: keep the compiled code in DIR, so that a later run with the same torch and "
+                        "sizes loads it instead of compiling (default: $DSRDMPD_COMPILE_CACHE, else none)")
     g.add_argument("--fast-norm", action="store_true", help="split-reduction GroupNorm on CUDA (CPU: PyTorch's)")
     g.add_argument("--cuda-graphs", action="store_true", help="CUDA: capture both stages once per size, then replay")
     g.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS,
@@ -197,8 +200,11 @@ def load_dehazer(args, cfg: Dict[str, Any] | None, device, **opts):
 def dehazer_options(args) -> Dict[str, Any]:
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed {args.seed}: must be in [0, 2^63)")
+    compile_cache = getattr(args, "compile_cache", None)
+    if compile_cache and not args.compile:
+        raise UsageError("--compile-cache is for --compile runs: add --compile, or leave it out")
     opts = dict(tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch, precision=args.precision,
-                channels_last=args.channels_last, compile=args.compile)
+                channels_last=args.channels_last, compile=args.compile, compile_cache=compile_cache)
     opts.update(fast_norm=getattr(args, "fast_norm", False), cuda_graphs=getattr(args, "cuda_graphs", False))
     if args.seed is not None:
         opts["seed"] = args.seed
