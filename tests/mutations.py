@@ -424,6 +424,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("compile-cache-flag-dropped", "dehaze.py / test.py --compile-cache DIR never reaches the Dehazer",
              "dsrdmpd/cli/options.py", "compile=args.compile, compile_cache=compile_cache)", "compile=args.compile)",
              ("tests/test_training_fast.py::test_compile_cache_option_of_the_commands",)),
+    Mutation("usage-error-after-lock", "a usage error of the Dehazer options comes after the output folder was made",
+             "dsrdmpd/cli/batch.py", "    dehazer_options(args)           # its usage errors", "    # its usage errors",
+             ("tests/test_training_fast.py::test_compile_cache_without_compile_leaves_no_output_folder",)),
 ]
 
 

@@ -268,3 +268,15 @@ def test_compile_cache_option_of_the_commands(tmp_path):
     assert dehazer_options(dehaze_cmd.build_parser().parse_args(base + ["--compile"]))["compile_cache"] is None
     with pytest.raises(UsageError, match="^--compile-cache is for --compile runs"):
         dehazer_options(dehaze_cmd.build_parser().parse_args(base + ["--compile-cache", str(tmp_path / "cc")]))
+
+
+def test_compile_cache_without_compile_leaves_no_output_folder(tmp_path, capsys):
+    """The usage error comes before the run folder is made: nothing is left behind."""
+    from dsrdmpd.cli import dehaze as dehaze_cmd
+    from dsrdmpd.imageio import write_image
+    write_image(torch.rand(3, 16, 16), tmp_path / "in" / "a.png")
+    code = dehaze_cmd.main(["--stage1", str(tmp_path / "a.pt"), "--stage2", str(tmp_path / "b.pt"), "--input",
+                            str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--compile-cache", "cc"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--compile-cache is for --compile runs" in err[0]
+    assert not (tmp_path / "out").exists()

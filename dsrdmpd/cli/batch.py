@@ -111,6 +111,7 @@ def raster_fingerprint(raster) -> Dict[str, Any]:
 
 def _run_batch(group: ProcessGroup, args, items, title, protocol, resize, raster) -> Dict[str, float]:
     cfg = model_config(args)
+    dehazer_options(args)           # its usage errors (--seed, --compile-cache) before the output folder is touched
     out: Path = args.output
     folder = RunFolder(out)
     group.on_main(folder.lock)
