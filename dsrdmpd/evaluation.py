@@ -149,10 +149,15 @@ def with_tiles(dehazer: Dehazer, tile: Optional[int] = None) -> Dehazer:
     return tiled
 
 
+def count_non_finite(result: DehazeResult) -> Dict[str, int]:
+    """{'stage-1': NaN / infinite values in ``result.coarse``, 'stage-2': in ``result.restored``}."""
+    return {stage: int((~torch.isfinite(t)).sum()) for stage, t in (("stage-1", result.coarse),
+                                                                    ("stage-2", result.restored))}
+
+
 def check_finite(result, item: Item) -> None:
     """An output with NaN or infinite values fails its item (it would be written black)."""
-    for stage, t in (("stage-1", result.coarse), ("stage-2", result.restored)):
-        bad = int((~torch.isfinite(t)).sum())
+    for stage, bad in count_non_finite(result).items():
         if bad:
             raise DataError(f"{item.hazy}: the {stage} output has {bad} NaN or infinite value(s) (check the "
                             f"checkpoint and the sampling settings); nothing written")
@@ -432,7 +437,7 @@ class ItemRunner:
                 torch.cuda.empty_cache()
             tqdm.write(f"a call of {len(reads)} images failed ({one_line(exc)}); running them one by one")
             return None
-        if not (bool(torch.isfinite(result.coarse).all()) and bool(torch.isfinite(result.restored).all())):
+        if any(count_non_finite(result).values()):
             tqdm.write(f"a call of {len(reads)} images gave non-finite values; running them one by one")
             return None
         return result

@@ -111,20 +111,20 @@ def raster_fingerprint(raster) -> Dict[str, Any]:
 
 def _run_batch(group: ProcessGroup, args, items, title, protocol, resize, raster) -> Dict[str, float]:
     cfg = model_config(args)
-    dehazer_options(args)           # its usage errors (--seed, --compile-cache) before the output folder is touched
+    opts = dehazer_options(args)    # its usage errors (--seed, --compile-cache) before the output folder is touched
     out: Path = args.output
     folder = RunFolder(out)
     group.on_main(folder.lock)
     try:
-        return _run_locked(group, folder, cfg, args, items, title, protocol, resize, raster)
+        return _run_locked(group, folder, cfg, opts, args, items, title, protocol, resize, raster)
     finally:
         folder.unlock()
 
 
-def _run_locked(group: ProcessGroup, folder: RunFolder, cfg, args, items, title, protocol, resize, raster):
+def _run_locked(group: ProcessGroup, folder: RunFolder, cfg, opts, args, items, title, protocol, resize, raster):
     out: Path = args.output
     device = resolve_device(args.device, group.local_rank)
-    dehazer = load_dehazer(args, cfg, device, **dehazer_options(args))
+    dehazer = load_dehazer(args, cfg, device, **opts)
     check_dehazer(dehazer)
 
     def prepare() -> str:
