@@ -146,3 +146,29 @@ def chain_exact():
     ``chain`` / ``any_chain`` folder (parity_cases.chain_exact_results), computed once per
     set in a session and shared by the chain parity tests and the speed-option tests."""
     return parity_cases.chain_exact_results
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Synthetic hazy/clear pairs (8 train, 2 valid, 2 test, 64 x 64, seed 1) shared by the
+    training tests."""
+    from dsrdmpd.data.synthetic import make_synthetic_dataset
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), n_train=8, n_test=2, size=64, seed=1, n_valid=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1(synthetic_root, tmp_path_factory):
+    """A tiny stage 1 (configs/stage1_tiny.yaml, 14.7M parameters) trained one epoch (4 steps,
+    batch 2, no validation) on ``synthetic_root``, once per session: ``last`` its training
+    checkpoint (with Adam's state), ``weights`` its inference weights alone (a third of the
+    bytes: what the stage-2 training tests freeze, as a user's best.pt)."""
+    from types import SimpleNamespace
+    from dsrdmpd.config import load_config
+    from dsrdmpd.training import Stage1Trainer
+    run = tmp_path_factory.mktemp("tiny_stage1")
+    cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml",
+                      [f"data.root={synthetic_root}", "train.batch_size=2", "train.epochs=1", "data.val_split=null"])
+    trainer = Stage1Trainer(cfg, run)
+    trainer.train()
+    trainer.save_weights("weights.pt")
+    return SimpleNamespace(last=run / "checkpoints" / "last.pt", weights=run / "checkpoints" / "weights.pt")

@@ -27,12 +27,8 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stage1_last(data_root, tmp_path_factory):
-    run = tmp_path_factory.mktemp("s1")
-    cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml", [f"data.root={data_root}", "train.epochs=1",
-                                                              "train.batch_size=4"])
-    Stage1Trainer(cfg, run).train()
-    return run / "checkpoints" / "last.pt"
+def stage1_last(tiny_stage1):
+    return tiny_stage1.last         # a training checkpoint, as train.stage1_checkpoint often names
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

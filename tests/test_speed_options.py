@@ -127,9 +127,54 @@ def test_bf16_on_a_cpu_without_bf16_kernels_warns(monkeypatch, has_kernels):
     assert isinstance(cpu_has_bf16_kernels(), bool)
 
 
-@pytest.mark.filterwarnings("ignore::dsrdmpd.inference.SlowPrecisionWarning")
+class _ReplayStage1(torch.nn.Module):
+    """Stands in for a stage 1 already run on ``x`` under bf16 autocast: returns its output and
+    records whether the caller asked for bf16 autocast (the run it replaces did)."""
+
+    def __init__(self, x: torch.Tensor, out: torch.Tensor):
+        super().__init__()
+        self.x, self.out, self.autocast = x, out, []
+
+    def forward(self, x):
+        assert torch.equal(x, self.x), "stage 1 replayed on another input"
+        self.autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return self.out
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(chain_reference):
+    """{precision: (result, {stage: dtypes its convolutions computed in})} for 'bf16-stage1' and
+    'bf16' on the chain set. Both run stage 1 in bf16, the same function: PyTorch's reference
+    bf16 convolution takes ~10 s of it on a CPU without oneDNN bf16 kernels, so 'bf16' replays
+    the stage-1 output of 'bf16-stage1' (checking that it asked for bf16 autocast there)."""
+    import warnings
+    from dsrdmpd.inference import SlowPrecisionWarning
+    runs, stage1_io = {}, []
+    for precision in ("bf16-stage1", "bf16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SlowPrecisionWarning)
+            dehazer = chain_reference.make(precision=precision)
+        dtypes = {1: set(), 2: set()}
+        if precision == "bf16":
+            replay = dehazer.stage1 = _ReplayStage1(*stage1_io)
+            dtypes[1] = runs["bf16-stage1"][1][1]          # what the replayed stage 1 computed in
+            models = {2: dehazer.stage2.net}
+        else:
+            dehazer.stage1.register_forward_hook(lambda mod, i, o: stage1_io.extend((i[0], o)))
+            models = {1: dehazer.stage1, 2: dehazer.stage2.net}
+        for stage, model in models.items():
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.register_forward_hook(lambda mod, i, o, s=stage: dtypes[s].add(o.dtype))
+        out = dehazer(chain_reference.hazy)
+        if precision == "bf16":
+            assert replay.autocast == [True], "precision 'bf16' ran stage 1 outside bf16 autocast"
+        runs[precision] = out, dtypes
+    return runs
+
+
 @pytest.mark.parametrize("precision,min_coarse_db,min_restored_db", [("bf16-stage1", 55, 38), ("bf16", 55, 20)])
-def test_bf16_accuracy_cpu(chain_reference, precision, min_coarse_db, min_restored_db):
+def test_bf16_accuracy_cpu(chain_reference, bf16_runs, precision, min_coarse_db, min_restored_db):
     """bf16 accuracy depends on the particular weights and images, not on one number:
     bfloat16 keeps 8 mantissa bits, its relative errors grow through the layers and, in
     stage 2, through the 5 sampling steps, and restored values at the clamp (0 or 1) hide
@@ -142,14 +187,8 @@ def test_bf16_accuracy_cpu(chain_reference, precision, min_coarse_db, min_restor
     other CPUs' kernels and seeds; the coarse image (stage 1 in bf16, 64.2-69.1 dB per
     image) must stay above 55 dB. The whole set is scored: single images spread wider
     (seed101: 39.1-46.8 / 23.8-29.7 dB)."""
-    hazy, ref = chain_reference.hazy, chain_reference.reference
-    dehazer = chain_reference.make(precision=precision)
-    dtypes = {1: set(), 2: set()}       # what the convolutions of each stage really computed in
-    for stage, model in ((1, dehazer.stage1), (2, dehazer.stage2.net)):
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.register_forward_hook(lambda mod, i, o, s=stage: dtypes[s].add(o.dtype))
-    out = dehazer(hazy)
+    ref = chain_reference.reference
+    out, dtypes = bf16_runs[precision]
     assert dtypes[1] == {torch.bfloat16}
     assert dtypes[2] == ({torch.bfloat16} if precision == "bf16" else {torch.float32})
     assert out.restored.dtype == torch.float32 and out.restored.shape == ref.restored.shape

@@ -13,7 +13,6 @@ import torch
 from dsrdmpd.atomicfile import temporary_name_pattern
 from dsrdmpd.builders import load_stage1, load_stage2
 from dsrdmpd.config import load_config
-from dsrdmpd.data.synthetic import make_synthetic_dataset
 from dsrdmpd.training import Stage1Trainer, Stage2Trainer, stage1_loss
 from dsrdmpd.cli.train import train_main
 
@@ -21,8 +20,8 @@ from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), n_train=8, n_test=2, size=64, seed=1, n_valid=2)
+def data_root(synthetic_root):
+    return synthetic_root
 
 
 def stage1_cfg(root, **train):
@@ -33,12 +32,8 @@ def stage1_cfg(root, **train):
 
 
 @pytest.fixture(scope="module")
-def stage1_ckpt(data_root, tmp_path_factory):
-    run = tmp_path_factory.mktemp("s1")
-    cfg = stage1_cfg(data_root, epochs=1)
-    cfg["data"]["val_split"] = None         # no validation: only the weights are used
-    Stage1Trainer(cfg, run).train()
-    return run / "checkpoints" / "last.pt"
+def stage1_ckpt(tiny_stage1):
+    return tiny_stage1.weights
 
 
 def stage2_cfg(root, ckpt, **train):
@@ -119,9 +114,11 @@ def test_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
-def test_resume_rejects_other_stage(data_root, stage1_ckpt, tmp_path):
+def test_resume_rejects_other_stage(data_root, stage1_ckpt, tiny_stage1, tmp_path):
     with pytest.raises(ValueError, match="stage-1 checkpoint"):
-        Stage2Trainer(stage2_cfg(data_root, stage1_ckpt), tmp_path, resume=str(stage1_ckpt))
+        Stage2Trainer(stage2_cfg(data_root, stage1_ckpt), tmp_path, resume=str(tiny_stage1.last))
+    with pytest.raises(ValueError, match="not a resumable dsrdmpd training checkpoint"):
+        Stage2Trainer(stage2_cfg(data_root, stage1_ckpt), tmp_path / "w", resume=str(stage1_ckpt))
 
 
 def test_precomputed_coarse_is_exact(data_root, stage1_ckpt, tmp_path):
