@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .choices import DEFAULT_MAX_UNTILED_PIXELS  # noqa: F401  (re-exported)
 from .data import DataError
 from .imageio import (DEFAULT_MAX_PIXELS, TIFF_EXTENSIONS, check_pixel_limit, read_image, write_image,
                       write_text_atomic)
@@ -54,7 +55,6 @@ from .visualize import error_map, save_panel
 METRIC_COLUMNS = ["psnr_stage1", "ssim_stage1", "psnr_stage2", "ssim_stage2"]
 PANEL_MIN_SIZE = 192        # small images are enlarged (nearest neighbour) in panels to stay legible
 AUTO_TILE = 512             # tile size for images too large to run whole
-DEFAULT_MAX_UNTILED_PIXELS = 2048 * 2048
 # OSError numbers that concern the whole run (every later write would fail too): they end it.
 RUN_WIDE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 T = TypeVar("T")

@@ -24,10 +24,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .atomicfile import write_atomic, write_text_atomic  # noqa: F401  (re-exported)
+from .choices import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, TIFF_EXTENSIONS  # noqa: F401  (re-exported)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-TIFF_EXTENSIONS = (".tif", ".tiff")
-DEFAULT_MAX_PIXELS = 100_000_000    # 100 Mpx: ~1.2 GB per float32 RGB copy; a run holds a few copies
 
 
 class ImageReadError(ValueError):

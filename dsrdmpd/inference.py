@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .builders import load_stage1, load_stage2
+from .choices import PRECISIONS
 from .cuda_graphs import GraphRunner
 from .compile_cache import use_compile_cache
 from .config import DEFAULTS, ConfigError, load_config
@@ -61,7 +62,6 @@ from .models.norm import set_fast_norm
 from .models.unet_blocks import set_weight_cache
 
 
-PRECISIONS = ("fp32", "tf32", "bf16", "bf16-stage1")
 
 
 @dataclass

@@ -21,12 +21,8 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-PROTOCOLS = {
-    "paper": "paper protocol: float RGB clamped to [0,1]; SSIM Gaussian 11x11 (sigma 1.5), zero padding, borders included",
-    "standard": "standard protocol: uint8 RGB; SSIM Gaussian 11x11 (sigma 1.5), valid region only (BasicSR / skimage)",
-    "y": "y protocol: BT.601 luma Y = 16 + 65.481 R + 128.553 G + 24.966 B of [0,1] RGB, float64 on the 0-255 "
-         "scale; SSIM Gaussian 11x11 (sigma 1.5), valid region only (BasicSR test_y_channel)",
-}
+from .choices import PROTOCOLS  # noqa: F401  (the protocols' names and descriptions; re-exported)
+
 BT601_Y = (65.481, 128.553, 24.966)     # BasicSR's luma weights for R, G, B in [0, 1]; offset 16
 
 

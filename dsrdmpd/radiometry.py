@@ -17,53 +17,17 @@ back unchanged (tested).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .choices import ScaleSpec, parse_scale  # noqa: F401  (the --scale forms; re-exported)
+
 
 class ScaleError(ValueError):
     """A --scale that cannot be used for this file."""
-
-
-@dataclass(frozen=True)
-class ScaleSpec:
-    kind: str            # 'auto' | 'range' | 'percentiles' | 'dtype'
-    a: float = 0.0
-    b: float = 0.0
-
-    def __str__(self) -> str:
-        if self.kind == "range":
-            return f"{self.a:g},{self.b:g}"
-        if self.kind == "percentiles":
-            return f"p{self.a:g},p{self.b:g}"
-        return self.kind
-
-
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-
-
-def parse_scale(text: str) -> ScaleSpec:
-    """'auto' | 'dtype' | 'LO,HI' | 'pA,pB' -> ScaleSpec; ValueError with the accepted forms."""
-    t = text.strip().lower().replace(" ", "")
-    if t in ("auto", "dtype"):
-        return ScaleSpec(t)
-    m = re.fullmatch(rf"p({_NUM}),p({_NUM})", t)
-    if m:
-        a, b = float(m.group(1)), float(m.group(2))
-        if not 0 <= a < b <= 100:
-            raise ValueError(f"--scale {text}: percentiles must satisfy 0 <= A < B <= 100")
-        return ScaleSpec("percentiles", a, b)
-    m = re.fullmatch(rf"({_NUM}),({_NUM})", t)
-    if m:
-        a, b = float(m.group(1)), float(m.group(2))
-        if not a < b:
-            raise ValueError(f"--scale {text}: LO must be below HI")
-        return ScaleSpec("range", a, b)
-    raise ValueError(f"--scale {text!r}: expected auto, dtype, LO,HI (e.g. 0,4095) or pA,pB (e.g. p0.5,p99.5)")
 
 
 @dataclass

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomicfile import atomic_path
+from .choices import DEFAULT_MAX_RASTER_PIXELS, parse_bands  # noqa: F401  (re-exported)
 from .data import DataError
 from .inference import Dehazer
 from .radiometry import BandScale, ScaleError, ScaleSpec, resolve_scale
@@ -54,7 +55,6 @@ DEFAULT_TILE = 512
 OUTPUT_BLOCK = 256          # output GeoTIFF tile side; rows are written in whole blocks
 STATS_PIXELS = 1 << 22      # scenes up to ~4 Mpx: statistics from every pixel
 STATS_WINDOWS = 8           # larger ones: 8 x 8 windows of 256 x 256 (4 Mpx) spread over the scene
-DEFAULT_MAX_RASTER_PIXELS = 4_000_000_000   # ~63000 x 63000; a 4-band uint16 scene this size is 32 GB
 
 
 class RasterError(DataError):
@@ -82,17 +82,6 @@ def check_rasterio() -> None:
 
 def is_raster(path: Path) -> bool:
     return Path(path).suffix.lower() in RASTER_EXTENSIONS
-
-
-def parse_bands(text: str) -> List[int]:
-    """'4,3,2' -> [4, 3, 2]; three distinct positive integers."""
-    try:
-        bands = [int(b) for b in text.replace(" ", "").split(",")]
-    except ValueError:
-        raise ValueError(f"--bands {text!r}: expected three band numbers such as 3,2,1") from None
-    if len(bands) != 3 or len(set(bands)) != 3 or min(bands) < 1:
-        raise ValueError(f"--bands {text!r}: expected three different band numbers (1-based) such as 3,2,1")
-    return bands
 
 
 def _band_summary(src) -> str:

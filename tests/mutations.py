@@ -430,6 +430,19 @@ MUTATIONS: List[Mutation] = [
     Mutation("usage-error-after-lock", "the Dehazer options' usage errors are not checked before the output folder is made",
              "dsrdmpd/cli/batch.py", "    opts = dehazer_options(args)    # its usage errors", "    opts = {}    # its usage errors",
              ("tests/test_training_fast.py::test_compile_cache_without_compile_leaves_no_output_folder",)),
+    # commands answer --help and usage errors before torch loads
+    Mutation("parser-imports-torch", "the shared option groups import the inference module (torch) to list the precisions",
+             "dsrdmpd/cli/options.py",
+             "from ..choices import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UNTILED_PIXELS, PRECISIONS, PROTOCOLS",
+             "from ..choices import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UNTILED_PIXELS, PROTOCOLS\nfrom ..inference import PRECISIONS",
+             ("tests/test_cli.py::test_help_and_usage_errors_come_before_torch_loads",)),
+    Mutation("config-error-is-a-crash", "a bad config key or value exits 1 as a failure, not 2 as bad input",
+             "dsrdmpd/cli/errors.py", 'PACKAGE_USER_ERRORS = (("dsrdmpd.config", "ConfigError"), ',
+             "PACKAGE_USER_ERRORS = (",
+             ("tests/test_cli.py::test_training_errors_name_the_key_or_file",)),
+    Mutation("run-stop-reported-as-crash", "a run that stops itself (full disk) is reported as a crash",
+             "dsrdmpd/cli/errors.py", 'RUN_ENDED = (("dsrdmpd.evaluation", "RunStopped"),)', "RUN_ENDED = ()",
+             ("tests/test_batch_survival.py::test_a_full_disk_ends_the_run_with_one_line",)),
 ]
 
 

@@ -33,11 +33,11 @@ def build_parser():
 
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, str]:
-    from ..convert import convert_checkpoints
     args = build_parser().parse_args(argv)
     if args.stage1 is None and args.stage2 is None:
         raise UsageError("give --stage1 and/or --stage2")
     cfg = load_config(args.config) if args.config else None
+    from ..convert import convert_checkpoints           # torch loads once the arguments are checked
     return convert_checkpoints(args.output, args.stage1, args.stage2, cfg, trust=args.trust_checkpoint)
 
 

@@ -22,9 +22,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..radiometry import ScaleSpec, parse_scale
-from ..raster import DEFAULT_MAX_RASTER_PIXELS, RasterOptions, check_rasterio, is_raster, parse_bands
-from .batch import run_batch
+from ..choices import DEFAULT_MAX_RASTER_PIXELS, ScaleSpec, parse_bands, parse_scale
 from .errors import run_command
 from .evaluate import input_items
 from .options import parse_pixels, add_model_options, add_output_options, add_run_options, parser
@@ -69,6 +67,8 @@ def _scale(text: str):
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = build_parser().parse_args(argv)
+    from ..raster import RasterOptions, check_rasterio, is_raster        # torch loads after the arguments are parsed
+    from .batch import run_batch
     raster = RasterOptions(bands=args.bands, scale=args.scale, keep_other_bands=args.keep_other_bands, cog=args.cog,
                            max_pixels=args.max_raster_pixels)
     items = input_items(args.input)

@@ -23,18 +23,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
+from ..atomicfile import write_text_atomic
 from ..config import load_config
-from ..data import find_pairs
-from ..data.synthetic import make_synthetic_dataset
-from ..evaluation import Item, run_items, write_results, write_rows_csv
-from ..imageio import list_images, read_image, write_text_atomic
-from ..inference import Dehazer
-from ..machine import machine_description
-from ..metrics import psnr_ssim
-from ..training import Stage1Trainer, Stage2Trainer
-from ..visualize import stack_panels
 from .errors import UsageError, run_command
 from .options import add_safe_loading_options
 
@@ -48,6 +38,10 @@ OVERVIEW_PANELS = 4          # the first panels, stacked in results/overview.png
 
 
 def train_tiny(out: Path, args, seed: int) -> tuple:
+    from ..data import find_pairs
+    from ..data.synthetic import make_synthetic_dataset
+    from ..evaluation import Item
+    from ..training import Stage1Trainer, Stage2Trainer
     data = make_synthetic_dataset(out / "data", n_train=args.train_images, n_test=args.test_images,
                                   size=args.size, seed=seed, n_valid=args.valid_images, test_size=args.test_size)
     print(f"[1/3] synthetic dataset: {args.train_images} train / {args.valid_images} valid pairs of "
@@ -81,6 +75,11 @@ def train_tiny(out: Path, args, seed: int) -> tuple:
 
 def run_demo(args, seed: int, out: Path) -> dict:
     """One demo run into ``out``; returns its mean scores (hazy, stage 1, stage 2) and seconds."""
+    from ..evaluation import Item, run_items, write_results
+    from ..imageio import list_images, read_image
+    from ..inference import Dehazer
+    from ..metrics import psnr_ssim
+    from ..visualize import stack_panels
     t_start = time.time()
     if args.stage1 or args.weights_dir:
         files = list_images(args.input) if args.input.is_dir() else [args.input]
@@ -152,6 +151,7 @@ def seeds_table(results: list, machine: str, command: str) -> str:
 
 
 def write_seeds(results: list, out: Path, machine: str, command: str) -> None:
+    from ..evaluation import write_rows_csv
     write_rows_csv(out / "seeds.csv", results, SEED_COLUMNS)
     write_text_atomic(out / "seeds.md", seeds_table(results, machine, command))
 
@@ -165,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_safe_loading_options(ap)
     ap.add_argument("--input", type=Path, help="hazy image or folder (with --stage1/--stage2 or --weights-dir)")
     ap.add_argument("--gt", type=Path, help="ground-truth folder for --input (same names), optional")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="where to train and dehaze (default: cuda if available)")
+    ap.add_argument("--device", default=None, help="where to train and dehaze (default: cuda if available, else cpu)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", help="run the whole demo once per seed (into OUTPUT/seed_N) "
                                                          "and write OUTPUT/seeds.csv and seeds.md")
@@ -192,6 +191,10 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
         raise UsageError("--input is required with --stage1/--stage2 or --weights-dir")
     if args.seeds and (args.stage1 or args.weights_dir):
         raise UsageError("--seeds trains the tiny models once per seed; it does not go with --stage1/--stage2")
+    import torch                        # loaded once the arguments are checked
+    from ..machine import machine_description
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.seeds:
         return [run_demo(args, args.seed, args.output)]
     results = []

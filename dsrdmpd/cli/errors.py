@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from typing import Callable, List, Optional
-
-from ..checkpoints import CheckpointError
-from ..config import ConfigError
-from ..data import DataError, PairingError
-from ..evaluation import RunStopped
-from ..imageio import ImageReadError
-from ..runfolder import RunFolderError
+from typing import Callable, List, Optional, Tuple, Type
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -25,9 +18,19 @@ class ItemsFailed(RuntimeError):
     """The run finished, but some items could not be processed (listed in summary.md)."""
 
 
-# Problems with what the user gave us: exit code 2.
-USER_ERRORS = (UsageError, ConfigError, CheckpointError, ImageReadError, PairingError, DataError, RunFolderError,
-               FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# Problems with what the user gave us: exit code 2. The package's own classes are named by
+# module, not imported: this module (imported before the arguments are parsed) stays free of
+# torch, and an exception of a class whose module was never imported cannot occur.
+USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+PACKAGE_USER_ERRORS = (("dsrdmpd.config", "ConfigError"), ("dsrdmpd.checkpoints", "CheckpointError"),
+                       ("dsrdmpd.imageio", "ImageReadError"), ("dsrdmpd.data.pairing", "PairingError"),
+                       ("dsrdmpd.data.dataset", "DataError"), ("dsrdmpd.runfolder", "RunFolderError"))
+RUN_ENDED = (("dsrdmpd.evaluation", "RunStopped"),)          # the run stopped itself: exit code 1, its reason
+
+
+def loaded_classes(names: Tuple[Tuple[str, str], ...]) -> Tuple[Type[BaseException], ...]:
+    """The classes ``(module, name)`` of the modules imported so far."""
+    return tuple(getattr(sys.modules[m], c) for m, c in names if m in sys.modules)
 
 
 def one_line(exc: BaseException) -> str:
@@ -50,18 +53,14 @@ def run_command(fn: Callable[[Optional[List[str]]], object], argv: Optional[List
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (ItemsFailed, RunStopped) as exc:      # the run ended; its reason is the message
+    except Exception as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILED
-    except USER_ERRORS as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:  # a failure while running
-        if debug:
-            traceback.print_exc()
+        if isinstance(exc, (ItemsFailed, *loaded_classes(RUN_ENDED))):      # the run ended; its reason
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(exc, (*USER_ERRORS, *loaded_classes(PACKAGE_USER_ERRORS))):
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"error: {type(exc).__name__}: {one_line(exc)} (run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_FAILED                                                      # a failure while running

@@ -16,15 +16,14 @@ one run per output folder at a time. README: "Batch runs survive".
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
-from ..data import find_pairs
-from ..evaluation import Item, items_from_pairs
-from ..imageio import list_images
-from .batch import run_batch
 from .errors import UsageError, run_command
 from .options import (add_dataset_options, add_model_options, add_output_options, add_protocol_options,
                       add_run_options, dataset_split_pairs, parser)
+
+if TYPE_CHECKING:
+    from ..evaluation import Item
 
 
 def build_parser():
@@ -43,6 +42,8 @@ def build_parser():
 
 
 def collect_items(args) -> List[Item]:
+    from ..data import find_pairs
+    from ..evaluation import items_from_pairs
     if args.data_root:
         items = items_from_pairs(dataset_split_pairs(args))
     elif args.hazy_dir and args.gt_dir:
@@ -56,6 +57,8 @@ def collect_items(args) -> List[Item]:
 
 def input_items(path: Path) -> List[Item]:
     """Items of a file or a folder of images; a missing path or an empty folder is an error."""
+    from ..evaluation import Item
+    from ..imageio import list_images
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
     files = list_images(path) if path.is_dir() else [path]
@@ -66,6 +69,7 @@ def input_items(path: Path) -> List[Item]:
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = build_parser().parse_args(argv)
+    from .batch import run_batch           # torch and the models load after the arguments are parsed
     items = collect_items(args)
     return run_batch(args, items, "DS-RDMPD evaluation", args.protocol, args.resize)
 

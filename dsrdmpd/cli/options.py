@@ -1,19 +1,21 @@
-"""Option groups shared by the commands, defined once, and what they resolve to."""
+"""Option groups shared by the commands, defined once, and what they resolve to.
+
+Nothing here imports torch at module level (the values offered come from
+:mod:`dsrdmpd.choices`): a command parses its arguments, and answers ``--help`` or a
+usage error, in a fraction of a second; the models load after."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
-import torch
-
+from ..choices import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UNTILED_PIXELS, PRECISIONS, PROTOCOLS
 from ..config import load_config
-from ..data import PRESET_NAMES, split_pairs
-from ..evaluation import DEFAULT_MAX_UNTILED_PIXELS
-from ..imageio import DEFAULT_MAX_PIXELS
-from ..inference import PRECISIONS
-from ..metrics import PROTOCOLS
+from ..data import PRESET_NAMES
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -123,6 +125,7 @@ def dataset_split_pairs(args) -> list:
     data = {"preset": args.preset, "root": args.data_root, "list_file": args.list_file}
     if args.preset == "paired":
         data.update(hazy_key=args.hazy_key, gt_key=args.gt_key, hazy_dir=args.hazy_subdir, gt_dir=args.gt_subdir)
+    from ..data import split_pairs
     return split_pairs(data, args.split)
 
 
@@ -143,9 +146,10 @@ def add_protocol_options(ap: argparse.ArgumentParser) -> None:
                    help="resize hazy and GT to N x N first, as the authors' test scripts did (512)")
 
 
-def resolve_device(name: str, local_index: int = 0) -> torch.device:
+def resolve_device(name: str, local_index: int = 0) -> "torch.device":
     """'auto' -> this process's GPU if CUDA is present, else the CPU; other names are
     checked, and an unavailable one is an error that says what is available."""
+    import torch
     available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if name == "auto":
         return torch.device(f"cuda:{local_index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")

@@ -20,12 +20,9 @@ import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..atomicfile import write_text_atomic
+from ..choices import PROTOCOLS
 from ..config import load_config
-from ..data import split_pairs
-from ..evaluation import fmt, mean_metrics, one_line
-from ..imageio import write_text_atomic
-from ..metrics import PROTOCOLS
-from ..scoring import score_folder
 from . import evaluate
 from .errors import ItemsFailed, UsageError, run_command
 from .options import parser
@@ -41,6 +38,7 @@ HANDS = ("first-hand", "second-hand", "unknown")
 
 
 def load_means(folder: Path) -> dict:
+    from ..evaluation import mean_metrics
     with open(folder / "metrics.csv") as f:
         return mean_metrics(list(csv.DictReader(f)))
 
@@ -114,6 +112,7 @@ def signed(x: Optional[float], digits: int) -> str:
 
 
 def pair_cell(psnr: Optional[float], ssim: Optional[float]) -> str:
+    from ..evaluation import fmt
     return f"{fmt(psnr, 2)} / {fmt(ssim, 4)}" if psnr is not None else ""
 
 
@@ -121,6 +120,7 @@ def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, p
     """tables.csv (one row per dataset) and tables.md (ours | reported | difference |
     source | scored peers, the protocol of every column, the sources, then the other
     methods: as reported, and as scored here); returns the markdown."""
+    from ..evaluation import fmt
     scored = sorted({m for r in rows for m in r.get("scored", {})})
     buf = io.StringIO()
     fields = FIELDS + [f"{m}_{k}_scored" for m in scored for k in ("psnr", "ssim")]
@@ -196,6 +196,9 @@ def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protoc
                out: Path) -> Dict[str, Any]:
     """Score one method's outputs for one dataset (``folder``/``dataset``) against the
     dataset's ground truth under ``protocol``: {'psnr', 'ssim'} or {'note'} (why not)."""
+    from ..data import split_pairs
+    from ..evaluation import one_line
+    from ..scoring import score_folder
     outputs = folder / dataset
     if not outputs.is_dir():
         return {}

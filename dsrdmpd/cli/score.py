@@ -17,8 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..metrics import PROTOCOLS
-from ..scoring import gt_references, parse_protocols, score_folder
+from ..choices import PROTOCOLS
 from .errors import ItemsFailed, UsageError, run_command
 from .options import add_dataset_options, dataset_split_pairs, parser
 
@@ -49,6 +48,7 @@ def references(args) -> list:
     if args.gt and args.data_root:
         raise UsageError("give --gt or --data-root, not both")
     if args.gt:
+        from ..scoring import gt_references
         return gt_references(args.gt, args.gt_key)
     if args.data_root:
         return dataset_split_pairs(args)
@@ -57,6 +57,7 @@ def references(args) -> list:
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = build_parser().parse_args(argv)
+    from ..scoring import parse_protocols, score_folder      # torch loads after the arguments are parsed
     try:
         protocols = parse_protocols(args.protocol)
     except ValueError as exc:

@@ -35,9 +35,9 @@ def build_parser(stage: int):
 def train_main(stage: int, argv: Optional[List[str]] = None) -> dict:
     """Parse, train, return the trainer's summary (raises on errors)."""
     import sys
-    from ..training import Stage1Trainer, Stage2Trainer
     args = build_parser(stage).parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from ..training import Stage1Trainer, Stage2Trainer      # torch loads once the arguments and config are read
     trainer_cls = Stage1Trainer if stage == 1 else Stage2Trainer
     trainer = trainer_cls(cfg, args.run_dir, resume=args.resume, argv=sys.argv if argv is None else list(argv),
                           trust=args.trust_checkpoint)

@@ -27,7 +27,7 @@ from pathlib import PurePosixPath
 from pathlib import Path
 from typing import Dict, List, Union
 
-from ..imageio import IMAGE_EXTENSIONS
+from ..choices import IMAGE_EXTENSIONS
 
 
 class PairingError(ValueError):
