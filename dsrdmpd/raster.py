@@ -12,8 +12,9 @@
   input's units and data type, exactly inverted.
 * Nodata and masks: GDAL's per-band masks (nodata, alpha, internal masks) mark invalid
   pixels; they are left out of the statistics, filled with the band's median for the
-  networks, and written back as nodata (or as the output's mask when the input has no
-  nodata value). Tiles with no valid pixel are not run at all.
+  networks, and written back with their input values (nodata stays nodata; a pixel that is
+  nodata in one band only keeps its other bands' values, not dehazed; the output's mask
+  when the input has no nodata value). Tiles with no valid pixel are not run at all.
 * Output: the same size, CRS, transform, nodata, data type, band order, descriptions,
   colour interpretation, scales / offsets / units and tags, plus the mapping used
   (``DSRDMPD_SCALE`` tags); tiled 256 x 256, DEFLATE with a predictor, BigTIFF when
@@ -312,9 +313,10 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
                     out = scale.from_unit(restored.clamp(0, 1), values, dtype)
                     if src.nodata is not None:
                         out = _avoid_nodata(out, valid, src.nodata)
-                        out[:, ~valid] = dtype.type(src.nodata)
-                    else:
-                        out[:, ~valid] = values[:, ~valid]      # masked pixels keep their values
+                    # pixels the networks did not see keep their values in every band: nodata stays
+                    # nodata, masked pixels keep theirs, and a pixel that is nodata in one band only
+                    # keeps its other bands' valid values
+                    out[:, ~valid] = values[:, ~valid]
                     for k, b in enumerate(sorted(rgb)):
                         dst.write(out[order[k]], out_bands.index(b) + 1, window=win)
                     if options.keep_other_bands and others:

@@ -142,7 +142,7 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/radiometry.py", "out = lo + unit.numpy().astype(ft) * (hi - lo) + excess",
              "out = lo + unit.numpy().astype(ft) * (hi - lo)", ("tests/test_raster.py",)),
     Mutation("raster-nodata-ignored", "nodata pixels written with the networks' values",
-             "dsrdmpd/raster.py", "out[:, ~valid] = dtype.type(src.nodata)", "pass", ("tests/test_raster.py",)),
+             "dsrdmpd/raster.py", "out[:, ~valid] = values[:, ~valid]", "pass", ("tests/test_raster.py",)),
     Mutation("raster-noise-whole-scene", "streamed tiles draw their own noise instead of the scene's field",
              "dsrdmpd/raster.py", "ns = torch.cat([dehazer.tile_noise(plan, *chunk[j]) for j in run])",
              "ns = torch.cat([dehazer.tile_noise(plan, 0, 0) for j in run])", ("tests/test_raster.py",)),
@@ -430,6 +430,12 @@ MUTATIONS: List[Mutation] = [
     Mutation("usage-error-after-lock", "the Dehazer options' usage errors are not checked before the output folder is made",
              "dsrdmpd/cli/batch.py", "    opts = dehazer_options(args)    # its usage errors", "    opts = {}    # its usage errors",
              ("tests/test_training_fast.py::test_compile_cache_without_compile_leaves_no_output_folder",)),
+    # raster audit: GeoTIFFs of any band layout (nodata per band, georeferencing by GCPs / RPCs)
+    Mutation("raster-nodata-any-band", "a pixel that is nodata in one band is written as nodata in every band",
+             "dsrdmpd/raster.py", "                    out[:, ~valid] = values[:, ~valid]\n",
+             "                    out[:, ~valid] = values[:, ~valid]\n                    if src.nodata is not None:\n"
+             "                        out[:, ~valid] = dtype.type(src.nodata)\n",
+             ("tests/test_raster.py::test_nodata_in_one_band_keeps_the_other_bands_values",)),
 ]
 
 

@@ -354,3 +354,21 @@ def test_a_non_finite_raster_output_is_refused(tmp_path):
         dehaze_raster(Dehazer(PassThroughStage1(), NanStage2()), src, tmp_path / "out" / "s.tif",
                       RasterOptions(progress=False))
     assert not list((tmp_path / "out").glob("*"))
+
+
+@pytest.mark.parametrize("dtype,nodata", [("uint16", 0), ("float32", np.nan)])
+def test_nodata_in_one_band_keeps_the_other_bands_values(passthrough, tmp_path, dtype, nodata):
+    """A pixel that is nodata in one band only (a dark-water 0 in the NIR-free green band, a
+    NaN in red) is left out of the networks' input; its other bands keep their valid values
+    instead of becoming nodata, and the nodata band stays nodata."""
+    data = twelve_bit_bgrn(seed=6, h=70, w=90)[:3].astype(dtype)
+    data[1, 20:25, 30:40] = nodata
+    data[0, 50:52, 5:9] = nodata
+    src = write_raster(tmp_path / "in.tif", data, nodata=nodata)
+    dehaze_raster(passthrough, src, tmp_path / "out.tif", RasterOptions(progress=False))
+    with rasterio.open(tmp_path / "out.tif") as o:
+        out, mask = o.read(), o.read_masks()
+    assert np.array_equal(np.isnan(out), np.isnan(data)) and np.isnan(out).sum() == (0 if dtype == "uint16" else 58)
+    np.testing.assert_allclose(out, data, rtol=1e-6, atol=0)     # identity networks (float32 rounding); NaN == NaN
+    with rasterio.open(src) as s:
+        assert np.array_equal(mask, s.read_masks())
