@@ -15,7 +15,7 @@
   networks, and written back with their input values (nodata stays nodata; a pixel that is
   nodata in one band only keeps its other bands' values, not dehazed; the output's mask
   when the input has no nodata value). Tiles with no valid pixel are not run at all.
-* Output: the same size, CRS, transform, nodata, data type, band order, descriptions,
+* Output: the same size, CRS, transform (or ground control points, or RPCs), nodata, data type, band order, descriptions,
   colour interpretation, scales / offsets / units and tags, plus the mapping used
   (``DSRDMPD_SCALE`` tags); tiled 256 x 256, DEFLATE with a predictor, BigTIFF when
   needed; ``cog=True`` writes a Cloud-Optimized GeoTIFF. Bands not dehazed are dropped,
@@ -181,6 +181,10 @@ def _output_profile(src, count: int) -> Dict:
 
 
 def _copy_metadata(src, dst, out_bands: List[int], scale: BandScale, dehazed: List[int], note: str) -> None:
+    if src.gcps[0]:                     # georeferenced by ground control points (an unrectified scene)
+        dst.gcps = src.gcps
+    if src.rpcs is not None:            # or by rational polynomial coefficients (a sensor model)
+        dst.rpcs = src.rpcs
     dst.update_tags(**src.tags())
     dst.update_tags(DSRDMPD=note, DSRDMPD_SCALE=scale.describe(dehazed))
     for k, b in enumerate(out_bands, start=1):

@@ -436,6 +436,12 @@ MUTATIONS: List[Mutation] = [
              "                    out[:, ~valid] = values[:, ~valid]\n                    if src.nodata is not None:\n"
              "                        out[:, ~valid] = dtype.type(src.nodata)\n",
              ("tests/test_raster.py::test_nodata_in_one_band_keeps_the_other_bands_values",)),
+    Mutation("raster-gcps-dropped", "an input's ground control points are not written to the output",
+             "dsrdmpd/raster.py", "        dst.gcps = src.gcps", "        pass",
+             ("tests/test_raster.py::test_ground_control_points_and_rpcs_are_kept",)),
+    Mutation("raster-rpcs-dropped", "an input's RPCs are not written to the output",
+             "dsrdmpd/raster.py", "        dst.rpcs = src.rpcs", "        pass",
+             ("tests/test_raster.py::test_ground_control_points_and_rpcs_are_kept",)),
 ]
 
 

@@ -372,3 +372,32 @@ def test_nodata_in_one_band_keeps_the_other_bands_values(passthrough, tmp_path, 
     np.testing.assert_allclose(out, data, rtol=1e-6, atol=0)     # identity networks (float32 rounding); NaN == NaN
     with rasterio.open(src) as s:
         assert np.array_equal(mask, s.read_masks())
+
+
+@pytest.mark.parametrize("georeference", ["gcps", "rpcs"])
+def test_ground_control_points_and_rpcs_are_kept(passthrough, tmp_path, georeference):
+    """Scenes not yet rectified carry their georeferencing as GCPs or RPCs instead of a
+    transform; the output keeps them (a plain TIFF out would have lost the location)."""
+    from rasterio.control import GroundControlPoint
+    from rasterio.rpc import RPC
+    src = write_raster(tmp_path / "in.tif", np.full((3, 40, 50), 9, np.uint8), crs=None)
+    gcps = [GroundControlPoint(r, c, 500000 + 10 * c + r, 4000000 - 10 * r + c) for r, c in
+            [(0, 0), (0, 50), (40, 0), (40, 50)]]
+    rpc = RPC(height_off=100, height_scale=500, lat_off=40, lat_scale=0.1, line_den_coeff=[1] + [0] * 19,
+              line_num_coeff=[0, 1] + [0] * 18, line_off=20, line_scale=20, long_off=15, long_scale=0.1,
+              samp_den_coeff=[1] + [0] * 19, samp_num_coeff=[0, 0, 1] + [0] * 17, samp_off=25, samp_scale=25)
+    with rasterio.open(src, "r+") as dst:
+        if georeference == "gcps":
+            dst.gcps = (gcps, rasterio.crs.CRS.from_epsg(32633))
+        else:
+            dst.rpcs = rpc
+    with rasterio.open(src) as s:
+        assert (s.rpcs is not None) == (georeference == "rpcs")
+        rpcs = s.rpcs.to_dict() if s.rpcs else None
+    dehaze_raster(passthrough, src, tmp_path / "out.tif", RasterOptions(progress=False))
+    with rasterio.open(tmp_path / "out.tif") as o:
+        if georeference == "gcps":
+            assert [(g.row, g.col, g.x, g.y) for g in o.gcps[0]] == [(g.row, g.col, g.x, g.y) for g in gcps]
+            assert o.gcps[1] == UTM
+        else:
+            assert o.rpcs is not None and o.rpcs.to_dict() == rpcs
