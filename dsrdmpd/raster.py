@@ -15,10 +15,12 @@
   networks, and written back with their input values (nodata stays nodata; a pixel that is
   nodata in one band only keeps its other bands' values, not dehazed; the output's mask
   when the input has no nodata value). Tiles with no valid pixel are not run at all.
-* Output: the same size, CRS, transform (or ground control points, or RPCs), nodata, data type, band order, descriptions,
-  colour interpretation, scales / offsets / units and tags, plus the mapping used
+* Output: the same size, CRS, transform (or ground control points, or RPCs), nodata, data
+  type, band order, descriptions, colour interpretation, scales / offsets / units and tags
+  (every KEY=VALUE metadata domain but the structural ones), plus the mapping used
   (``DSRDMPD_SCALE`` tags); tiled 256 x 256, DEFLATE with a predictor, BigTIFF when
-  needed; ``cog=True`` writes a Cloud-Optimized GeoTIFF. Bands not dehazed are dropped,
+  needed; ``cog=True`` writes a Cloud-Optimized GeoTIFF (GDAL's COG driver keeps the
+  default metadata domain only). Bands not dehazed are dropped,
   or copied unchanged with ``keep_other_bands``. The file appears only when complete
   (written through :func:`dsrdmpd.atomicfile.atomic_path`: synced, the umask's mode).
   An output that is not finite is refused (nothing written).
@@ -180,17 +182,31 @@ def _output_profile(src, count: int) -> Dict:
     return profile
 
 
+# metadata domains GDAL derives from the file's structure or that are copied otherwise (RPCs)
+STRUCTURAL_DOMAINS = ("IMAGE_STRUCTURE", "DERIVED_SUBDATASETS", "SUBDATASETS", "RPC", "GEOLOCATION")
+
+
+def _copy_tags(src, dst, band: int = 0, out_band: int = 0) -> None:
+    """Copy the tags of ``band`` (0: the dataset) to ``out_band``: the default domain and every
+    other KEY=VALUE domain (e.g. IMAGERY's acquisition date and cloud cover), not the
+    structural ones nor XML documents."""
+    dst.update_tags(out_band, **src.tags(band))
+    for ns in src.tag_namespaces(band):
+        if ns not in STRUCTURAL_DOMAINS and not ns.startswith("xml:"):
+            dst.update_tags(out_band, ns=ns, **src.tags(band, ns=ns))
+
+
 def _copy_metadata(src, dst, out_bands: List[int], scale: BandScale, dehazed: List[int], note: str) -> None:
     if src.gcps[0]:                     # georeferenced by ground control points (an unrectified scene)
         dst.gcps = src.gcps
     if src.rpcs is not None:            # or by rational polynomial coefficients (a sensor model)
         dst.rpcs = src.rpcs
-    dst.update_tags(**src.tags())
+    _copy_tags(src, dst)
     dst.update_tags(DSRDMPD=note, DSRDMPD_SCALE=scale.describe(dehazed))
     for k, b in enumerate(out_bands, start=1):
         if src.descriptions[b - 1]:
             dst.set_band_description(k, src.descriptions[b - 1])
-        dst.update_tags(k, **src.tags(b))
+        _copy_tags(src, dst, b, k)
         if b in dehazed:
             j = dehazed.index(b)
             dst.update_tags(k, DSRDMPD_SCALE_MIN=f"{scale.lo[j]:.17g}", DSRDMPD_SCALE_MAX=f"{scale.hi[j]:.17g}")

@@ -442,6 +442,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("raster-rpcs-dropped", "an input's RPCs are not written to the output",
              "dsrdmpd/raster.py", "        dst.rpcs = src.rpcs", "        pass",
              ("tests/test_raster.py::test_ground_control_points_and_rpcs_are_kept",)),
+    Mutation("raster-default-domain-only", "tags of metadata domains other than the default one are dropped",
+             "dsrdmpd/raster.py", "        if ns not in STRUCTURAL_DOMAINS and not ns.startswith(\"xml:\"):",
+             "        if False:", ("tests/test_raster.py::test_tags_of_every_metadata_domain_are_kept",)),
 ]
 
 

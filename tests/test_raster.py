@@ -401,3 +401,19 @@ def test_ground_control_points_and_rpcs_are_kept(passthrough, tmp_path, georefer
             assert o.gcps[1] == UTM
         else:
             assert o.rpcs is not None and o.rpcs.to_dict() == rpcs
+
+
+def test_tags_of_every_metadata_domain_are_kept(passthrough, tmp_path):
+    """GDAL's IMAGERY domain (acquisition time, cloud cover) and a product's own domains, on
+    the dataset and on a band, come through like the default domain's tags."""
+    src = write_raster(tmp_path / "in.tif", np.full((4, 40, 50), 9, np.uint16),
+                       descriptions=("Blue", "Green", "Red", "NIR"), tags={"ACQUISITION": "2026-06-01"})
+    with rasterio.open(src, "r+") as dst:
+        dst.update_tags(ns="IMAGERY", CLOUDCOVER="12", ACQUISITIONDATETIME="2026-06-01T10:00:00Z")
+        dst.update_tags(4, ns="L2A", QUANTIFICATION="10000")
+    dehaze_raster(passthrough, src, tmp_path / "out.tif", RasterOptions(keep_other_bands=True, progress=False))
+    with rasterio.open(tmp_path / "out.tif") as o:
+        assert o.tags(ns="IMAGERY") == {"CLOUDCOVER": "12", "ACQUISITIONDATETIME": "2026-06-01T10:00:00Z"}
+        assert o.tags(4, ns="L2A") == {"QUANTIFICATION": "10000"}
+        assert o.tags()["ACQUISITION"] == "2026-06-01" and o.tags(1)["WAVELENGTH"] == "490"
+        assert o.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "DEFLATE"      # the output's own structure
