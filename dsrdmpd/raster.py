@@ -57,6 +57,7 @@ DEFAULT_TILE = 512
 OUTPUT_BLOCK = 256          # output GeoTIFF tile side; rows are written in whole blocks
 STATS_PIXELS = 1 << 22      # scenes up to ~4 Mpx: statistics from every pixel
 STATS_WINDOWS = 8           # larger ones: 8 x 8 windows of 256 x 256 (4 Mpx) spread over the scene
+GDAL_CACHE_MB = 256         # GDAL's block cache while reading and writing a raster
 DEFAULT_MAX_RASTER_PIXELS = 4_000_000_000   # ~63000 x 63000; a 4-band uint16 scene this size is 32 GB
 
 
@@ -270,7 +271,7 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
         src = rasterio.open(src_path)
     except RasterioIOError as exc:
         raise RasterError(f"{name}: cannot be read as a raster ({' '.join(str(exc).split())})") from None
-    with src, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=256):
+    with src, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=GDAL_CACHE_MB):
         if options.max_pixels is not None and src.width * src.height > options.max_pixels:
             raise RasterError(f"{name}: {src.width} x {src.height} pixels ({src.width * src.height / 1e6:.0f} Mpx) "
                               f"is above the raster size limit of {options.max_pixels / 1e6:g} Mpx "
@@ -337,11 +338,16 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
                     # nodata, masked pixels keep theirs, and a pixel that is nodata in one band only
                     # keeps its other bands' valid values
                     out[:, ~valid] = values[:, ~valid]
+                    # every band of the window in one write: band by band, a pixel-interleaved block
+                    # leaves GDAL's cache half written when the row band is larger than the cache, and
+                    # is compressed and appended again for each band (a file many times its size)
+                    block = np.empty((len(out_bands), n, w), dtype)
                     for k, b in enumerate(sorted(rgb)):
-                        dst.write(out[order[k]], out_bands.index(b) + 1, window=win)
+                        block[out_bands.index(b)] = out[order[k]]
                     if options.keep_other_bands and others:
                         for b in others:
-                            dst.write(src.read(b, window=win), out_bands.index(b) + 1, window=win)
+                            block[out_bands.index(b)] = src.read(b, window=win)
+                    dst.write(block, window=win)
                     if write_mask:
                         dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
 

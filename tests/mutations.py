@@ -150,8 +150,8 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/raster.py", "    profile = src.profile.copy()\n",
              "    profile = src.profile.copy()\n    profile.pop('transform', None)\n", ("tests/test_raster.py",)),
     Mutation("raster-bands-in-request-order", "dehazed bands written in --bands order instead of the file's",
-             "dsrdmpd/raster.py", "dst.write(out[order[k]], out_bands.index(b) + 1, window=win)",
-             "dst.write(out[k], out_bands.index(b) + 1, window=win)", ("tests/test_raster.py",)),
+             "dsrdmpd/raster.py", "block[out_bands.index(b)] = out[order[k]]",
+             "block[out_bands.index(b)] = out[k]", ("tests/test_raster.py",)),
     Mutation("tf32-left-on", "precision fp32 leaves TensorFloat-32 on for GPU runs",
              "dsrdmpd/inference.py", "= self.precision == \"tf32\"", "= True",
              ("tests/test_speed_options.py::test_tensorfloat32_flags_for_a_cuda_dehazer",)),
@@ -445,6 +445,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("raster-default-domain-only", "tags of metadata domains other than the default one are dropped",
              "dsrdmpd/raster.py", "        if ns not in STRUCTURAL_DOMAINS and not ns.startswith(\"xml:\"):",
              "        if False:", ("tests/test_raster.py::test_tags_of_every_metadata_domain_are_kept",)),
+    Mutation("raster-written-band-by-band", "output windows written one band at a time (blocks recompressed per band)",
+             "dsrdmpd/raster.py", "                    dst.write(block, window=win)\n",
+             "                    for i in range(len(out_bands)):\n                        dst.write(block[i], i + 1, window=win)\n",
+             ("tests/test_raster.py::test_many_kept_bands_do_not_bloat_the_output",)),
 ]
 
 
