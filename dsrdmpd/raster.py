@@ -131,7 +131,8 @@ def choose_bands(src, bands: Optional[Sequence[int]], name: str) -> Tuple[List[i
     by_desc = []
     for word in ("red", "green", "blue"):
         hits = [i + 1 for i, d in enumerate(descs) if word in d.replace("_", " ").split() or d == word]
-        by_desc.append(hits[0] if len(hits) == 1 else None)
+        exact = [i + 1 for i, d in enumerate(descs) if d == word]     # 'blue' beside 'coastal_blue'
+        by_desc.append(exact[0] if len(exact) == 1 else hits[0] if len(hits) == 1 else None)
     if None not in by_desc and len(set(by_desc)) == 3:
         return by_desc, alpha
     raise RasterError(f"{name}: {src.count} band(s) and no way to tell which are red, green and blue "

@@ -449,6 +449,10 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/raster.py", "                    dst.write(block, window=win)\n",
              "                    for i in range(len(out_bands)):\n                        dst.write(block[i], i + 1, window=win)\n",
              ("tests/test_raster.py::test_many_kept_bands_do_not_bloat_the_output",)),
+    Mutation("raster-exact-band-name-ignored", "a band described exactly 'blue' does not win over 'coastal_blue'",
+             "dsrdmpd/raster.py", "by_desc.append(exact[0] if len(exact) == 1 else hits[0] if len(hits) == 1 else None)",
+             "by_desc.append(hits[0] if len(hits) == 1 else None)",
+             ("tests/test_raster.py::test_bands_named_exactly_red_green_blue_win_over_longer_names",)),
 ]
 
 

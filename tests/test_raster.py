@@ -436,3 +436,17 @@ def test_many_kept_bands_do_not_bloat_the_output(passthrough, tmp_path, monkeypa
     with rasterio.open(tmp_path / "out.tif") as o:
         assert np.array_equal(o.read(), data)
     assert (tmp_path / "out.tif").stat().st_size < 1.5 * (tmp_path / "ref.tif").stat().st_size
+
+
+def test_bands_named_exactly_red_green_blue_win_over_longer_names(tmp_path):
+    """PlanetScope 8-band descriptions: 'blue' beside 'coastal_blue', 'green' beside
+    'green_i'; the exact names decide. Two longer names alone stay ambiguous."""
+    planet = ("coastal_blue", "blue", "green_i", "green", "yellow", "red", "rededge", "nir")
+    path = write_raster(tmp_path / "planet.tif", np.ones((8, 40, 50), np.uint16), descriptions=planet)
+    with rasterio.open(path) as src:
+        assert choose_bands(src, None, "planet.tif") == ([6, 4, 2], None)
+    two_blues = write_raster(tmp_path / "two.tif", np.ones((4, 40, 50), np.uint16),
+                             descriptions=("Red", "Green", "Coastal Blue", "Deep Blue"))
+    with rasterio.open(two_blues) as src:
+        with pytest.raises(RasterError, match="no way to tell"):
+            choose_bands(src, None, "two.tif")
