@@ -453,6 +453,9 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/raster.py", "by_desc.append(exact[0] if len(exact) == 1 else hits[0] if len(hits) == 1 else None)",
              "by_desc.append(hits[0] if len(hits) == 1 else None)",
              ("tests/test_raster.py::test_bands_named_exactly_red_green_blue_win_over_longer_names",)),
+    Mutation("scale-infinite-range", "--scale 0,1e400 (an infinite HI) is accepted and maps every value to 0",
+             "dsrdmpd/radiometry.py", "        if not math.isfinite(b - a):", "        if False:",
+             ("tests/test_raster.py::test_scale_specs_parse_and_refuse",)),
 ]
 
 

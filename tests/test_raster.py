@@ -71,6 +71,9 @@ def test_scale_specs_parse_and_refuse():
     for bad in ("4095,0", "p50,p10", "p0,p101", "linear", "0;1"):
         with pytest.raises(ValueError, match="--scale"):
             parse_scale(bad)
+    for infinite in ("0,1e400", "-1e308,1e308", "1e400,1e401"):     # would map every value to 0
+        with pytest.raises(ValueError, match="must be finite"):
+            parse_scale(infinite)
     assert parse_bands("4, 3,2") == [4, 3, 2]
     for bad in ("3,2", "1,1,2", "0,1,2", "r,g,b"):
         with pytest.raises(ValueError, match="--bands"):
