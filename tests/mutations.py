@@ -456,6 +456,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("scale-infinite-range", "--scale 0,1e400 (an infinite HI) is accepted and maps every value to 0",
              "dsrdmpd/radiometry.py", "        if not math.isfinite(b - a):", "        if False:",
              ("tests/test_raster.py::test_scale_specs_parse_and_refuse",)),
+    Mutation("tiff-palette-as-grey", "a palette TIFF read through imageio gives its indices as grey levels",
+             "dsrdmpd/imageio.py", "        if colormap is not None:        # the values are indices",
+             "        if False:        # the values are indices",
+             ("tests/test_raster.py::test_a_palette_tiff_pair_is_read_in_its_colours",)),
 ]
 
 

@@ -453,3 +453,20 @@ def test_bands_named_exactly_red_green_blue_win_over_longer_names(tmp_path):
     with rasterio.open(two_blues) as src:
         with pytest.raises(RasterError, match="no way to tell"):
             choose_bands(src, None, "two.tif")
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_a_palette_tiff_pair_is_read_in_its_colours(tmp_path, bits):
+    """scripts/test.py reads TIFF pairs as plain images: a palette TIFF's values are indices
+    into its colour map (read as grey levels before: 0, 1, 2, 3 / 255)."""
+    import tifffile
+    from dsrdmpd.imageio import read_image
+    index = (np.arange(40 * 50).reshape(40, 50) % 4).astype(np.uint8)
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 128], [10, 20, 255]])
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[:, :4] = colours.T * 257 + (1 if bits == 16 else 0)      # 16-bit entries: not 257 x an 8-bit value
+    tifffile.imwrite(tmp_path / "pal.tif", index, photometric="palette", colormap=colormap)
+    image = read_image(tmp_path / "pal.tif")
+    want = colormap[:, index] / 65535
+    assert image.bit_depth == bits and "palette" in image.conversion
+    np.testing.assert_allclose(image.tensor.numpy(), want, atol=1e-6)
