@@ -8,8 +8,9 @@
   red / green / blue (a 4-band RGB + alpha file -> 1,2,3, the alpha band acting as a
   mask); anything else is refused with the band count and descriptions.
 * Radiometry: :mod:`dsrdmpd.radiometry` (``--scale``), statistics from the valid pixels
-  (of 64 windows of 256 x 256 spread over scenes above 4 Mpx); written back in the
-  input's units and data type, exactly inverted.
+  (of 64 windows of 256 x 256 spread over scenes above 4 Mpx, or of a decimated read
+  when the windows miss every valid pixel); written back in the input's units and data
+  type, exactly inverted.
 * Nodata and masks: GDAL's per-band masks (nodata, alpha, internal masks) mark invalid
   pixels; they are left out of the statistics, filled with the band's median for the
   networks, and written back with their input values (nodata stays nodata; a pixel that is
@@ -149,7 +150,8 @@ def _statistics(src, bands: List[int]) -> Tuple[np.ndarray, np.ndarray]:
     """Values (C, h, w) and validity (h, w) to take statistics from: the whole scene when it
     has at most STATS_PIXELS pixels, else a mosaic of STATS_WINDOWS x STATS_WINDOWS windows
     of 256 x 256 spread evenly over it (aligned to the file's blocks; GDAL's decimated reads
-    of a compressed file without overviews are far slower than reading whole blocks)."""
+    of a compressed file without overviews are far slower than reading whole blocks), or,
+    when no window holds a valid pixel, a decimated read of the whole scene."""
     from rasterio.windows import Window
     h, w = src.height, src.width
     if h * w <= STATS_PIXELS:
@@ -167,7 +169,13 @@ def _statistics(src, bands: List[int]) -> Tuple[np.ndarray, np.ndarray]:
         rows.append((np.concatenate([t[0] for t in tiles], axis=2), np.concatenate([t[1] for t in tiles], axis=2)))
     values = np.concatenate([r[0] for r in rows], axis=1)
     masks = np.concatenate([r[1] for r in rows], axis=1)
-    return values, _valid(masks) & np.all(np.isfinite(values), axis=0)
+    valid = _valid(masks) & np.all(np.isfinite(values), axis=0)
+    if not valid.any():     # the windows missed the valid part (a small area in a nodata frame)
+        f = int(np.ceil(np.sqrt(h * w / STATS_PIXELS)))
+        shape = (len(bands), -(-h // f), -(-w // f))      # every f-th pixel of the whole scene
+        values = src.read(bands, out_shape=shape)
+        valid = _valid(src.read_masks(bands, out_shape=shape)) & np.all(np.isfinite(values), axis=0)
+    return values, valid
 
 
 def _pad(x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:

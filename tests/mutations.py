@@ -460,6 +460,9 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/imageio.py", "        if colormap is not None:        # the values are indices",
              "        if False:        # the values are indices",
              ("tests/test_raster.py::test_a_palette_tiff_pair_is_read_in_its_colours",)),
+    Mutation("raster-stats-windows-only", "a scene whose statistics windows miss its small valid area is refused as all nodata",
+             "dsrdmpd/raster.py", "    if not valid.any():     # the windows missed", "    if False:     # the windows missed",
+             ("tests/test_raster.py::test_a_small_valid_area_between_the_statistics_windows_is_found",)),
 ]
 
 

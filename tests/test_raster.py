@@ -470,3 +470,21 @@ def test_a_palette_tiff_pair_is_read_in_its_colours(tmp_path, bits):
     want = colormap[:, index] / 65535
     assert image.bit_depth == bits and "palette" in image.conversion
     np.testing.assert_allclose(image.tensor.numpy(), want, atol=1e-6)
+
+
+def test_a_small_valid_area_between_the_statistics_windows_is_found(tmp_path, monkeypatch):
+    """A large frame that is nodata but for a small area that none of the spread windows
+    touches (a clipped area of interest): the statistics come from a decimated read of the
+    whole scene instead of refusing the file as all nodata."""
+    import dsrdmpd.raster as raster
+    monkeypatch.setattr(raster, "STATS_PIXELS", 100_000)       # 700 x 900 counts as large here
+    monkeypatch.setattr(raster, "STATS_WINDOWS", 2)            # two windows a side: the corners
+    data = np.zeros((3, 700, 900), np.uint16)
+    data[:, 300:400, 400:500] = np.arange(10000, dtype=np.uint16).reshape(100, 100) + 1
+    src = write_raster(tmp_path / "aoi.tif", data, nodata=0)
+    with rasterio.open(src) as s:
+        values, valid = raster._statistics(s, [1, 2, 3])
+    assert valid.sum() > 0.5 * 10000 / (900 * 700) * valid.size             # about the area's share of the read
+    assert values.shape[1] * values.shape[2] <= 100_000 and set(np.unique(values[:, valid])) <= set(range(1, 10001))
+    scale = resolve_scale(ScaleSpec("auto"), np.uint16, values, valid)
+    assert scale.lo[0] < 300 and scale.hi[0] > 9700                       # the area's own range
