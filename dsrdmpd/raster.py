@@ -347,16 +347,19 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
                     # nodata, masked pixels keep theirs, and a pixel that is nodata in one band only
                     # keeps its other bands' valid values
                     out[:, ~valid] = values[:, ~valid]
-                    # every band of the window in one write: band by band, a pixel-interleaved block
-                    # leaves GDAL's cache half written when the row band is larger than the cache, and
-                    # is compressed and appended again for each band (a file many times its size)
-                    block = np.empty((len(out_bands), n, w), dtype)
-                    for k, b in enumerate(sorted(rgb)):
-                        block[out_bands.index(b)] = out[order[k]]
-                    if options.keep_other_bands and others:
-                        for b in others:
-                            block[out_bands.index(b)] = src.read(b, window=win)
-                    dst.write(block, window=win)
+                    # every band of an output block in one write: band by band, a pixel-interleaved
+                    # block leaves GDAL's cache half written when the row band is larger than the
+                    # cache, and is compressed and appended again for each band (a file many times
+                    # its size); one column of blocks at a time holds all bands of one block only
+                    for x0 in range(0, w, OUTPUT_BLOCK):
+                        cols = Window(x0, y0, min(OUTPUT_BLOCK, w - x0), n)
+                        block = np.empty((len(out_bands), n, cols.width), dtype)
+                        for k, b in enumerate(sorted(rgb)):
+                            block[out_bands.index(b)] = out[order[k], :, x0:x0 + cols.width]
+                        if options.keep_other_bands and others:
+                            for b, values_b in zip(others, src.read(others, window=cols)):
+                                block[out_bands.index(b)] = values_b
+                        dst.write(block, window=cols)
                     if write_mask:
                         dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
 
