@@ -58,7 +58,6 @@ DEFAULT_TILE = 512
 OUTPUT_BLOCK = 256          # output GeoTIFF tile side; rows are written in whole blocks
 STATS_PIXELS = 1 << 22      # scenes up to ~4 Mpx: statistics from every pixel
 STATS_WINDOWS = 8           # larger ones: 8 x 8 windows of 256 x 256 (4 Mpx) spread over the scene
-GDAL_CACHE_MB = 256         # GDAL's block cache while reading and writing a raster
 DEFAULT_MAX_RASTER_PIXELS = 4_000_000_000   # ~63000 x 63000; a 4-band uint16 scene this size is 32 GB
 
 
@@ -266,6 +265,9 @@ def gdal_message(exc: BaseException) -> str:
             parts.append(text)
         exc = exc.__cause__ or exc.__context__
     return "; ".join(parts) or "read failed"
+
+
+GDAL_CACHE_MB = 256     # GDAL's block cache while a raster is read and written
 
 
 def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[RasterOptions], note: str):
