@@ -7,6 +7,7 @@ it is defined once, here.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import List
@@ -64,6 +65,8 @@ def parse_scale(text: str) -> ScaleSpec:
     m = re.fullmatch(rf"({_NUM}),({_NUM})", t)
     if m:
         a, b = float(m.group(1)), float(m.group(2))
+        if not math.isfinite(b - a):        # 1e400 reads as infinity: every value would map to 0
+            raise ValueError(f"--scale {text}: LO, HI and HI - LO must be finite numbers")
         if not a < b:
             raise ValueError(f"--scale {text}: LO must be below HI")
         return ScaleSpec("range", a, b)

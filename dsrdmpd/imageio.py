@@ -40,6 +40,13 @@ class LoadedImage:
     conversion: str = ""     # what was done to make it RGB, if anything
 
 
+def _expand_palette(indices: np.ndarray, colormap: np.ndarray) -> np.ndarray:
+    """(H, W) indices, (3, N) uint16 TIFF colour map -> (H, W, 3) RGB: 8-bit when every entry
+    is an 8-bit value scaled by 257 (how 8-bit palettes are stored), else 16-bit."""
+    rgb = np.moveaxis(colormap[:, indices], 0, -1)
+    return (rgb // 257).astype(np.uint8) if not (colormap % 257).any() else rgb.astype(np.uint16)
+
+
 def _to_rgb_array(arr: np.ndarray, path: Path) -> tuple:
     note = ""
     if arr.ndim == 2:
@@ -142,9 +149,13 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
     if path.suffix.lower() in TIFF_EXTENSIONS:
         try:
             import tifffile
-            arr = tifffile.imread(str(path))
+            with tifffile.TiffFile(str(path)) as tif:
+                arr, page = tif.asarray(), tif.pages[0]
+                colormap = page.colormap if page.photometric == tifffile.PHOTOMETRIC.PALETTE else None
         except Exception as exc:
             raise ImageReadError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
+        if colormap is not None:        # the values are indices into the colour map, not grey levels
+            arr, palette = _expand_palette(arr, colormap), True
     elif path.suffix.lower() == ".png" and _png_bit_depth(path) == 16:
         arr = _read_png16(path)
     else:

@@ -8,16 +8,20 @@
   red / green / blue (a 4-band RGB + alpha file -> 1,2,3, the alpha band acting as a
   mask); anything else is refused with the band count and descriptions.
 * Radiometry: :mod:`dsrdmpd.radiometry` (``--scale``), statistics from the valid pixels
-  (of 64 windows of 256 x 256 spread over scenes above 4 Mpx); written back in the
-  input's units and data type, exactly inverted.
+  (of 64 windows of 256 x 256 spread over scenes above 4 Mpx, or of a decimated read
+  when the windows miss every valid pixel); written back in the input's units and data
+  type, exactly inverted.
 * Nodata and masks: GDAL's per-band masks (nodata, alpha, internal masks) mark invalid
   pixels; they are left out of the statistics, filled with the band's median for the
-  networks, and written back as nodata (or as the output's mask when the input has no
-  nodata value). Tiles with no valid pixel are not run at all.
-* Output: the same size, CRS, transform, nodata, data type, band order, descriptions,
-  colour interpretation, scales / offsets / units and tags, plus the mapping used
+  networks, and written back with their input values (nodata stays nodata; a pixel that is
+  nodata in one band only keeps its other bands' values, not dehazed; the output's mask
+  when the input has no nodata value). Tiles with no valid pixel are not run at all.
+* Output: the same size, CRS, transform (or ground control points, or RPCs), nodata, data
+  type, band order, descriptions, colour interpretation, scales / offsets / units and tags
+  (every KEY=VALUE metadata domain but the structural ones), plus the mapping used
   (``DSRDMPD_SCALE`` tags); tiled 256 x 256, DEFLATE with a predictor, BigTIFF when
-  needed; ``cog=True`` writes a Cloud-Optimized GeoTIFF. Bands not dehazed are dropped,
+  needed; ``cog=True`` writes a Cloud-Optimized GeoTIFF (GDAL's COG driver keeps the
+  default metadata domain only). Bands not dehazed are dropped,
   or copied unchanged with ``keep_other_bands``. The file appears only when complete
   (written through :func:`dsrdmpd.atomicfile.atomic_path`: synced, the umask's mode).
   An output that is not finite is refused (nothing written).
@@ -116,7 +120,8 @@ def choose_bands(src, bands: Optional[Sequence[int]], name: str) -> Tuple[List[i
     by_desc = []
     for word in ("red", "green", "blue"):
         hits = [i + 1 for i, d in enumerate(descs) if word in d.replace("_", " ").split() or d == word]
-        by_desc.append(hits[0] if len(hits) == 1 else None)
+        exact = [i + 1 for i, d in enumerate(descs) if d == word]     # 'blue' beside 'coastal_blue'
+        by_desc.append(exact[0] if len(exact) == 1 else hits[0] if len(hits) == 1 else None)
     if None not in by_desc and len(set(by_desc)) == 3:
         return by_desc, alpha
     raise RasterError(f"{name}: {src.count} band(s) and no way to tell which are red, green and blue "
@@ -133,7 +138,8 @@ def _statistics(src, bands: List[int]) -> Tuple[np.ndarray, np.ndarray]:
     """Values (C, h, w) and validity (h, w) to take statistics from: the whole scene when it
     has at most STATS_PIXELS pixels, else a mosaic of STATS_WINDOWS x STATS_WINDOWS windows
     of 256 x 256 spread evenly over it (aligned to the file's blocks; GDAL's decimated reads
-    of a compressed file without overviews are far slower than reading whole blocks)."""
+    of a compressed file without overviews are far slower than reading whole blocks), or,
+    when no window holds a valid pixel, a decimated read of the whole scene."""
     from rasterio.windows import Window
     h, w = src.height, src.width
     if h * w <= STATS_PIXELS:
@@ -151,7 +157,13 @@ def _statistics(src, bands: List[int]) -> Tuple[np.ndarray, np.ndarray]:
         rows.append((np.concatenate([t[0] for t in tiles], axis=2), np.concatenate([t[1] for t in tiles], axis=2)))
     values = np.concatenate([r[0] for r in rows], axis=1)
     masks = np.concatenate([r[1] for r in rows], axis=1)
-    return values, _valid(masks) & np.all(np.isfinite(values), axis=0)
+    valid = _valid(masks) & np.all(np.isfinite(values), axis=0)
+    if not valid.any():     # the windows missed the valid part (a small area in a nodata frame)
+        f = int(np.ceil(np.sqrt(h * w / STATS_PIXELS)))
+        shape = (len(bands), -(-h // f), -(-w // f))      # every f-th pixel of the whole scene
+        values = src.read(bands, out_shape=shape)
+        valid = _valid(src.read_masks(bands, out_shape=shape)) & np.all(np.isfinite(values), axis=0)
+    return values, valid
 
 
 def _pad(x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:
@@ -168,13 +180,31 @@ def _output_profile(src, count: int) -> Dict:
     return profile
 
 
+# metadata domains GDAL derives from the file's structure or that are copied otherwise (RPCs)
+STRUCTURAL_DOMAINS = ("IMAGE_STRUCTURE", "DERIVED_SUBDATASETS", "SUBDATASETS", "RPC", "GEOLOCATION")
+
+
+def _copy_tags(src, dst, band: int = 0, out_band: int = 0) -> None:
+    """Copy the tags of ``band`` (0: the dataset) to ``out_band``: the default domain and every
+    other KEY=VALUE domain (e.g. IMAGERY's acquisition date and cloud cover), not the
+    structural ones nor XML documents."""
+    dst.update_tags(out_band, **src.tags(band))
+    for ns in src.tag_namespaces(band):
+        if ns not in STRUCTURAL_DOMAINS and not ns.startswith("xml:"):
+            dst.update_tags(out_band, ns=ns, **src.tags(band, ns=ns))
+
+
 def _copy_metadata(src, dst, out_bands: List[int], scale: BandScale, dehazed: List[int], note: str) -> None:
-    dst.update_tags(**src.tags())
+    if src.gcps[0]:                     # georeferenced by ground control points (an unrectified scene)
+        dst.gcps = src.gcps
+    if src.rpcs is not None:            # or by rational polynomial coefficients (a sensor model)
+        dst.rpcs = src.rpcs
+    _copy_tags(src, dst)
     dst.update_tags(DSRDMPD=note, DSRDMPD_SCALE=scale.describe(dehazed))
     for k, b in enumerate(out_bands, start=1):
         if src.descriptions[b - 1]:
             dst.set_band_description(k, src.descriptions[b - 1])
-        dst.update_tags(k, **src.tags(b))
+        _copy_tags(src, dst, b, k)
         if b in dehazed:
             j = dehazed.index(b)
             dst.update_tags(k, DSRDMPD_SCALE_MIN=f"{scale.lo[j]:.17g}", DSRDMPD_SCALE_MAX=f"{scale.hi[j]:.17g}")
@@ -226,6 +256,9 @@ def gdal_message(exc: BaseException) -> str:
     return "; ".join(parts) or "read failed"
 
 
+GDAL_CACHE_MB = 256     # GDAL's block cache while a raster is read and written
+
+
 def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[RasterOptions], note: str):
     import rasterio
     from rasterio.enums import MaskFlags
@@ -238,7 +271,7 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
         src = rasterio.open(src_path)
     except RasterioIOError as exc:
         raise RasterError(f"{name}: cannot be read as a raster ({' '.join(str(exc).split())})") from None
-    with src, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=256):
+    with src, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=GDAL_CACHE_MB):
         if options.max_pixels is not None and src.width * src.height > options.max_pixels:
             raise RasterError(f"{name}: {src.width} x {src.height} pixels ({src.width * src.height / 1e6:.0f} Mpx) "
                               f"is above the raster size limit of {options.max_pixels / 1e6:g} Mpx "
@@ -301,14 +334,23 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
                     out = scale.from_unit(restored.clamp(0, 1), values, dtype)
                     if src.nodata is not None:
                         out = _avoid_nodata(out, valid, src.nodata)
-                        out[:, ~valid] = dtype.type(src.nodata)
-                    else:
-                        out[:, ~valid] = values[:, ~valid]      # masked pixels keep their values
-                    for k, b in enumerate(sorted(rgb)):
-                        dst.write(out[order[k]], out_bands.index(b) + 1, window=win)
-                    if options.keep_other_bands and others:
-                        for b in others:
-                            dst.write(src.read(b, window=win), out_bands.index(b) + 1, window=win)
+                    # pixels the networks did not see keep their values in every band: nodata stays
+                    # nodata, masked pixels keep theirs, and a pixel that is nodata in one band only
+                    # keeps its other bands' valid values
+                    out[:, ~valid] = values[:, ~valid]
+                    # every band of an output block in one write: band by band, a pixel-interleaved
+                    # block leaves GDAL's cache half written when the row band is larger than the
+                    # cache, and is compressed and appended again for each band (a file many times
+                    # its size); one column of blocks at a time holds all bands of one block only
+                    for x0 in range(0, w, OUTPUT_BLOCK):
+                        cols = Window(x0, y0, min(OUTPUT_BLOCK, w - x0), n)
+                        block = np.empty((len(out_bands), n, cols.width), dtype)
+                        for k, b in enumerate(sorted(rgb)):
+                            block[out_bands.index(b)] = out[order[k], :, x0:x0 + cols.width]
+                        if options.keep_other_bands and others:
+                            for b, values_b in zip(others, src.read(others, window=cols)):
+                                block[out_bands.index(b)] = values_b
+                        dst.write(block, window=cols)
                     if write_mask:
                         dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
 

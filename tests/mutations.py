@@ -142,7 +142,7 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/radiometry.py", "out = lo + unit.numpy().astype(ft) * (hi - lo) + excess",
              "out = lo + unit.numpy().astype(ft) * (hi - lo)", ("tests/test_raster.py",)),
     Mutation("raster-nodata-ignored", "nodata pixels written with the networks' values",
-             "dsrdmpd/raster.py", "out[:, ~valid] = dtype.type(src.nodata)", "pass", ("tests/test_raster.py",)),
+             "dsrdmpd/raster.py", "out[:, ~valid] = values[:, ~valid]", "pass", ("tests/test_raster.py",)),
     Mutation("raster-noise-whole-scene", "streamed tiles draw their own noise instead of the scene's field",
              "dsrdmpd/raster.py", "ns = torch.cat([dehazer.tile_noise(plan, *chunk[j]) for j in run])",
              "ns = torch.cat([dehazer.tile_noise(plan, 0, 0) for j in run])", ("tests/test_raster.py",)),
@@ -150,8 +150,8 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/raster.py", "    profile = src.profile.copy()\n",
              "    profile = src.profile.copy()\n    profile.pop('transform', None)\n", ("tests/test_raster.py",)),
     Mutation("raster-bands-in-request-order", "dehazed bands written in --bands order instead of the file's",
-             "dsrdmpd/raster.py", "dst.write(out[order[k]], out_bands.index(b) + 1, window=win)",
-             "dst.write(out[k], out_bands.index(b) + 1, window=win)", ("tests/test_raster.py",)),
+             "dsrdmpd/raster.py", "block[out_bands.index(b)] = out[order[k], :, x0:x0 + cols.width]",
+             "block[out_bands.index(b)] = out[k, :, x0:x0 + cols.width]", ("tests/test_raster.py",)),
     Mutation("tf32-left-on", "precision fp32 leaves TensorFloat-32 on for GPU runs",
              "dsrdmpd/inference.py", "= self.precision == \"tf32\"", "= True",
              ("tests/test_speed_options.py::test_tensorfloat32_flags_for_a_cuda_dehazer",)),
@@ -443,6 +443,46 @@ MUTATIONS: List[Mutation] = [
     Mutation("run-stop-reported-as-crash", "a run that stops itself (full disk) is reported as a crash",
              "dsrdmpd/cli/errors.py", 'RUN_ENDED = (("dsrdmpd.evaluation", "RunStopped"),)', "RUN_ENDED = ()",
              ("tests/test_batch_survival.py::test_a_full_disk_ends_the_run_with_one_line",)),
+    # raster audit: GeoTIFFs of any band layout (nodata per band, georeferencing by GCPs / RPCs)
+    Mutation("raster-nodata-any-band", "a pixel that is nodata in one band is written as nodata in every band",
+             "dsrdmpd/raster.py", "                    out[:, ~valid] = values[:, ~valid]\n",
+             "                    out[:, ~valid] = values[:, ~valid]\n                    if src.nodata is not None:\n"
+             "                        out[:, ~valid] = dtype.type(src.nodata)\n",
+             ("tests/test_raster.py::test_nodata_in_one_band_keeps_the_other_bands_values",)),
+    Mutation("raster-gcps-dropped", "an input's ground control points are not written to the output",
+             "dsrdmpd/raster.py", "        dst.gcps = src.gcps", "        pass",
+             ("tests/test_raster.py::test_ground_control_points_and_rpcs_are_kept",)),
+    Mutation("raster-rpcs-dropped", "an input's RPCs are not written to the output",
+             "dsrdmpd/raster.py", "        dst.rpcs = src.rpcs", "        pass",
+             ("tests/test_raster.py::test_ground_control_points_and_rpcs_are_kept",)),
+    Mutation("raster-default-domain-only", "tags of metadata domains other than the default one are dropped",
+             "dsrdmpd/raster.py", "        if ns not in STRUCTURAL_DOMAINS and not ns.startswith(\"xml:\"):",
+             "        if False:", ("tests/test_raster.py::test_tags_of_every_metadata_domain_are_kept",)),
+    Mutation("raster-written-band-by-band", "output rows written one band at a time (blocks recompressed per band)",
+             "dsrdmpd/raster.py",
+             "                    for x0 in range(0, w, OUTPUT_BLOCK):\n"
+             "                        cols = Window(x0, y0, min(OUTPUT_BLOCK, w - x0), n)\n",
+             "                    for k, b in enumerate(sorted(rgb)):\n"
+             "                        dst.write(out[order[k]], out_bands.index(b) + 1, window=win)\n"
+             "                    for b in (others if options.keep_other_bands else []):\n"
+             "                        dst.write(src.read(b, window=win), out_bands.index(b) + 1, window=win)\n"
+             "                    for x0 in []:\n"
+             "                        cols = Window(x0, y0, min(OUTPUT_BLOCK, w - x0), n)\n",
+             ("tests/test_raster.py::test_many_kept_bands_do_not_bloat_the_output",)),
+    Mutation("raster-exact-band-name-ignored", "a band described exactly 'blue' does not win over 'coastal_blue'",
+             "dsrdmpd/raster.py", "by_desc.append(exact[0] if len(exact) == 1 else hits[0] if len(hits) == 1 else None)",
+             "by_desc.append(hits[0] if len(hits) == 1 else None)",
+             ("tests/test_raster.py::test_bands_named_exactly_red_green_blue_win_over_longer_names",)),
+    Mutation("scale-infinite-range", "--scale 0,1e400 (an infinite HI) is accepted and maps every value to 0",
+             "dsrdmpd/choices.py", "        if not math.isfinite(b - a):", "        if False:",
+             ("tests/test_raster.py::test_scale_specs_parse_and_refuse",)),
+    Mutation("tiff-palette-as-grey", "a palette TIFF read through imageio gives its indices as grey levels",
+             "dsrdmpd/imageio.py", "        if colormap is not None:        # the values are indices",
+             "        if False:        # the values are indices",
+             ("tests/test_raster.py::test_a_palette_tiff_pair_is_read_in_its_colours",)),
+    Mutation("raster-stats-windows-only", "a scene whose statistics windows miss its small valid area is refused as all nodata",
+             "dsrdmpd/raster.py", "    if not valid.any():     # the windows missed", "    if False:     # the windows missed",
+             ("tests/test_raster.py::test_a_small_valid_area_between_the_statistics_windows_is_found",)),
 ]
 
 

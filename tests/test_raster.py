@@ -71,6 +71,9 @@ def test_scale_specs_parse_and_refuse():
     for bad in ("4095,0", "p50,p10", "p0,p101", "linear", "0;1"):
         with pytest.raises(ValueError, match="--scale"):
             parse_scale(bad)
+    for infinite in ("0,1e400", "-1e308,1e308", "1e400,1e401"):     # would map every value to 0
+        with pytest.raises(ValueError, match="must be finite"):
+            parse_scale(infinite)
     assert parse_bands("4, 3,2") == [4, 3, 2]
     for bad in ("3,2", "1,1,2", "0,1,2", "r,g,b"):
         with pytest.raises(ValueError, match="--bands"):
@@ -354,3 +357,134 @@ def test_a_non_finite_raster_output_is_refused(tmp_path):
         dehaze_raster(Dehazer(PassThroughStage1(), NanStage2()), src, tmp_path / "out" / "s.tif",
                       RasterOptions(progress=False))
     assert not list((tmp_path / "out").glob("*"))
+
+
+@pytest.mark.parametrize("dtype,nodata", [("uint16", 0), ("float32", np.nan)])
+def test_nodata_in_one_band_keeps_the_other_bands_values(passthrough, tmp_path, dtype, nodata):
+    """A pixel that is nodata in one band only (a dark-water 0 in the NIR-free green band, a
+    NaN in red) is left out of the networks' input; its other bands keep their valid values
+    instead of becoming nodata, and the nodata band stays nodata."""
+    data = twelve_bit_bgrn(seed=6, h=70, w=90)[:3].astype(dtype)
+    data[1, 20:25, 30:40] = nodata
+    data[0, 50:52, 5:9] = nodata
+    src = write_raster(tmp_path / "in.tif", data, nodata=nodata)
+    dehaze_raster(passthrough, src, tmp_path / "out.tif", RasterOptions(progress=False))
+    with rasterio.open(tmp_path / "out.tif") as o:
+        out, mask = o.read(), o.read_masks()
+    assert np.array_equal(np.isnan(out), np.isnan(data)) and np.isnan(out).sum() == (0 if dtype == "uint16" else 58)
+    np.testing.assert_allclose(out, data, rtol=1e-6, atol=0)     # identity networks (float32 rounding); NaN == NaN
+    with rasterio.open(src) as s:
+        assert np.array_equal(mask, s.read_masks())
+
+
+@pytest.mark.parametrize("georeference", ["gcps", "rpcs"])
+def test_ground_control_points_and_rpcs_are_kept(passthrough, tmp_path, georeference):
+    """Scenes not yet rectified carry their georeferencing as GCPs or RPCs instead of a
+    transform; the output keeps them (a plain TIFF out would have lost the location)."""
+    from rasterio.control import GroundControlPoint
+    from rasterio.rpc import RPC
+    src = write_raster(tmp_path / "in.tif", np.full((3, 40, 50), 9, np.uint8), crs=None)
+    gcps = [GroundControlPoint(r, c, 500000 + 10 * c + r, 4000000 - 10 * r + c) for r, c in
+            [(0, 0), (0, 50), (40, 0), (40, 50)]]
+    rpc = RPC(height_off=100, height_scale=500, lat_off=40, lat_scale=0.1, line_den_coeff=[1] + [0] * 19,
+              line_num_coeff=[0, 1] + [0] * 18, line_off=20, line_scale=20, long_off=15, long_scale=0.1,
+              samp_den_coeff=[1] + [0] * 19, samp_num_coeff=[0, 0, 1] + [0] * 17, samp_off=25, samp_scale=25)
+    with rasterio.open(src, "r+") as dst:
+        if georeference == "gcps":
+            dst.gcps = (gcps, rasterio.crs.CRS.from_epsg(32633))
+        else:
+            dst.rpcs = rpc
+    with rasterio.open(src) as s:
+        assert (s.rpcs is not None) == (georeference == "rpcs")
+        rpcs = s.rpcs.to_dict() if s.rpcs else None
+    dehaze_raster(passthrough, src, tmp_path / "out.tif", RasterOptions(progress=False))
+    with rasterio.open(tmp_path / "out.tif") as o:
+        if georeference == "gcps":
+            assert [(g.row, g.col, g.x, g.y) for g in o.gcps[0]] == [(g.row, g.col, g.x, g.y) for g in gcps]
+            assert o.gcps[1] == UTM
+        else:
+            assert o.rpcs is not None and o.rpcs.to_dict() == rpcs
+
+
+def test_tags_of_every_metadata_domain_are_kept(passthrough, tmp_path):
+    """GDAL's IMAGERY domain (acquisition time, cloud cover) and a product's own domains, on
+    the dataset and on a band, come through like the default domain's tags."""
+    src = write_raster(tmp_path / "in.tif", np.full((4, 40, 50), 9, np.uint16),
+                       descriptions=("Blue", "Green", "Red", "NIR"), tags={"ACQUISITION": "2026-06-01"})
+    with rasterio.open(src, "r+") as dst:
+        dst.update_tags(ns="IMAGERY", CLOUDCOVER="12", ACQUISITIONDATETIME="2026-06-01T10:00:00Z")
+        dst.update_tags(4, ns="L2A", QUANTIFICATION="10000")
+    dehaze_raster(passthrough, src, tmp_path / "out.tif", RasterOptions(keep_other_bands=True, progress=False))
+    with rasterio.open(tmp_path / "out.tif") as o:
+        assert o.tags(ns="IMAGERY") == {"CLOUDCOVER": "12", "ACQUISITIONDATETIME": "2026-06-01T10:00:00Z"}
+        assert o.tags(4, ns="L2A") == {"QUANTIFICATION": "10000"}
+        assert o.tags()["ACQUISITION"] == "2026-06-01" and o.tags(1)["WAVELENGTH"] == "490"
+        assert o.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "DEFLATE"      # the output's own structure
+
+
+def test_many_kept_bands_do_not_bloat_the_output(passthrough, tmp_path, monkeypatch):
+    """A row band larger than GDAL's block cache (a wide 13-band scene; here a 1 MB cache):
+    the bands of a window are written together, so each output block is compressed once and
+    the file is about the size of the same pixels written in one go (band by band, every
+    block was written again for each band: several times larger)."""
+    import dsrdmpd.raster as raster
+    monkeypatch.setattr(raster, "GDAL_CACHE_MB", 1)
+    yy, xx = np.mgrid[0:300, 0:1200]
+    data = np.stack([1000 + 10 * k + (yy + xx * (k + 1)) % 700 for k in range(13)]).astype(np.uint16)
+    src = write_raster(tmp_path / "in.tif", data)
+    dehaze_raster(passthrough, src, tmp_path / "out.tif", RasterOptions(bands=[4, 3, 2], keep_other_bands=True,
+                                                                        progress=False))
+    with rasterio.open(src) as s, rasterio.open(tmp_path / "ref.tif", "w", **raster._output_profile(s, 13)) as ref:
+        ref.write(data)
+    with rasterio.open(tmp_path / "out.tif") as o:
+        assert np.array_equal(o.read(), data)
+    assert (tmp_path / "out.tif").stat().st_size < 1.5 * (tmp_path / "ref.tif").stat().st_size
+
+
+def test_bands_named_exactly_red_green_blue_win_over_longer_names(tmp_path):
+    """PlanetScope 8-band descriptions: 'blue' beside 'coastal_blue', 'green' beside
+    'green_i'; the exact names decide. Two longer names alone stay ambiguous."""
+    planet = ("coastal_blue", "blue", "green_i", "green", "yellow", "red", "rededge", "nir")
+    path = write_raster(tmp_path / "planet.tif", np.ones((8, 40, 50), np.uint16), descriptions=planet)
+    with rasterio.open(path) as src:
+        assert choose_bands(src, None, "planet.tif") == ([6, 4, 2], None)
+    two_blues = write_raster(tmp_path / "two.tif", np.ones((4, 40, 50), np.uint16),
+                             descriptions=("Red", "Green", "Coastal Blue", "Deep Blue"))
+    with rasterio.open(two_blues) as src:
+        with pytest.raises(RasterError, match="no way to tell"):
+            choose_bands(src, None, "two.tif")
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_a_palette_tiff_pair_is_read_in_its_colours(tmp_path, bits):
+    """scripts/test.py reads TIFF pairs as plain images: a palette TIFF's values are indices
+    into its colour map (read as grey levels before: 0, 1, 2, 3 / 255)."""
+    import tifffile
+    from dsrdmpd.imageio import read_image
+    index = (np.arange(40 * 50).reshape(40, 50) % 4).astype(np.uint8)
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 128], [10, 20, 255]])
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[:, :4] = colours.T * 257 + (1 if bits == 16 else 0)      # 16-bit entries: not 257 x an 8-bit value
+    tifffile.imwrite(tmp_path / "pal.tif", index, photometric="palette", colormap=colormap)
+    image = read_image(tmp_path / "pal.tif")
+    want = colormap[:, index] / 65535
+    assert image.bit_depth == bits and "palette" in image.conversion
+    np.testing.assert_allclose(image.tensor.numpy(), want, atol=1e-6)
+
+
+def test_a_small_valid_area_between_the_statistics_windows_is_found(tmp_path, monkeypatch):
+    """A large frame that is nodata but for a small area that none of the spread windows
+    touches (a clipped area of interest): the statistics come from a decimated read of the
+    whole scene instead of refusing the file as all nodata."""
+    import dsrdmpd.raster as raster
+    monkeypatch.setattr(raster, "STATS_PIXELS", 100_000)       # 700 x 900 counts as large here
+    monkeypatch.setattr(raster, "STATS_WINDOWS", 2)            # two windows a side: the corners
+    data = np.zeros((3, 700, 900), np.uint16)
+    data[:, 300:400, 400:500] = np.arange(10000, dtype=np.uint16).reshape(100, 100) + 1
+    src = write_raster(tmp_path / "aoi.tif", data, nodata=0)
+    with rasterio.open(src) as s:
+        values, valid = raster._statistics(s, [1, 2, 3])
+    assert valid.sum() > 0.5 * 10000 / (900 * 700) * valid.size             # about the area's share of the read
+    assert values.shape[1] * values.shape[2] <= 100_000 and set(np.unique(values[:, valid])) <= set(range(1, 10001))
+    scale = resolve_scale(ScaleSpec("auto"), np.uint16, values, valid)
+    assert scale.lo[0] < 300 and scale.hi[0] > 9700                       # the area's own range
