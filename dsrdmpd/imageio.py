@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .atomicfile import write_atomic, write_text_atomic  # noqa: F401  (re-exported)
-from .choices import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, TIFF_EXTENSIONS  # noqa: F401  (re-exported)
+from .choices import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, TIFF_EXTENSIONS, is_image_file  # noqa: F401  (re-exported)
 
 
 
@@ -214,4 +214,4 @@ def list_images(folder: Union[str, Path]) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir() if is_image_file(p))

@@ -483,6 +483,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("raster-stats-windows-only", "a scene whose statistics windows miss its small valid area is refused as all nodata",
              "dsrdmpd/raster.py", "    if not valid.any():     # the windows missed", "    if False:     # the windows missed",
              ("tests/test_raster.py::test_a_small_valid_area_between_the_statistics_windows_is_found",)),
+    # image audit: ordinary images (PNG / JPEG / BMP / plain TIFF) as users meet them
+    Mutation("appledouble-as-image", "macOS '._photo.jpg' metadata files are picked up as images (pairing stops the run)",
+             "dsrdmpd/choices.py", "                return f.read(4) != APPLEDOUBLE_MAGIC", "                return True",
+             ("tests/test_data.py::test_macos_appledouble_files_are_not_images",)),
 ]
 
 

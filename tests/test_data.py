@@ -64,6 +64,21 @@ def test_unmatched_files_are_named(tmp_path):
     assert "ground truth without hazy: 4.png" in str(err.value)
 
 
+def test_macos_appledouble_files_are_not_images(tmp_path):
+    """'._1.png' beside '1.png' (what macOS leaves on shared drives) is metadata: folder runs
+    and pairing skip it, while a real image whose name starts with '._' is kept."""
+    from dsrdmpd.imageio import list_images
+    for side in ("hazy", "GT"):
+        for n in ("1", "2"):
+            _png(tmp_path / side / f"{n}.png", _rgb())
+    (tmp_path / "GT" / "._1.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60))
+    (tmp_path / "hazy" / "._2.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    assert [p.key for p in find_pairs(tmp_path / "hazy", tmp_path / "GT")] == ["1", "2"]
+    assert [p.name for p in list_images(tmp_path / "hazy")] == ["1.png", "2.png"]
+    _png(tmp_path / "hazy" / "._3.png", _rgb())
+    assert [p.name for p in list_images(tmp_path / "hazy")] == ["._3.png", "1.png", "2.png"]
+
+
 def test_duplicate_keys_and_rule_mismatch(tmp_path):
     _png(tmp_path / "hazy" / "1.png", _rgb())
     _png(tmp_path / "hazy" / "1.jpg", _rgb())
