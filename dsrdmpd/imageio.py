@@ -2,7 +2,8 @@
 
 Images are returned as float32 tensors (3, H, W) in [0, 1]. Accepted: PNG, JPEG, TIFF,
 BMP; 8-bit or 16-bit; RGB, grayscale (replicated to 3 channels), RGBA / LA (alpha
-dropped), palette (converted to RGB). Every conversion is documented here and every
+dropped), palette (converted to RGB). A JPEG / PNG with an EXIF orientation is turned the
+way viewers show it (rotated phone and drone frames), so results and scores are upright. Every conversion is documented here and every
 failure names the file. 16-bit PNGs are read and written with pypng (Pillow reduces
 16-bit colour PNGs to 8 bits and cannot write them). Every write is atomic: a temporary
 file in the same folder, then a rename, so a killed run never leaves half an image.
@@ -94,6 +95,29 @@ def _read_png16(path: Path) -> np.ndarray:
     return arr.reshape(height, width, planes) if planes > 1 else arr.reshape(height, width)
 
 
+# EXIF orientation (tag 274) -> how the stored (H, W, C) pixels turn into what viewers show
+_ORIENTATIONS = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _exif_orientation(path: Path) -> int:
+    """The EXIF orientation of a JPEG / PNG (1, as stored, when it has none or is unreadable),
+    from the EXIF block the header holds (nothing decoded)."""
+    try:
+        with _pillow_limit_off(), Image.open(path) as im:
+            block = im.info.get("exif")
+            exif = Image.Exif()
+            if block:
+                exif.load(block)
+            value = exif.get(0x0112, 1)
+    except Exception:          # no EXIF to speak of: reading the pixels reports any real problem
+        return 1
+    return value if value in _ORIENTATIONS else 1
+
+
 @contextlib.contextmanager
 def _pillow_limit_off():
     """Pillow's decompression-bomb check off (our own pixel limit was checked from the header)."""
@@ -175,6 +199,10 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageReadError(f"{path}: cannot decode image (truncated or corrupt?): {exc}") from None
     arr, note = _to_rgb_array(arr, path)
+    orientation = 1 if path.suffix.lower() in TIFF_EXTENSIONS else _exif_orientation(path)
+    if orientation != 1:        # as viewers show it (phones and drones store frames unrotated)
+        arr = _ORIENTATIONS[orientation](arr)
+        note = f"turned upright (EXIF orientation {orientation})" + (f"; {note}" if note else "")
     if palette:
         note = "palette image expanded to RGB" + (f"; {note}" if note else "")
     unit, depth = _array_to_unit(arr, path)

@@ -487,6 +487,12 @@ MUTATIONS: List[Mutation] = [
     Mutation("appledouble-as-image", "macOS '._photo.jpg' metadata files are picked up as images (pairing stops the run)",
              "dsrdmpd/choices.py", "                return f.read(4) != APPLEDOUBLE_MAGIC", "                return True",
              ("tests/test_data.py::test_macos_appledouble_files_are_not_images",)),
+    Mutation("exif-orientation-ignored", "a rotated phone / drone JPEG is dehazed and written sideways (EXIF orientation ignored)",
+             "dsrdmpd/imageio.py", "    if orientation != 1:        # as viewers show it", "    if False:        # as viewers show it",
+             ("tests/test_data.py::test_exif_orientation_is_applied_as_viewers_show_it",)),
+    Mutation("exif-orientation-transverse", "EXIF orientation 7 (transverse) is turned the wrong way",
+             "dsrdmpd/imageio.py", "7: lambda a: a[::-1, ::-1].swapaxes(0, 1)", "7: lambda a: np.rot90(a, 1)[::-1]",
+             ("tests/test_data.py::test_exif_orientation_is_applied_as_viewers_show_it",)),
 ]
 
 

@@ -100,6 +100,34 @@ def test_unreadable_and_truncated_images_are_named(tmp_path):
         read_image(good)
 
 
+def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
+    """Phone and drone frames are stored unrotated with an EXIF orientation: each of the 8 is
+    read as Pillow's exif_transpose shows it (8-bit PNG, JPEG), and a 16-bit PNG (read through
+    pypng) is turned alike; an image without the tag is as stored."""
+    from PIL import ImageOps
+    rgb = _rgb(5, 7)
+    for o in range(1, 9):
+        path = tmp_path / f"o{o}.png"
+        Image.fromarray(rgb).save(path, exif=_exif(o))
+        want = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+        got = read_image(path).tensor.permute(1, 2, 0).numpy()
+        assert got.shape == want.shape and np.array_equal((got * 255).round().astype(np.uint8), want), o
+    Image.fromarray(_rgb(40, 56)).save(tmp_path / "frame.jpg", exif=_exif(6))
+    img = read_image(tmp_path / "frame.jpg")
+    assert img.tensor.shape == (3, 56, 40) and "EXIF orientation 6" in img.conversion
+    grey16 = (np.arange(35, dtype=np.uint16).reshape(5, 7) * 1000 + 7)
+    Image.fromarray(grey16).save(tmp_path / "g16.png", exif=_exif(8))
+    img = read_image(tmp_path / "g16.png")
+    assert img.bit_depth == 16
+    assert np.array_equal((img.tensor[0].numpy() * 65535).round(), np.rot90(grey16, 1))
+
+
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
 @pytest.mark.parametrize("kind", ["gray", "rgba", "palette", "gray16"])
 def test_mode_conversions_are_documented(tmp_path, kind):
     rgb = _rgb()
