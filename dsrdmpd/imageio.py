@@ -64,6 +64,8 @@ def _to_rgb_array(arr: np.ndarray, path: Path) -> tuple:
 
 
 def _array_to_unit(arr: np.ndarray, path: Path) -> tuple:
+    if arr.dtype == np.bool_:           # bilevel (1-bit) TIFF: black and white, as 1-bit PNG / BMP
+        return arr.astype(np.float32), 8
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0, 8
     if arr.dtype == np.uint16:
@@ -75,6 +77,27 @@ def _array_to_unit(arr: np.ndarray, path: Path) -> tuple:
             raise ImageReadError(f"{path}: floating-point image with values outside [0, 1]")
         return arr.astype(np.float32), 16
     raise ImageReadError(f"{path}: unsupported pixel type {arr.dtype}")
+
+
+def _tiff_values_as_shown(arr: np.ndarray, photometric: int, compression: int, bits: int, path: Path) -> np.ndarray:
+    """A TIFF's stored values as grey or RGB levels: white-is-zero grey (fax scans,
+    bilevel documents) inverted; colour spaces other than grey, RGB, palette and
+    JPEG-compressed YCbCr (which the decoder turns into RGB) refused: CMYK, CIELab, ..."""
+    import tifffile
+    if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        if arr.dtype == np.bool_:
+            return ~arr
+        if arr.dtype.kind == "u":
+            return ((1 << bits) - 1 - arr).astype(arr.dtype)
+        raise ImageReadError(f"{path}: white-is-zero TIFF of {arr.dtype} values is not supported")
+    shown = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.PALETTE)
+    if photometric in shown or (photometric == tifffile.PHOTOMETRIC.YCBCR and compression == tifffile.COMPRESSION.JPEG):
+        return arr
+    try:
+        name = tifffile.PHOTOMETRIC(photometric).name
+    except ValueError:
+        name = "unknown"
+    raise ImageReadError(f"{path}: {name} TIFF (photometric {photometric}) is not supported; convert it to RGB")
 
 
 def _png_bit_depth(path: Path) -> int:
@@ -176,8 +199,10 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
             with tifffile.TiffFile(str(path)) as tif:
                 arr, page = tif.asarray(), tif.pages[0]
                 colormap = page.colormap if page.photometric == tifffile.PHOTOMETRIC.PALETTE else None
+                colours = (int(page.photometric), int(page.compression), int(page.bitspersample))
         except Exception as exc:
             raise ImageReadError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
+        arr = _tiff_values_as_shown(arr, *colours, path)
         if colormap is not None:        # the values are indices into the colour map, not grey levels
             arr, palette = _expand_palette(arr, colormap), True
     elif path.suffix.lower() == ".png" and _png_bit_depth(path) == 16:

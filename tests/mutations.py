@@ -493,6 +493,12 @@ MUTATIONS: List[Mutation] = [
     Mutation("exif-orientation-transverse", "EXIF orientation 7 (transverse) is turned the wrong way",
              "dsrdmpd/imageio.py", "7: lambda a: a[::-1, ::-1].swapaxes(0, 1)", "7: lambda a: np.rot90(a, 1)[::-1]",
              ("tests/test_data.py::test_exif_orientation_is_applied_as_viewers_show_it",)),
+    Mutation("tiff-miniswhite-not-inverted", "a white-is-zero grey TIFF (scans, fax) is read as a negative",
+             "dsrdmpd/imageio.py", "            return ((1 << bits) - 1 - arr).astype(arr.dtype)", "            return arr",
+             ("tests/test_data.py::test_tiff_photometric_is_read_as_shown",)),
+    Mutation("tiff-cmyk-as-rgba", "a CMYK TIFF is read as RGBA: cyan, magenta, yellow taken as red, green, blue",
+             "dsrdmpd/imageio.py", "    if photometric in shown or (", "    if True or (",
+             ("tests/test_data.py::test_tiff_photometric_is_read_as_shown",)),
 ]
 
 

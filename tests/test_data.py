@@ -164,6 +164,25 @@ def test_dataset_warns_on_conversion_and_rejects_size_mismatch(tmp_path):
         ds[1]
 
 
+def test_tiff_photometric_is_read_as_shown(tmp_path):
+    """White-is-zero grey TIFFs (scans, bilevel documents) are inverted as Pillow shows them,
+    1-bit ones read as black and white; CMYK and CIELab TIFFs are refused by name (their
+    first three samples are not RGB)."""
+    import tifffile
+    grey = _rgb(6, 9)[..., 0]
+    tifffile.imwrite(tmp_path / "white0.tif", grey, photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "bilevel.tif", grey > 100, photometric="miniswhite")
+    for name in ("white0.tif", "bilevel.tif"):
+        shown = np.asarray(Image.open(tmp_path / name).convert("L"), dtype=np.float32) / 255
+        img = read_image(tmp_path / name)
+        assert img.bit_depth == 8
+        np.testing.assert_allclose(img.tensor.numpy(), np.broadcast_to(shown, (3, 6, 9)), atol=1e-6)
+    assert read_image(tmp_path / "white0.tif").tensor[0, 0, 0] == pytest.approx(1 - grey[0, 0] / 255)
+    tifffile.imwrite(tmp_path / "cmyk.tif", _rgb(6, 9, 1).repeat(2, axis=2)[..., :4], photometric="separated")
+    with pytest.raises(ImageReadError, match=r"cmyk.tif: SEPARATED TIFF .*convert it to RGB"):
+        read_image(tmp_path / "cmyk.tif")
+
+
 def test_tiff_16bit_round_trip(tmp_path):
     """Values that 8 bits cannot hold (k / 65535, k not a multiple of 257) survive."""
     levels = torch.arange(3 * 20 * 24, dtype=torch.float32).view(3, 20, 24) * 37 + 11
