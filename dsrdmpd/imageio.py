@@ -200,8 +200,11 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
                 arr, page = tif.asarray(), tif.pages[0]
                 colormap = page.colormap if page.photometric == tifffile.PHOTOMETRIC.PALETTE else None
                 colours = (int(page.photometric), int(page.compression), int(page.bitspersample))
+                stacked = len(tif.series[0].pages) if tif.series else 1
         except Exception as exc:
             raise ImageReadError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
+        if stacked > 1:                 # its pages would be taken as the colour channels
+            raise ImageReadError(f"{path}: a stack of {stacked} pages (shape {arr.shape}); give one image per file")
         arr = _tiff_values_as_shown(arr, *colours, path)
         if colormap is not None:        # the values are indices into the colour map, not grey levels
             arr, palette = _expand_palette(arr, colormap), True

@@ -499,6 +499,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("tiff-cmyk-as-rgba", "a CMYK TIFF is read as RGBA: cyan, magenta, yellow taken as red, green, blue",
              "dsrdmpd/imageio.py", "    if photometric in shown or (", "    if True or (",
              ("tests/test_data.py::test_tiff_photometric_is_read_as_shown",)),
+    Mutation("tiff-stack-as-rgb", "a TIFF stack of three grey pages is read as one RGB image",
+             "dsrdmpd/imageio.py", "        if stacked > 1:                 # its pages", "        if False:                 # its pages",
+             ("tests/test_data.py::test_a_tiff_stack_of_grey_pages_is_not_read_as_rgb",)),
 ]
 
 

@@ -183,6 +183,19 @@ def test_tiff_photometric_is_read_as_shown(tmp_path):
         read_image(tmp_path / "cmyk.tif")
 
 
+def test_a_tiff_stack_of_grey_pages_is_not_read_as_rgb(tmp_path):
+    """Three grey pages stored as one stack would be three colour channels: refused, naming
+    the pages; a planar RGB page (one page, three samples) is still RGB."""
+    import tifffile
+    rgb = _rgb(6, 9)
+    tifffile.imwrite(tmp_path / "stack.tif", np.moveaxis(rgb, 2, 0), photometric="minisblack")
+    with pytest.raises(ImageReadError, match=r"stack.tif: a stack of 3 pages"):
+        read_image(tmp_path / "stack.tif")
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, 2, 0), photometric="rgb", planarconfig="separate")
+    np.testing.assert_allclose(read_image(tmp_path / "planar.tif").tensor.numpy(),
+                               np.moveaxis(rgb, 2, 0) / 255, atol=1e-6)
+
+
 def test_tiff_16bit_round_trip(tmp_path):
     """Values that 8 bits cannot hold (k / 65535, k not a multiple of 257) survive."""
     levels = torch.arange(3 * 20 * 24, dtype=torch.float32).view(3, 20, 24) * 37 + 11
