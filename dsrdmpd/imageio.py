@@ -110,7 +110,8 @@ def _png_bit_depth(path: Path) -> int:
 def _read_png16(path: Path) -> np.ndarray:
     import png
     try:
-        width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+        # read(), not asDirect(): the stored values (asDirect shifts them down to an sBIT chunk's depth)
+        width, height, rows, info = png.Reader(filename=str(path)).read()
         arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows])
     except Exception as exc:   # pypng raises its own FormatError / ChunkError on bad files
         raise ImageReadError(f"{path}: cannot decode 16-bit PNG (truncated or corrupt?): {exc}") from None

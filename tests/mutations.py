@@ -502,6 +502,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("tiff-stack-as-rgb", "a TIFF stack of three grey pages is read as one RGB image",
              "dsrdmpd/imageio.py", "        if stacked > 1:                 # its pages", "        if False:                 # its pages",
              ("tests/test_data.py::test_a_tiff_stack_of_grey_pages_is_not_read_as_rgb",)),
+    Mutation("png16-sbit-shifted", "a 16-bit PNG with an sBIT chunk (12-bit sensor) is read 16 times too dark",
+             "dsrdmpd/imageio.py", "png.Reader(filename=str(path)).read()", "png.Reader(filename=str(path)).asDirect()",
+             ("tests/test_data.py::test_a_16bit_png_with_significant_bits_keeps_its_values",)),
 ]
 
 

@@ -196,6 +196,27 @@ def test_a_tiff_stack_of_grey_pages_is_not_read_as_rgb(tmp_path):
                                np.moveaxis(rgb, 2, 0) / 255, atol=1e-6)
 
 
+def test_a_16bit_png_with_significant_bits_keeps_its_values(tmp_path):
+    """A 16-bit PNG from a 12-bit sensor says so in an sBIT chunk; its stored values are
+    still 16-bit (a 12-bit value times 16): read as stored / 65535, not shifted to 12 bits
+    and read 16 times too dark."""
+    import io
+    import png
+    stored = (np.random.default_rng(3).integers(0, 4096, (6, 9 * 3)) * 16).astype(np.uint16)
+    buf = io.BytesIO()
+    png.Writer(9, 6, greyscale=False, bitdepth=16).write(buf, stored)
+    chunks = []
+    for kind, data in png.Reader(bytes=buf.getvalue()).chunks():
+        chunks.append((kind, data))
+        if kind == b"IHDR":
+            chunks.append((b"sBIT", bytes([12, 12, 12])))
+    with open(tmp_path / "sensor12.png", "wb") as f:
+        png.write_chunks(f, chunks)
+    img = read_image(tmp_path / "sensor12.png")
+    assert img.bit_depth == 16
+    np.testing.assert_allclose(img.tensor.permute(1, 2, 0).numpy().reshape(6, 27), stored / 65535, atol=1e-6)
+
+
 def test_tiff_16bit_round_trip(tmp_path):
     """Values that 8 bits cannot hold (k / 65535, k not a multiple of 257) survive."""
     levels = torch.arange(3 * 20 * 24, dtype=torch.float32).view(3, 20, 24) * 37 + 11
