@@ -3,7 +3,9 @@
 Images are returned as float32 tensors (3, H, W) in [0, 1]. Accepted: PNG, JPEG, TIFF,
 BMP; 8-bit or 16-bit; RGB, grayscale (replicated to 3 channels), RGBA / LA (alpha
 dropped), palette (converted to RGB). A JPEG / PNG with an EXIF orientation is turned the
-way viewers show it (rotated phone and drone frames), so results and scores are upright. Every conversion is documented here and every
+way viewers show it (rotated phone and drone frames), so results and scores are upright;
+a white-is-zero TIFF is inverted, and CMYK / CIELab TIFFs and stacks of pages are refused.
+Every conversion is documented here (and noted in ``LoadedImage.conversion``) and every
 failure names the file. 16-bit PNGs are read and written with pypng (Pillow reduces
 16-bit colour PNGs to 8 bits and cannot write them). Every write is atomic: a temporary
 file in the same folder, then a rename, so a killed run never leaves half an image.
