@@ -196,6 +196,7 @@ class ReadItem:
     hazy: torch.Tensor                 # (1, 3, H, W) float32 in [0, 1]
     gt: Optional[torch.Tensor]         # (1, 3, H, W) or None
     bit_depth: int                     # of the hazy file: outputs are written back alike
+    conversion: str = ""               # what reading did to make the files RGB (imageio notes), if anything
 
 
 def read_item(item: Item, resize: Optional[int] = None,
@@ -210,7 +211,8 @@ def read_item(item: Item, resize: Optional[int] = None,
     elif gt is not None and gt.shape != hazy.shape:
         raise DataError(f"size mismatch: {item.hazy} is {tuple(hazy.shape[-2:])} but {item.gt} is "
                         f"{tuple(gt.shape[-2:])}")
-    return ReadItem(hazy, gt, img.bit_depth)
+    notes = [img.conversion, f"ground truth: {gt_img.conversion}" if gt_img is not None and gt_img.conversion else ""]
+    return ReadItem(hazy, gt, img.bit_depth, "; ".join(n for n in notes if n))
 
 
 def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "paper", resize: Optional[int] = None,
@@ -247,6 +249,8 @@ def finish_item(item: Item, read: ReadItem, result: DehazeResult, tiled: Optiona
     row: Dict[str, object] = {"name": item.name, "height": hazy.shape[-2], "width": hazy.shape[-1]}
     if tiled:
         row["tiled"] = tiled
+    if read.conversion:
+        row["converted"] = read.conversion
     if gt is not None:
         m1, m2 = psnr_ssim(result.coarse, gt, protocol), psnr_ssim(result.restored, gt, protocol)
         row.update(psnr_stage1=m1["psnr"][0], ssim_stage1=m1["ssim"][0],
@@ -480,8 +484,9 @@ def cell(value: object) -> str:
 
 def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: str, title: str,
                   notes: Sequence[str] = (), failed: Sequence[Dict[str, object]] = ()) -> Dict[str, float]:
-    """``metrics.csv`` (one row per image) and ``summary.md`` (means, per image, and the
-    items that failed with their reasons), both written atomically; returns the means."""
+    """``metrics.csv`` (one row per image) and ``summary.md`` (means, per image, what reading
+    converted per image, and the items that failed with their reasons), both written
+    atomically; returns the means."""
     out_dir = Path(out_dir)
     fields = ["name", "height", "width"] + METRIC_COLUMNS
     if any("scale" in r for r in rows):
@@ -510,6 +515,10 @@ def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: st
     if tiled:
         lines += ["", f"Run in {tiled[0]['tiled']} x {tiled[0]['tiled']} tiles automatically (too large to run "
                   f"whole): {', '.join(cell(r['name']) for r in tiled)}."]
+    converted = [r for r in rows if r.get("converted")]
+    if converted:
+        lines += ["", "Converted on reading (the results are of the converted image):", "", "| image | conversion |",
+                  "|---|---|", *[f"| {cell(r['name'])} | {cell(r['converted'])} |" for r in converted]]
     lines += failed_lines(failed, "item")
     write_text_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     return means

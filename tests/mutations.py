@@ -505,6 +505,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("png16-sbit-shifted", "a 16-bit PNG with an sBIT chunk (12-bit sensor) is read 16 times too dark",
              "dsrdmpd/imageio.py", "png.Reader(filename=str(path)).read()", "png.Reader(filename=str(path)).asDirect()",
              ("tests/test_data.py::test_a_16bit_png_with_significant_bits_keeps_its_values",)),
+    Mutation("conversion-note-lost", "what reading did to an image (EXIF rotation, grey to RGB) is not in summary.md",
+             "dsrdmpd/evaluation.py", "    if read.conversion:\n        row[\"converted\"]", "    if False:\n        row[\"converted\"]",
+             ("tests/test_evaluation.py::test_rotated_frames_and_conversions_through_test_py",)),
 ]
 
 
