@@ -30,11 +30,11 @@ APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"     # '._name' files macOS leaves beside
 
 
 def is_image_file(path) -> bool:
-    """Whether a folder run picks up ``path`` (a ``pathlib.Path``): a file (or a link to one)
-    with an image extension, any case, that is not a macOS AppleDouble file (``._photo.jpg``
-    holds the metadata of ``photo.jpg``, not an image: named '._' and starting with its
-    magic number)."""
-    if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+    """Whether a folder run picks up ``path`` (a ``pathlib.Path``): a file or a link (a broken
+    link too: its item then fails, named, instead of vanishing from the run) with an image
+    extension, any case, that is not a macOS AppleDouble file (``._photo.jpg`` holds the
+    metadata of ``photo.jpg``, not an image: named '._' and starting with its magic number)."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS or not (path.is_file() or (path.is_symlink() and not path.is_dir())):
         return False
     if path.name.startswith("._"):
         try:

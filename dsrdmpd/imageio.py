@@ -18,6 +18,7 @@ is refused with the limit named; Pillow's own decompression-bomb limit is replac
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -193,7 +194,8 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
     (read from the header, before decoding) is an ImageReadError."""
     path = Path(path)
     if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
+        broken = f"broken link (to {os.readlink(path)})" if path.is_symlink() else ""
+        raise ImageReadError(f"{path}: {broken or 'file not found'}")
     check_pixel_limit(path, max_pixels)
     palette = False
     if path.suffix.lower() in TIFF_EXTENSIONS:

@@ -508,6 +508,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("conversion-note-lost", "what reading did to an image (EXIF rotation, grey to RGB) is not in summary.md",
              "dsrdmpd/evaluation.py", "    if read.conversion:\n        row[\"converted\"]", "    if False:\n        row[\"converted\"]",
              ("tests/test_evaluation.py::test_rotated_frames_and_conversions_through_test_py",)),
+    Mutation("broken-link-vanishes", "an image whose link is broken silently drops out of the run's results",
+             "dsrdmpd/choices.py", "not (path.is_file() or (path.is_symlink() and not path.is_dir()))", "not path.is_file()",
+             ("tests/test_data.py::test_a_broken_link_fails_by_name_instead_of_vanishing",)),
 ]
 
 

@@ -79,6 +79,21 @@ def test_macos_appledouble_files_are_not_images(tmp_path):
     assert [p.name for p in list_images(tmp_path / "hazy")] == ["._3.png", "1.png", "2.png"]
 
 
+def test_a_broken_link_fails_by_name_instead_of_vanishing(tmp_path):
+    """A link whose target is gone is still listed and paired, so its item fails with the
+    reason instead of silently missing from the results; a link to a folder is not an image."""
+    from dsrdmpd.imageio import list_images
+    for side in ("hazy", "GT"):
+        _png(tmp_path / side / "1.png", _rgb())
+    (tmp_path / "hazy" / "2.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "GT" / "2.png").symlink_to(tmp_path / "GT" / "1.png")
+    (tmp_path / "hazy" / "dir.png").symlink_to(tmp_path / "GT", target_is_directory=True)
+    assert [p.name for p in list_images(tmp_path / "hazy")] == ["1.png", "2.png"]
+    assert [p.key for p in find_pairs(tmp_path / "hazy", tmp_path / "GT")] == ["1", "2"]
+    with pytest.raises(ImageReadError, match=r"2.png: broken link \(to .*gone.png\)"):
+        read_image(tmp_path / "hazy" / "2.png")
+
+
 def test_duplicate_keys_and_rule_mismatch(tmp_path):
     _png(tmp_path / "hazy" / "1.png", _rgb())
     _png(tmp_path / "hazy" / "1.jpg", _rgb())
