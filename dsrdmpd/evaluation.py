@@ -111,14 +111,21 @@ def items_from_pairs(pairs) -> List[Item]:
     return [Item(n, p.hazy, p.gt) for n, p in zip(names, pairs)]
 
 
-def check_output_names(items: Sequence[Item]) -> None:
-    """Two inputs that would write the same output file (e.g. a.jpg and a.png) are refused."""
+def panel_name(name: str) -> str:
+    """The panel file of the item whose output is ``name``: its stem, as PNG."""
+    return Path(name).stem + ".png"
+
+
+def check_output_names(items: Sequence[Item], panels: int = 0) -> None:
+    """Two inputs that would write the same output file (e.g. a.jpg and a.png; with
+    panels for the first ``panels`` items, a.png and a.tif: both panels/a.png) are refused."""
     seen: Dict[str, Path] = {}
-    for item in items:
+    for k, item in enumerate(items):
         out = output_name(Path(item.name))
-        if out in seen:
-            raise DataError(f"{item.hazy} and {seen[out]} would both be written as {out}; rename one of them")
-        seen[out] = item.hazy
+        for target in [out] + ([f"panels/{panel_name(out)}"] if k < panels else []):
+            if target in seen:
+                raise DataError(f"{item.hazy} and {seen[target]} would both be written as {target}; rename one of them")
+            seen[target] = item.hazy
 
 
 def resize_image(x: torch.Tensor, size: int, bit_depth: int = 8) -> torch.Tensor:
@@ -262,7 +269,7 @@ def finish_item(item: Item, read: ReadItem, result: DehazeResult, tiled: Optiona
             tiles += [("GT", gt), ("|stage 2 - GT|", error_map(result.restored, gt))]
             scores = [psnr_ssim(hazy, gt, protocol), m1, m2]
             captions = [f"{m['psnr'][0]:.2f} dB / {m['ssim'][0]:.3f}" for m in scores] + ["PSNR / SSIM", ""]
-        save_panel(tiles, out_dir / "panels" / (Path(name).stem + ".png"), captions, min_size=PANEL_MIN_SIZE)
+        save_panel(tiles, out_dir / "panels" / panel_name(name), captions, min_size=PANEL_MIN_SIZE)
     return row
 
 
@@ -332,7 +339,7 @@ def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown metric protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     out_dir = Path(out_dir)
-    check_output_names(items)
+    check_output_names(items, panels)
     mine = list(enumerate(items))[rank::world]
     with tqdm(total=len(mine), desc="dehazing", unit="img", disable=not progress or rank != 0) as bar:
         runner = ItemRunner(dehazer, out_dir, run_id, rank, bar, protocol=protocol, resize=resize,

@@ -511,6 +511,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("broken-link-vanishes", "an image whose link is broken silently drops out of the run's results",
              "dsrdmpd/choices.py", "not (path.is_file() or (path.is_symlink() and not path.is_dir()))", "not path.is_file()",
              ("tests/test_data.py::test_a_broken_link_fails_by_name_instead_of_vanishing",)),
+    Mutation("panel-names-collide", "a.png and a.tif with --panels both write panels/a.png: one panel is lost",
+             "dsrdmpd/evaluation.py", "[f\"panels/{panel_name(out)}\"] if k < panels else []", "[]",
+             ("tests/test_evaluation.py::test_outputs_that_would_share_a_file_are_refused_before_any_item",)),
 ]
 
 

@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -457,3 +458,17 @@ def test_rotated_frames_and_conversions_through_test_py(tiny_checkpoints, passth
     assert ("| frame.png | turned upright (EXIF orientation 6); ground truth: turned upright (EXIF orientation 6) |"
             in summary)
     assert "| grey.png | grayscale replicated to RGB; ground truth: grayscale replicated to RGB |" in summary
+
+
+def test_outputs_that_would_share_a_file_are_refused_before_any_item():
+    """a.jpg and a.png would both be restored/a.png; a.png and a.tif keep their names in
+    restored/ but, among the first --panels items, would both be panels/a.png."""
+    from dsrdmpd.data import DataError
+    from dsrdmpd.evaluation import Item, check_output_names
+    with pytest.raises(DataError, match=r"a.png and .*a.jpg would both be written as a.png"):
+        check_output_names([Item("a.jpg", Path("in/a.jpg")), Item("a.png", Path("in/a.png"))])
+    pair = [Item("a.png", Path("in/a.png")), Item("a.tif", Path("in/a.tif"))]
+    check_output_names(pair)
+    check_output_names(pair, panels=1)
+    with pytest.raises(DataError, match=r"a.tif and .*a.png would both be written as panels/a.png"):
+        check_output_names(pair, panels=2)
