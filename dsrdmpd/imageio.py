@@ -59,8 +59,6 @@ def _to_rgb_array(arr: np.ndarray, path: Path) -> tuple:
         arr, note = np.repeat(arr[:, :, :1], 3, axis=2), "grayscale replicated to RGB (alpha dropped)"
     elif arr.ndim == 3 and arr.shape[2] == 4:
         arr, note = arr[:, :, :3], "alpha channel dropped"
-    elif arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):   # planar TIFF
-        arr = np.moveaxis(arr[:3], 0, 2)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageReadError(f"{path}: unsupported image layout {arr.shape} (need an RGB or grayscale image)")
     return arr, note
@@ -205,11 +203,14 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
                 arr, page = tif.asarray(), tif.pages[0]
                 colormap = page.colormap if page.photometric == tifffile.PHOTOMETRIC.PALETTE else None
                 colours = (int(page.photometric), int(page.compression), int(page.bitspersample))
+                planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1
                 stacked = len(tif.series[0].pages) if tif.series else 1
         except Exception as exc:
             raise ImageReadError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
         if stacked > 1:                 # its pages would be taken as the colour channels
             raise ImageReadError(f"{path}: a stack of {stacked} pages (shape {arr.shape}); give one image per file")
+        if planar and arr.ndim == 3:    # samples first (S, H, W): whatever the size, not guessed from the shape
+            arr = np.moveaxis(arr, 0, 2)
         arr = _tiff_values_as_shown(arr, *colours, path)
         if colormap is not None:        # the values are indices into the colour map, not grey levels
             arr, palette = _expand_palette(arr, colormap), True

@@ -514,6 +514,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("panel-names-collide", "a.png and a.tif with --panels both write panels/a.png: one panel is lost",
              "dsrdmpd/evaluation.py", "[f\"panels/{panel_name(out)}\"] if k < panels else []", "[]",
              ("tests/test_evaluation.py::test_outputs_that_would_share_a_file_are_refused_before_any_item",)),
+    Mutation("tiff-planar-guessed", "a small planar RGB TIFF (2 x 2) is misread: the layout guessed from the array's shape",
+             "dsrdmpd/imageio.py", "        if planar and arr.ndim == 3:    # samples first", "        if False:    # samples first",
+             ("tests/test_data.py::test_a_planar_tiff_of_any_size_is_read_as_rgb",)),
 ]
 
 

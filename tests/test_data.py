@@ -232,6 +232,21 @@ def test_a_16bit_png_with_significant_bits_keeps_its_values(tmp_path):
     np.testing.assert_allclose(img.tensor.permute(1, 2, 0).numpy().reshape(6, 27), stored / 65535, atol=1e-6)
 
 
+@pytest.mark.parametrize("h, w", [(2, 2), (5, 3), (4, 1), (6, 9)])
+def test_a_planar_tiff_of_any_size_is_read_as_rgb(tmp_path, h, w):
+    """Planar TIFFs store samples first (3, H, W); the layout comes from the file, not from
+    guessing by shape, so images 1 to 4 pixels wide are not misread (a 2 x 2 one was read
+    as 3 x 3 grey)."""
+    import tifffile
+    rgba = _rgb(h, w, 2).repeat(2, axis=2)[..., :4]
+    tifffile.imwrite(tmp_path / "p.tif", np.moveaxis(rgba[..., :3], 2, 0), photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "pa.tif", np.moveaxis(rgba, 2, 0), photometric="rgb", planarconfig="separate",
+                     extrasamples=[2])
+    for name in ("p.tif", "pa.tif"):
+        img = read_image(tmp_path / name)
+        np.testing.assert_allclose(img.tensor.numpy(), np.moveaxis(rgba[..., :3], 2, 0) / 255, atol=1e-6)
+
+
 def test_tiff_16bit_round_trip(tmp_path):
     """Values that 8 bits cannot hold (k / 65535, k not a multiple of 257) survive."""
     levels = torch.arange(3 * 20 * 24, dtype=torch.float32).view(3, 20, 24) * 37 + 11
