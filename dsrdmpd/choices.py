@@ -26,6 +26,23 @@ PROTOCOLS = {
 # imageio: the files a folder run picks up, and which of them are TIFFs (satellite rasters)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"     # '._name' files macOS leaves beside files it copies
+
+
+def is_image_file(path) -> bool:
+    """Whether a folder run picks up ``path`` (a ``pathlib.Path``): a file or a link (a broken
+    link too: its item then fails, named, instead of vanishing from the run) with an image
+    extension, any case, that is not a macOS AppleDouble file (``._photo.jpg`` holds the
+    metadata of ``photo.jpg``, not an image: named '._' and starting with its magic number)."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS or not (path.is_file() or (path.is_symlink() and not path.is_dir())):
+        return False
+    if path.name.startswith("._"):
+        try:
+            with open(path, "rb") as f:
+                return f.read(4) != APPLEDOUBLE_MAGIC
+        except OSError:             # unreadable: picked up, and its item fails with the reason
+            return True
+    return True
 
 # pixel limits (0 or None on the command line: no limit)
 DEFAULT_MAX_PIXELS = 100_000_000    # imageio: 100 Mpx, ~1.2 GB per float32 RGB copy; a run holds a few copies

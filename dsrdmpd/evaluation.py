@@ -111,14 +111,21 @@ def items_from_pairs(pairs) -> List[Item]:
     return [Item(n, p.hazy, p.gt) for n, p in zip(names, pairs)]
 
 
-def check_output_names(items: Sequence[Item]) -> None:
-    """Two inputs that would write the same output file (e.g. a.jpg and a.png) are refused."""
+def panel_name(name: str) -> str:
+    """The panel file of the item whose output is ``name``: its stem, as PNG."""
+    return Path(name).stem + ".png"
+
+
+def check_output_names(items: Sequence[Item], panels: int = 0) -> None:
+    """Two inputs that would write the same output file (e.g. a.jpg and a.png; with
+    panels for the first ``panels`` items, a.png and a.tif: both panels/a.png) are refused."""
     seen: Dict[str, Path] = {}
-    for item in items:
+    for k, item in enumerate(items):
         out = output_name(Path(item.name))
-        if out in seen:
-            raise DataError(f"{item.hazy} and {seen[out]} would both be written as {out}; rename one of them")
-        seen[out] = item.hazy
+        for target in [out] + ([f"panels/{panel_name(out)}"] if k < panels else []):
+            if target in seen:
+                raise DataError(f"{item.hazy} and {seen[target]} would both be written as {target}; rename one of them")
+            seen[target] = item.hazy
 
 
 def resize_image(x: torch.Tensor, size: int, bit_depth: int = 8) -> torch.Tensor:
@@ -196,6 +203,7 @@ class ReadItem:
     hazy: torch.Tensor                 # (1, 3, H, W) float32 in [0, 1]
     gt: Optional[torch.Tensor]         # (1, 3, H, W) or None
     bit_depth: int                     # of the hazy file: outputs are written back alike
+    conversion: str = ""               # what reading did to make the files RGB (imageio notes), if anything
 
 
 def read_item(item: Item, resize: Optional[int] = None,
@@ -210,7 +218,8 @@ def read_item(item: Item, resize: Optional[int] = None,
     elif gt is not None and gt.shape != hazy.shape:
         raise DataError(f"size mismatch: {item.hazy} is {tuple(hazy.shape[-2:])} but {item.gt} is "
                         f"{tuple(gt.shape[-2:])}")
-    return ReadItem(hazy, gt, img.bit_depth)
+    notes = [img.conversion, f"ground truth: {gt_img.conversion}" if gt_img is not None and gt_img.conversion else ""]
+    return ReadItem(hazy, gt, img.bit_depth, "; ".join(n for n in notes if n))
 
 
 def process_item(dehazer: Dehazer, item: Item, out_dir: Path, protocol: str = "paper", resize: Optional[int] = None,
@@ -247,6 +256,8 @@ def finish_item(item: Item, read: ReadItem, result: DehazeResult, tiled: Optiona
     row: Dict[str, object] = {"name": item.name, "height": hazy.shape[-2], "width": hazy.shape[-1]}
     if tiled:
         row["tiled"] = tiled
+    if read.conversion:
+        row["converted"] = read.conversion
     if gt is not None:
         m1, m2 = psnr_ssim(result.coarse, gt, protocol), psnr_ssim(result.restored, gt, protocol)
         row.update(psnr_stage1=m1["psnr"][0], ssim_stage1=m1["ssim"][0],
@@ -258,7 +269,7 @@ def finish_item(item: Item, read: ReadItem, result: DehazeResult, tiled: Optiona
             tiles += [("GT", gt), ("|stage 2 - GT|", error_map(result.restored, gt))]
             scores = [psnr_ssim(hazy, gt, protocol), m1, m2]
             captions = [f"{m['psnr'][0]:.2f} dB / {m['ssim'][0]:.3f}" for m in scores] + ["PSNR / SSIM", ""]
-        save_panel(tiles, out_dir / "panels" / (Path(name).stem + ".png"), captions, min_size=PANEL_MIN_SIZE)
+        save_panel(tiles, out_dir / "panels" / panel_name(name), captions, min_size=PANEL_MIN_SIZE)
     return row
 
 
@@ -328,7 +339,7 @@ def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown metric protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     out_dir = Path(out_dir)
-    check_output_names(items)
+    check_output_names(items, panels)
     mine = list(enumerate(items))[rank::world]
     with tqdm(total=len(mine), desc="dehazing", unit="img", disable=not progress or rank != 0) as bar:
         runner = ItemRunner(dehazer, out_dir, run_id, rank, bar, protocol=protocol, resize=resize,
@@ -480,8 +491,9 @@ def cell(value: object) -> str:
 
 def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: str, title: str,
                   notes: Sequence[str] = (), failed: Sequence[Dict[str, object]] = ()) -> Dict[str, float]:
-    """``metrics.csv`` (one row per image) and ``summary.md`` (means, per image, and the
-    items that failed with their reasons), both written atomically; returns the means."""
+    """``metrics.csv`` (one row per image) and ``summary.md`` (means, per image, what reading
+    converted per image, and the items that failed with their reasons), both written
+    atomically; returns the means."""
     out_dir = Path(out_dir)
     fields = ["name", "height", "width"] + METRIC_COLUMNS
     if any("scale" in r for r in rows):
@@ -510,6 +522,10 @@ def write_results(rows: Sequence[Dict[str, object]], out_dir: Path, protocol: st
     if tiled:
         lines += ["", f"Run in {tiled[0]['tiled']} x {tiled[0]['tiled']} tiles automatically (too large to run "
                   f"whole): {', '.join(cell(r['name']) for r in tiled)}."]
+    converted = [r for r in rows if r.get("converted")]
+    if converted:
+        lines += ["", "Converted on reading (the results are of the converted image):", "", "| image | conversion |",
+                  "|---|---|", *[f"| {cell(r['name'])} | {cell(r['converted'])} |" for r in converted]]
     lines += failed_lines(failed, "item")
     write_text_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     return means

@@ -2,7 +2,10 @@
 
 Images are returned as float32 tensors (3, H, W) in [0, 1]. Accepted: PNG, JPEG, TIFF,
 BMP; 8-bit or 16-bit; RGB, grayscale (replicated to 3 channels), RGBA / LA (alpha
-dropped), palette (converted to RGB). Every conversion is documented here and every
+dropped), palette (converted to RGB). A JPEG / PNG with an EXIF orientation is turned the
+way viewers show it (rotated phone and drone frames), so results and scores are upright;
+a white-is-zero TIFF is inverted, and CMYK / CIELab TIFFs and stacks of pages are refused.
+Every conversion is documented here (and noted in ``LoadedImage.conversion``) and every
 failure names the file. 16-bit PNGs are read and written with pypng (Pillow reduces
 16-bit colour PNGs to 8 bits and cannot write them). Every write is atomic: a temporary
 file in the same folder, then a rename, so a killed run never leaves half an image.
@@ -15,6 +18,7 @@ is refused with the limit named; Pillow's own decompression-bomb limit is replac
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -24,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .atomicfile import write_atomic, write_text_atomic  # noqa: F401  (re-exported)
-from .choices import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, TIFF_EXTENSIONS  # noqa: F401  (re-exported)
+from .choices import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, TIFF_EXTENSIONS, is_image_file  # noqa: F401  (re-exported)
 
 
 
@@ -55,14 +59,14 @@ def _to_rgb_array(arr: np.ndarray, path: Path) -> tuple:
         arr, note = np.repeat(arr[:, :, :1], 3, axis=2), "grayscale replicated to RGB (alpha dropped)"
     elif arr.ndim == 3 and arr.shape[2] == 4:
         arr, note = arr[:, :, :3], "alpha channel dropped"
-    elif arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):   # planar TIFF
-        arr = np.moveaxis(arr[:3], 0, 2)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageReadError(f"{path}: unsupported image layout {arr.shape} (need an RGB or grayscale image)")
     return arr, note
 
 
 def _array_to_unit(arr: np.ndarray, path: Path) -> tuple:
+    if arr.dtype == np.bool_:           # bilevel (1-bit) TIFF: black and white, as 1-bit PNG / BMP
+        return arr.astype(np.float32), 8
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0, 8
     if arr.dtype == np.uint16:
@@ -76,6 +80,27 @@ def _array_to_unit(arr: np.ndarray, path: Path) -> tuple:
     raise ImageReadError(f"{path}: unsupported pixel type {arr.dtype}")
 
 
+def _tiff_values_as_shown(arr: np.ndarray, photometric: int, compression: int, bits: int, path: Path) -> np.ndarray:
+    """A TIFF's stored values as grey or RGB levels: white-is-zero grey (fax scans,
+    bilevel documents) inverted; colour spaces other than grey, RGB, palette and
+    JPEG-compressed YCbCr (which the decoder turns into RGB) refused: CMYK, CIELab, ..."""
+    import tifffile
+    if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        if arr.dtype == np.bool_:
+            return ~arr
+        if arr.dtype.kind == "u":
+            return ((1 << bits) - 1 - arr).astype(arr.dtype)
+        raise ImageReadError(f"{path}: white-is-zero TIFF of {arr.dtype} values is not supported")
+    shown = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.PALETTE)
+    if photometric in shown or (photometric == tifffile.PHOTOMETRIC.YCBCR and compression == tifffile.COMPRESSION.JPEG):
+        return arr
+    try:
+        name = tifffile.PHOTOMETRIC(photometric).name
+    except ValueError:
+        name = "unknown"
+    raise ImageReadError(f"{path}: {name} TIFF (photometric {photometric}) is not supported; convert it to RGB")
+
+
 def _png_bit_depth(path: Path) -> int:
     """Bit depth from a PNG's IHDR chunk (0 when the file is not a PNG)."""
     with open(path, "rb") as f:
@@ -86,12 +111,36 @@ def _png_bit_depth(path: Path) -> int:
 def _read_png16(path: Path) -> np.ndarray:
     import png
     try:
-        width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+        # read(), not asDirect(): the stored values (asDirect shifts them down to an sBIT chunk's depth)
+        width, height, rows, info = png.Reader(filename=str(path)).read()
         arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows])
     except Exception as exc:   # pypng raises its own FormatError / ChunkError on bad files
         raise ImageReadError(f"{path}: cannot decode 16-bit PNG (truncated or corrupt?): {exc}") from None
     planes = info["planes"]
     return arr.reshape(height, width, planes) if planes > 1 else arr.reshape(height, width)
+
+
+# EXIF orientation (tag 274) -> how the stored (H, W, C) pixels turn into what viewers show
+_ORIENTATIONS = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _exif_orientation(path: Path) -> int:
+    """The EXIF orientation of a JPEG / PNG (1, as stored, when it has none or is unreadable),
+    from the EXIF block the header holds (nothing decoded)."""
+    try:
+        with _pillow_limit_off(), Image.open(path) as im:
+            block = im.info.get("exif")
+            exif = Image.Exif()
+            if block:
+                exif.load(block)
+            value = exif.get(0x0112, 1)
+    except Exception:          # no EXIF to speak of: reading the pixels reports any real problem
+        return 1
+    return value if value in _ORIENTATIONS else 1
 
 
 @contextlib.contextmanager
@@ -143,7 +192,8 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
     (read from the header, before decoding) is an ImageReadError."""
     path = Path(path)
     if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
+        broken = f"broken link (to {os.readlink(path)})" if path.is_symlink() else ""
+        raise ImageReadError(f"{path}: {broken or 'file not found'}")
     check_pixel_limit(path, max_pixels)
     palette = False
     if path.suffix.lower() in TIFF_EXTENSIONS:
@@ -152,8 +202,16 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
             with tifffile.TiffFile(str(path)) as tif:
                 arr, page = tif.asarray(), tif.pages[0]
                 colormap = page.colormap if page.photometric == tifffile.PHOTOMETRIC.PALETTE else None
+                colours = (int(page.photometric), int(page.compression), int(page.bitspersample))
+                planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1
+                stacked = len(tif.series[0].pages) if tif.series else 1
         except Exception as exc:
             raise ImageReadError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
+        if stacked > 1:                 # its pages would be taken as the colour channels
+            raise ImageReadError(f"{path}: a stack of {stacked} pages (shape {arr.shape}); give one image per file")
+        if planar and arr.ndim == 3:    # samples first (S, H, W): whatever the size, not guessed from the shape
+            arr = np.moveaxis(arr, 0, 2)
+        arr = _tiff_values_as_shown(arr, *colours, path)
         if colormap is not None:        # the values are indices into the colour map, not grey levels
             arr, palette = _expand_palette(arr, colormap), True
     elif path.suffix.lower() == ".png" and _png_bit_depth(path) == 16:
@@ -175,6 +233,10 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageReadError(f"{path}: cannot decode image (truncated or corrupt?): {exc}") from None
     arr, note = _to_rgb_array(arr, path)
+    orientation = 1 if path.suffix.lower() in TIFF_EXTENSIONS else _exif_orientation(path)
+    if orientation != 1:        # as viewers show it (phones and drones store frames unrotated)
+        arr = _ORIENTATIONS[orientation](arr)
+        note = f"turned upright (EXIF orientation {orientation})" + (f"; {note}" if note else "")
     if palette:
         note = "palette image expanded to RGB" + (f"; {note}" if note else "")
     unit, depth = _array_to_unit(arr, path)
@@ -214,4 +276,4 @@ def list_images(folder: Union[str, Path]) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir() if is_image_file(p))

@@ -64,6 +64,36 @@ def test_unmatched_files_are_named(tmp_path):
     assert "ground truth without hazy: 4.png" in str(err.value)
 
 
+def test_macos_appledouble_files_are_not_images(tmp_path):
+    """'._1.png' beside '1.png' (what macOS leaves on shared drives) is metadata: folder runs
+    and pairing skip it, while a real image whose name starts with '._' is kept."""
+    from dsrdmpd.imageio import list_images
+    for side in ("hazy", "GT"):
+        for n in ("1", "2"):
+            _png(tmp_path / side / f"{n}.png", _rgb())
+    (tmp_path / "GT" / "._1.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60))
+    (tmp_path / "hazy" / "._2.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    assert [p.key for p in find_pairs(tmp_path / "hazy", tmp_path / "GT")] == ["1", "2"]
+    assert [p.name for p in list_images(tmp_path / "hazy")] == ["1.png", "2.png"]
+    _png(tmp_path / "hazy" / "._3.png", _rgb())
+    assert [p.name for p in list_images(tmp_path / "hazy")] == ["._3.png", "1.png", "2.png"]
+
+
+def test_a_broken_link_fails_by_name_instead_of_vanishing(tmp_path):
+    """A link whose target is gone is still listed and paired, so its item fails with the
+    reason instead of silently missing from the results; a link to a folder is not an image."""
+    from dsrdmpd.imageio import list_images
+    for side in ("hazy", "GT"):
+        _png(tmp_path / side / "1.png", _rgb())
+    (tmp_path / "hazy" / "2.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "GT" / "2.png").symlink_to(tmp_path / "GT" / "1.png")
+    (tmp_path / "hazy" / "dir.png").symlink_to(tmp_path / "GT", target_is_directory=True)
+    assert [p.name for p in list_images(tmp_path / "hazy")] == ["1.png", "2.png"]
+    assert [p.key for p in find_pairs(tmp_path / "hazy", tmp_path / "GT")] == ["1", "2"]
+    with pytest.raises(ImageReadError, match=r"2.png: broken link \(to .*gone.png\)"):
+        read_image(tmp_path / "hazy" / "2.png")
+
+
 def test_duplicate_keys_and_rule_mismatch(tmp_path):
     _png(tmp_path / "hazy" / "1.png", _rgb())
     _png(tmp_path / "hazy" / "1.jpg", _rgb())
@@ -83,6 +113,34 @@ def test_unreadable_and_truncated_images_are_named(tmp_path):
     good.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match="trunc.png: cannot decode image"):
         read_image(good)
+
+
+def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
+    """Phone and drone frames are stored unrotated with an EXIF orientation: each of the 8 is
+    read as Pillow's exif_transpose shows it (8-bit PNG, JPEG), and a 16-bit PNG (read through
+    pypng) is turned alike; an image without the tag is as stored."""
+    from PIL import ImageOps
+    rgb = _rgb(5, 7)
+    for o in range(1, 9):
+        path = tmp_path / f"o{o}.png"
+        Image.fromarray(rgb).save(path, exif=_exif(o))
+        want = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+        got = read_image(path).tensor.permute(1, 2, 0).numpy()
+        assert got.shape == want.shape and np.array_equal((got * 255).round().astype(np.uint8), want), o
+    Image.fromarray(_rgb(40, 56)).save(tmp_path / "frame.jpg", exif=_exif(6))
+    img = read_image(tmp_path / "frame.jpg")
+    assert img.tensor.shape == (3, 56, 40) and "EXIF orientation 6" in img.conversion
+    grey16 = (np.arange(35, dtype=np.uint16).reshape(5, 7) * 1000 + 7)
+    Image.fromarray(grey16).save(tmp_path / "g16.png", exif=_exif(8))
+    img = read_image(tmp_path / "g16.png")
+    assert img.bit_depth == 16
+    assert np.array_equal((img.tensor[0].numpy() * 65535).round(), np.rot90(grey16, 1))
+
+
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
 
 
 @pytest.mark.parametrize("kind", ["gray", "rgba", "palette", "gray16"])
@@ -119,6 +177,74 @@ def test_dataset_warns_on_conversion_and_rejects_size_mismatch(tmp_path):
         ds[0]
     with pytest.raises(DataError, match=r"size mismatch: .*2.png is \(16, 16\) but .*2.png is \(16, 32\)"):
         ds[1]
+
+
+def test_tiff_photometric_is_read_as_shown(tmp_path):
+    """White-is-zero grey TIFFs (scans, bilevel documents) are inverted as Pillow shows them,
+    1-bit ones read as black and white; CMYK and CIELab TIFFs are refused by name (their
+    first three samples are not RGB)."""
+    import tifffile
+    grey = _rgb(6, 9)[..., 0]
+    tifffile.imwrite(tmp_path / "white0.tif", grey, photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "bilevel.tif", grey > 100, photometric="miniswhite")
+    for name in ("white0.tif", "bilevel.tif"):
+        shown = np.asarray(Image.open(tmp_path / name).convert("L"), dtype=np.float32) / 255
+        img = read_image(tmp_path / name)
+        assert img.bit_depth == 8
+        np.testing.assert_allclose(img.tensor.numpy(), np.broadcast_to(shown, (3, 6, 9)), atol=1e-6)
+    assert read_image(tmp_path / "white0.tif").tensor[0, 0, 0] == pytest.approx(1 - grey[0, 0] / 255)
+    tifffile.imwrite(tmp_path / "cmyk.tif", _rgb(6, 9, 1).repeat(2, axis=2)[..., :4], photometric="separated")
+    with pytest.raises(ImageReadError, match=r"cmyk.tif: SEPARATED TIFF .*convert it to RGB"):
+        read_image(tmp_path / "cmyk.tif")
+
+
+def test_a_tiff_stack_of_grey_pages_is_not_read_as_rgb(tmp_path):
+    """Three grey pages stored as one stack would be three colour channels: refused, naming
+    the pages; a planar RGB page (one page, three samples) is still RGB."""
+    import tifffile
+    rgb = _rgb(6, 9)
+    tifffile.imwrite(tmp_path / "stack.tif", np.moveaxis(rgb, 2, 0), photometric="minisblack")
+    with pytest.raises(ImageReadError, match=r"stack.tif: a stack of 3 pages"):
+        read_image(tmp_path / "stack.tif")
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, 2, 0), photometric="rgb", planarconfig="separate")
+    np.testing.assert_allclose(read_image(tmp_path / "planar.tif").tensor.numpy(),
+                               np.moveaxis(rgb, 2, 0) / 255, atol=1e-6)
+
+
+def test_a_16bit_png_with_significant_bits_keeps_its_values(tmp_path):
+    """A 16-bit PNG from a 12-bit sensor says so in an sBIT chunk; its stored values are
+    still 16-bit (a 12-bit value times 16): read as stored / 65535, not shifted to 12 bits
+    and read 16 times too dark."""
+    import io
+    import png
+    stored = (np.random.default_rng(3).integers(0, 4096, (6, 9 * 3)) * 16).astype(np.uint16)
+    buf = io.BytesIO()
+    png.Writer(9, 6, greyscale=False, bitdepth=16).write(buf, stored)
+    chunks = []
+    for kind, data in png.Reader(bytes=buf.getvalue()).chunks():
+        chunks.append((kind, data))
+        if kind == b"IHDR":
+            chunks.append((b"sBIT", bytes([12, 12, 12])))
+    with open(tmp_path / "sensor12.png", "wb") as f:
+        png.write_chunks(f, chunks)
+    img = read_image(tmp_path / "sensor12.png")
+    assert img.bit_depth == 16
+    np.testing.assert_allclose(img.tensor.permute(1, 2, 0).numpy().reshape(6, 27), stored / 65535, atol=1e-6)
+
+
+@pytest.mark.parametrize("h, w", [(2, 2), (5, 3), (4, 1), (6, 9)])
+def test_a_planar_tiff_of_any_size_is_read_as_rgb(tmp_path, h, w):
+    """Planar TIFFs store samples first (3, H, W); the layout comes from the file, not from
+    guessing by shape, so images 1 to 4 pixels wide are not misread (a 2 x 2 one was read
+    as 3 x 3 grey)."""
+    import tifffile
+    rgba = _rgb(h, w, 2).repeat(2, axis=2)[..., :4]
+    tifffile.imwrite(tmp_path / "p.tif", np.moveaxis(rgba[..., :3], 2, 0), photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "pa.tif", np.moveaxis(rgba, 2, 0), photometric="rgb", planarconfig="separate",
+                     extrasamples=[2])
+    for name in ("p.tif", "pa.tif"):
+        img = read_image(tmp_path / name)
+        np.testing.assert_allclose(img.tensor.numpy(), np.moveaxis(rgba[..., :3], 2, 0) / 255, atol=1e-6)
 
 
 def test_tiff_16bit_round_trip(tmp_path):

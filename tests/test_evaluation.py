@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,3 +428,47 @@ def test_resize_protocol_scores_at_the_given_size(chain, tmp_path):
     for name in rows:
         assert read_image(tmp_path / "restored" / name).tensor.shape == (3, 80, 80)
     assert "resized to 80" in (tmp_path / "summary.md").read_text()
+
+
+def test_rotated_frames_and_conversions_through_test_py(tiny_checkpoints, passthrough_networks, tmp_path):
+    """A drone frame stored unrotated with EXIF orientation 6, and its GT with the same tag,
+    are dehazed and scored upright (restored/ holds the upright image, the score is that of
+    the upright pair); a grey image is replicated to RGB; summary.md names both conversions
+    per image (hazy and ground truth)."""
+    from PIL import Image
+    rng = np.random.default_rng(5)
+    stored_hazy, stored_gt = (rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(2))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for side, arr in (("hazy", stored_hazy), ("gt", stored_gt)):
+        (tmp_path / side).mkdir()
+        Image.fromarray(arr).save(tmp_path / side / "frame.png", exif=exif)
+        Image.fromarray(arr[..., 0]).save(tmp_path / side / "grey.png")
+    s1, s2 = map(str, tiny_checkpoints)
+    evaluate_cmd.run(["--stage1", s1, "--stage2", s2, "--hazy-dir", str(tmp_path / "hazy"), "--gt-dir",
+                      str(tmp_path / "gt"), "--output", str(tmp_path / "out")])
+    upright = np.asarray(Image.open(tmp_path / "out" / "restored" / "frame.png"))
+    assert np.array_equal(upright, np.rot90(stored_hazy, -1))
+    hazy, gt = (torch.from_numpy(np.rot90(a, -1).copy()).permute(2, 0, 1).double() / 255
+                for a in (stored_hazy, stored_gt))
+    row = _read_csv(tmp_path / "out" / "metrics.csv")["frame.png"]
+    assert (row["height"], row["width"]) == ("56", "40")
+    assert float(row["psnr_stage2"]) == pytest.approx(10 * np.log10(1 / ((hazy - gt) ** 2).mean().item()), abs=1e-4)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert ("| frame.png | turned upright (EXIF orientation 6); ground truth: turned upright (EXIF orientation 6) |"
+            in summary)
+    assert "| grey.png | grayscale replicated to RGB; ground truth: grayscale replicated to RGB |" in summary
+
+
+def test_outputs_that_would_share_a_file_are_refused_before_any_item():
+    """a.jpg and a.png would both be restored/a.png; a.png and a.tif keep their names in
+    restored/ but, among the first --panels items, would both be panels/a.png."""
+    from dsrdmpd.data import DataError
+    from dsrdmpd.evaluation import Item, check_output_names
+    with pytest.raises(DataError, match=r"a.png and .*a.jpg would both be written as a.png"):
+        check_output_names([Item("a.jpg", Path("in/a.jpg")), Item("a.png", Path("in/a.png"))])
+    pair = [Item("a.png", Path("in/a.png")), Item("a.tif", Path("in/a.tif"))]
+    check_output_names(pair)
+    check_output_names(pair, panels=1)
+    with pytest.raises(DataError, match=r"a.tif and .*a.png would both be written as panels/a.png"):
+        check_output_names(pair, panels=2)

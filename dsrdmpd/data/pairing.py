@@ -27,7 +27,7 @@ from pathlib import PurePosixPath
 from pathlib import Path
 from typing import Dict, List, Union
 
-from ..choices import IMAGE_EXTENSIONS
+from ..choices import is_image_file
 
 
 class PairingError(ValueError):
@@ -78,7 +78,7 @@ def files_by_key(folder: Path, rule: str, role: str) -> Dict[str, Path]:
     out: Dict[str, Path] = {}
     unmatched = []
     for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
+        if not is_image_file(p):
             continue
         m = pattern.fullmatch(p.stem)
         if not m:
