@@ -62,7 +62,9 @@ def test_bad_files_are_skipped_and_reported(ckpts, messy_folder, tmp_path):
     deep = read_image(tmp_path / "restored" / "deep.png")
     assert deep.bit_depth == 16 and deep.tensor.shape == (3, 48, 64)
     want = Dehazer.from_checkpoints(*map(str, ckpts))(read_image(messy_folder / "deep.png").tensor[None]).restored[0]
-    assert (deep.tensor - want).abs().max() <= 0.5 / 65535 + 1e-6          # 16-bit precision, not 8-bit
+    # 16-bit precision, not 8-bit (1/255): within one 16-bit level, as float32 rounding in a process
+    # with another thread count can move a value across a level boundary
+    assert (deep.tensor - want).abs().max() <= 1 / 65535 + 1e-6
     summary = (tmp_path / "summary.md").read_text()
     assert "Failed: 2 item(s)" in summary
     assert "| cut.png |" in summary and "truncated" in summary

@@ -488,3 +488,19 @@ def test_a_small_valid_area_between_the_statistics_windows_is_found(tmp_path, mo
     assert values.shape[1] * values.shape[2] <= 100_000 and set(np.unique(values[:, valid])) <= set(range(1, 10001))
     scale = resolve_scale(ScaleSpec("auto"), np.uint16, values, valid)
     assert scale.lo[0] < 300 and scale.hi[0] > 9700                       # the area's own range
+
+
+def test_a_cmyk_tiff_is_dehazed_in_the_rgb_gdal_gives(passthrough, tmp_path, recwarn):
+    """GDAL opens a CMYK TIFF as RGB + alpha (within one level of the plain formula of Pillow's
+    convert('RGB')): dehaze.py's raster path takes those three bands, so identity networks give
+    GDAL's RGB, not the raw inks."""
+    from PIL import Image
+    cmyk = (np.random.default_rng(5).random((24, 40, 4)) * 255).astype(np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
+    rgb = np.asarray(Image.open(tmp_path / "cmyk.tif").convert("RGB")).transpose(2, 0, 1)
+    assert not np.array_equal(rgb, cmyk[..., :3].transpose(2, 0, 1))       # the raw inks are not the colours
+    dehaze_raster(passthrough, tmp_path / "cmyk.tif", tmp_path / "out.tif", RasterOptions(scale=ScaleSpec("dtype"),
+                                                                                         progress=False))
+    with rasterio.open(tmp_path / "cmyk.tif") as src, rasterio.open(tmp_path / "out.tif") as out:
+        assert out.count == 3 and np.array_equal(out.read(), src.read([1, 2, 3]))
+        assert np.abs(out.read().astype(int) - rgb).max() <= 1
