@@ -44,6 +44,7 @@ def is_image_file(path) -> bool:
             return True
     return True
 
+
 # pixel limits (0 or None on the command line: no limit)
 DEFAULT_MAX_PIXELS = 100_000_000    # imageio: 100 Mpx, ~1.2 GB per float32 RGB copy; a run holds a few copies
 DEFAULT_MAX_UNTILED_PIXELS = 2048 * 2048        # evaluation: larger images run in tiles

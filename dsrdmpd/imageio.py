@@ -128,19 +128,27 @@ _ORIENTATIONS = {
 }
 
 
-def _exif_orientation(path: Path) -> int:
-    """The EXIF orientation of a JPEG / PNG (1, as stored, when it has none or is unreadable),
-    from the EXIF block the header holds (nothing decoded)."""
+def _exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an opened JPEG / PNG (1, as stored, when it has none or it is
+    unreadable), from the EXIF block its header holds (nothing decoded)."""
     try:
-        with _pillow_limit_off(), Image.open(path) as im:
-            block = im.info.get("exif")
-            exif = Image.Exif()
-            if block:
-                exif.load(block)
-            value = exif.get(0x0112, 1)
+        block = im.info.get("exif")
+        exif = Image.Exif()
+        if block:
+            exif.load(block)
+        value = exif.get(0x0112, 1)
     except Exception:          # no EXIF to speak of: reading the pixels reports any real problem
         return 1
     return value if value in _ORIENTATIONS else 1
+
+
+def _png16_orientation(path: Path) -> int:
+    """:func:`_exif_orientation` of a 16-bit PNG (read by pypng: Pillow opens only its header)."""
+    try:
+        with _pillow_limit_off(), Image.open(path) as im:
+            return _exif_orientation(im)
+    except Exception:          # reading the pixels reports any real problem
+        return 1
 
 
 @contextlib.contextmanager
@@ -195,7 +203,7 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         broken = f"broken link (to {os.readlink(path)})" if path.is_symlink() else ""
         raise ImageReadError(f"{path}: {broken or 'file not found'}")
     check_pixel_limit(path, max_pixels)
-    palette = False
+    palette, orientation = False, 1     # a TIFF's own orientation tag is not applied (README)
     if path.suffix.lower() in TIFF_EXTENSIONS:
         try:
             import tifffile
@@ -215,10 +223,11 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         if colormap is not None:        # the values are indices into the colour map, not grey levels
             arr, palette = _expand_palette(arr, colormap), True
     elif path.suffix.lower() == ".png" and _png_bit_depth(path) == 16:
-        arr = _read_png16(path)
+        arr, orientation = _read_png16(path), _png16_orientation(path)
     else:
         try:
             with _pillow_limit_off(), Image.open(path) as im:
+                orientation = _exif_orientation(im)
                 im.load()
                 if im.mode == "P":
                     palette = True
@@ -233,7 +242,6 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageReadError(f"{path}: cannot decode image (truncated or corrupt?): {exc}") from None
     arr, note = _to_rgb_array(arr, path)
-    orientation = 1 if path.suffix.lower() in TIFF_EXTENSIONS else _exif_orientation(path)
     if orientation != 1:        # as viewers show it (phones and drones store frames unrotated)
         arr = _ORIENTATIONS[orientation](arr)
         note = f"turned upright (EXIF orientation {orientation})" + (f"; {note}" if note else "")
