@@ -47,9 +47,10 @@ from .data import DataError
 from .imageio import (DEFAULT_MAX_PIXELS, TIFF_EXTENSIONS, check_pixel_limit, read_image, write_image,
                       write_text_atomic)
 from .inference import DehazeResult, Dehazer
+from .messages import one_line
 from .metrics import PROTOCOLS, psnr_ssim
 from .raster import RasterOptions, is_raster, dehaze_raster
-from .runfolder import RunFolder
+from .runfolder import RunFolder, ignores_case
 from .visualize import error_map, save_panel
 
 METRIC_COLUMNS = ["psnr_stage1", "ssim_stage1", "psnr_stage2", "ssim_stage2"]
@@ -77,10 +78,6 @@ def out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 @dataclass
@@ -116,16 +113,22 @@ def panel_name(name: str) -> str:
     return Path(name).stem + ".png"
 
 
-def check_output_names(items: Sequence[Item], panels: int = 0) -> None:
+def check_output_names(items: Sequence[Item], panels: int = 0, ignore_case: bool = False) -> None:
     """Two inputs that would write the same output file (e.g. a.jpg and a.png; with
-    panels for the first ``panels`` items, a.png and a.tif: both panels/a.png) are refused."""
-    seen: Dict[str, Path] = {}
+    panels for the first ``panels`` items, a.png and a.tif: both panels/a.png) are refused;
+    with ``ignore_case`` (the output folder's file system ignores case) also A.png and a.png."""
+    seen: Dict[str, Tuple[str, Path]] = {}
     for k, item in enumerate(items):
         out = output_name(Path(item.name))
         for target in [out] + ([f"panels/{panel_name(out)}"] if k < panels else []):
-            if target in seen:
-                raise DataError(f"{item.hazy} and {seen[target]} would both be written as {target}; rename one of them")
-            seen[target] = item.hazy
+            key = target.casefold() if ignore_case else target
+            if key in seen:
+                other, first = seen[key]
+                if other == target:
+                    raise DataError(f"{item.hazy} and {first} would both be written as {target}; rename one of them")
+                raise DataError(f"{item.hazy} and {first} would be written as {target} and {other}: one file on a file "
+                                f"system that ignores case, as the output folder's does; rename one of them")
+            seen[key] = target, item.hazy
 
 
 def resize_image(x: torch.Tensor, size: int, bit_depth: int = 8) -> torch.Tensor:
@@ -339,7 +342,7 @@ def run_items(dehazer: Dehazer, items: Sequence[Item], out_dir: Path, protocol: 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown metric protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     out_dir = Path(out_dir)
-    check_output_names(items, panels)
+    check_output_names(items, panels, ignore_case=ignores_case(out_dir))
     mine = list(enumerate(items))[rank::world]
     with tqdm(total=len(mine), desc="dehazing", unit="img", disable=not progress or rank != 0) as bar:
         runner = ItemRunner(dehazer, out_dir, run_id, rank, bar, protocol=protocol, resize=resize,

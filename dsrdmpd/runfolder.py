@@ -14,6 +14,9 @@
 * Records: ``.records/<sha256 of the item name>.json`` (the name's length never matters;
   the name is inside). An unreadable record (truncated, empty, not an object) or one with
   another fingerprint means "not done"; unreadable ones are named in a warning.
+* Names that differ only in case (``A.png``, ``a.png``) are one file on the usual macOS and
+  Windows file systems: :func:`ignores_case` asks the output folder itself, and the run
+  refuses inputs whose outputs would collide there (``evaluation.check_output_names``).
 * Temporaries left by a killed writer (``.<name>.<random>.tmp<ext>``, and the
   ``.<name>.<random>.partial.tif`` files of earlier versions) are removed under the lock.
 """
@@ -27,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -56,6 +60,24 @@ def digest(fingerprint: Dict[str, Any]) -> str:
 def record_name(item_name: str) -> str:
     """File name of an item's record: fixed length whatever the item's name."""
     return hashlib.sha256(item_name.encode("utf-8", "surrogateescape")).hexdigest()[:40] + ".json"
+
+
+def ignores_case(folder) -> bool:
+    """Whether ``folder`` (or, if it does not exist yet, its nearest existing parent) treats
+    names that differ only in case as one file. Asked by creating a probe file there."""
+    folder = Path(folder).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dsrdmpd-case-probe-", suffix=".tmp", dir=folder)
+    except OSError:
+        return False            # a folder we cannot write to gets no outputs either
+    os.close(fd)
+    try:
+        probe = Path(probe)
+        return probe.with_name(probe.name.upper()).exists()
+    finally:
+        os.unlink(probe)
 
 
 class RunFolder:

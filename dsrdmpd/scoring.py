@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from .atomicfile import write_text_atomic
 from .data import DataError, ImagePair, PairingError
 from .data.pairing import files_by_key, natural_key
-from .evaluation import cell, failed_lines, one_line, resize_image, write_rows_csv
+from .evaluation import cell, failed_lines, resize_image, write_rows_csv
+from .messages import one_line
 from .imageio import read_image
 from .metrics import PROTOCOLS, ciede2000, psnr_ssim
 

@@ -110,6 +110,21 @@ def _one_error_line(capsys):
     return lines[0]
 
 
+def test_problems_are_worded_on_one_line_everywhere():
+    """One wording for stderr, errors.csv cells and summary rows (dsrdmpd.messages): lines
+    joined with '; ', spaces inside a line (a path) kept, a missing file named once, the class
+    name for an empty message; the commands and the batch runs use that same function."""
+    from dsrdmpd import evaluation, scoring
+    from dsrdmpd.cli import errors
+    from dsrdmpd.messages import one_line
+    assert one_line(ValueError("bad header\n  in  'my  scene.tif'\n\n")) == "bad header; in  'my  scene.tif'"
+    assert one_line(FileNotFoundError(2, "No such file or directory", "a b.png")) == \
+        "[Errno 2] No such file or directory: 'a b.png'"            # named once
+    assert one_line(FileNotFoundError("checkpoint not found: x.pt")) == "checkpoint not found: x.pt"
+    assert one_line(RuntimeError()) == "RuntimeError"
+    assert errors.one_line is evaluation.one_line is scoring.one_line is one_line
+
+
 def test_usage_errors_are_one_line_with_exit_code_2(ckpts, tmp_path, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
     s1, s2 = map(str, ckpts)
@@ -173,19 +188,34 @@ def pairs_folder(tmp_path_factory):
     return folder
 
 
+def _test_args(ckpts, pairs: Path) -> list:
+    """test.py's arguments for ``pairs_folder`` (--output left to the caller)."""
+    return ["--stage1", ckpts[0], "--stage2", ckpts[1], "--hazy-dir", pairs / "hazy", "--gt-dir", pairs / "GT",
+            "--panels", "3"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(ckpts, pairs_folder, tmp_path_factory):
+    """``test.py`` on ``pairs_folder`` (8 pairs, 3 panels) in one process, one thread, from
+    start to end: what a killed-and-resumed run and a run split over two processes (each
+    also one thread: float32 sums depend on the thread count) must give, file for file."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    proc = _cmd("test.py", *_test_args(ckpts, pairs_folder), "--output", out, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
 def _files(folder: Path) -> dict:
     """The run's outputs (records, the lock and the fingerprint file left out)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file() and ".records" not in p.parts and p.name not in (".lock", "run.json")}
 
 
-def test_killed_run_resumes_to_identical_results(ckpts, pairs_folder, tmp_path):
-    args = ["--stage1", ckpts[0], "--stage2", ckpts[1], "--hazy-dir", pairs_folder / "hazy", "--gt-dir",
-            pairs_folder / "GT", "--panels", "3"]
-    assert _cmd("test.py", *args, "--output", tmp_path / "straight").returncode == 0
+def test_killed_run_resumes_to_identical_results(ckpts, pairs_folder, straight_run, tmp_path):
+    args = _test_args(ckpts, pairs_folder)
     out = tmp_path / "killed"
     proc = subprocess.Popen([PY, str(ROOT / "scripts" / "test.py"), *map(str, args), "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / ".records").glob("*.json"))) < 2:
         time.sleep(0.02)
@@ -196,24 +226,22 @@ def test_killed_run_resumes_to_identical_results(ckpts, pairs_folder, tmp_path):
     assert 2 <= done < 8, "the kill should land mid-folder"
     names = [json.loads(p.read_text())["name"] for p in (out / ".records").glob("*.json")]
     finished = {n: (out / "restored" / n).stat().st_ino for n in names}
-    resumed = _cmd("test.py", *args, "--output", out, "--resume")
+    resumed = _cmd("test.py", *args, "--output", out, "--resume", env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     # finished images were kept, not redone (an atomic rewrite would give a new inode)
     assert {n: (out / "restored" / n).stat().st_ino for n in finished} == finished
-    assert _files(out) == _files(tmp_path / "straight")
+    assert _files(out) == _files(straight_run)
     assert "metrics.csv" in _files(out) and len(_files(out)) == 8 + 3 + 2   # restored, panels, csv + summary
 
 
-def test_two_processes_give_the_files_of_one(ckpts, pairs_folder, tmp_path):
-    args = ["--stage1", ckpts[0], "--stage2", ckpts[1], "--hazy-dir", pairs_folder / "hazy", "--gt-dir",
-            pairs_folder / "GT", "--panels", "2"]
-    assert _cmd("test.py", *args, "--output", tmp_path / "one", env=ONE_THREAD).returncode == 0
+def test_two_processes_give_the_files_of_one(ckpts, pairs_folder, straight_run, tmp_path):
+    args = _test_args(ckpts, pairs_folder)
     launch = subprocess.run([str(Path(PY).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                              str(ROOT / "scripts" / "test.py"), *map(str, args), "--output", str(tmp_path / "two")],
                             capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert launch.returncode == 0, launch.stderr[-2000:]
-    assert _files(tmp_path / "two") == _files(tmp_path / "one")
-    assert (tmp_path / "two" / "run.json").read_bytes() == (tmp_path / "one" / "run.json").read_bytes()
+    assert _files(tmp_path / "two") == _files(straight_run)
+    assert (tmp_path / "two" / "run.json").read_bytes() == (straight_run / "run.json").read_bytes()
     records = [json.loads(p.read_text()) for p in (tmp_path / "two" / ".records").glob("*.json")]
     # each item done once, by its process: items in name order, process k % 2 takes item k (a run in which
     # both processes did every item would leave records of a random mix of the two)

@@ -13,9 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from dsrdmpd.builders import build_stage1, save_stage
 from dsrdmpd.config import ConfigError
-from dsrdmpd.data.synthetic import make_synthetic_dataset
 from dsrdmpd.training.trainer import check_one_run
 
 from conftest import ROOT
@@ -30,7 +28,7 @@ SCRIPT = textwrap.dedent("""
 
     def make(run, resume=None):
         cfg = load_config(Path({root!r}) / "configs" / "stage2_tiny.yaml",
-                          [f"data.root={{root}}", f"train.stage1_checkpoint={{stage1}}", "train.steps=6",
+                          [f"data.root={{root}}", f"train.stage1_checkpoint={{stage1}}", "train.steps=4",
                            "train.batch_size=1", "train.save_every=100", "train.ema_update_after_step=0",
                            "train.device=auto"])
         cfg["data"]["val_split"] = None
@@ -40,9 +38,9 @@ SCRIPT = textwrap.dedent("""
     assert straight.accelerator.num_processes == 2, straight.accelerator.num_processes
     print("distributed:", straight.accelerator.distributed_type, straight.accelerator.device, flush=True)
     straight.train()
-    make(out / "b").train(max_steps=3)
+    make(out / "b").train(max_steps=2)
     resumed = make(out / "b", resume="auto")
-    assert resumed.step == 3
+    assert resumed.step == 2
     resumed.train()
 """).format(root=str(ROOT))
 
@@ -53,14 +51,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_resume_exactly(tmp_path):
+def test_two_cpu_processes_resume_exactly(synthetic_root, tiny_stage1, tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 with train.device auto on a machine
-    without (visible) GPUs: one gloo run over 2 processes; stopped at step 3 of 6 and
-    resumed, every model and EMA tensor equals the uninterrupted run's."""
-    data = make_synthetic_dataset(tmp_path / "syn", n_train=4, n_test=1, size=64, seed=3)
-    stage1 = tmp_path / "stage1.pt"
-    torch.manual_seed(0)
-    save_stage(build_stage1({"dim": 32}), stage1, 1, {"stage1": {"dim": 32}})
+    without (visible) GPUs: one gloo run over 2 processes (8 training pairs, batch 1 each: 4
+    steps an epoch); stopped at step 2 of 4 (mid-epoch) and resumed, every model and EMA
+    tensor equals the uninterrupted run's."""
+    data, stage1 = synthetic_root, tiny_stage1.weights
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
@@ -73,7 +69,7 @@ def test_two_cpu_processes_resume_exactly(tmp_path):
     assert "MULTI_CPU" in proc.stdout
     a = torch.load(tmp_path / "runs" / "a" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "runs" / "b" / "checkpoints" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 6 and a["processes"] == 2
+    assert a["step"] == b["step"] == 4 and a["processes"] == 2
     assert len(a["rng"]) == 2          # one random state per process, each its own
     assert not torch.equal(a["rng"][0]["generators"]["loss"], a["rng"][1]["generators"]["loss"])
     for part in ("model", "ema"):

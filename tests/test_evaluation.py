@@ -472,3 +472,28 @@ def test_outputs_that_would_share_a_file_are_refused_before_any_item():
     check_output_names(pair, panels=1)
     with pytest.raises(DataError, match=r"a.tif and .*a.png would both be written as panels/a.png"):
         check_output_names(pair, panels=2)
+
+
+def test_names_that_differ_in_case_are_refused_where_the_output_folder_ignores_case(tmp_path, monkeypatch):
+    """A.png and a.png are one file on the usual macOS and Windows file systems: refused there
+    (the output folder is asked), written side by side where case matters (this Linux folder)."""
+    from dsrdmpd import evaluation, runfolder
+    from dsrdmpd.data import DataError
+    from dsrdmpd.evaluation import Item, check_output_names
+    items = [Item("A.png", Path("in/A.png")), Item("a.png", Path("in/a.png"))]
+    check_output_names(items)
+    with pytest.raises(DataError, match=r"in/a.png and in/A.png would be written as a.png and A.png: one file on a "
+                                        r"file system that ignores case"):
+        check_output_names(items, ignore_case=True)
+    check_output_names([Item("A.png", Path("in/A.png")), Item("b.png", Path("in/b.png"))], panels=2, ignore_case=True)
+    with pytest.raises(DataError, match=r"panels/a.png and panels/A.png"):   # a.jpg -> a.png, A.tif keeps its name
+        check_output_names([Item("A.tif", Path("in/A.tif")), Item("a.jpg", Path("in/a.jpg"))], panels=2,
+                           ignore_case=True)
+    # the folder itself is asked, and the probe leaves nothing behind (also for a folder not made yet)
+    assert runfolder.ignores_case(tmp_path) is False and runfolder.ignores_case(tmp_path / "new" / "run") is False
+    assert list(tmp_path.iterdir()) == []
+    seen = []
+    monkeypatch.setattr(evaluation, "ignores_case", lambda folder: seen.append(folder) or True)
+    with pytest.raises(DataError, match="ignores case"):
+        evaluation.run_items(None, items, tmp_path / "out", run_id="x")
+    assert seen == [tmp_path / "out"] and not (tmp_path / "out" / "restored").exists()

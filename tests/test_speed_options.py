@@ -144,9 +144,10 @@ class _ReplayStage1(torch.nn.Module):
 @pytest.fixture(scope="module")
 def bf16_runs(chain_reference):
     """{precision: (result, {stage: dtypes its convolutions computed in})} for 'bf16-stage1' and
-    'bf16' on the chain set. Both run stage 1 in bf16, the same function: PyTorch's reference
-    bf16 convolution takes ~10 s of it on a CPU without oneDNN bf16 kernels, so 'bf16' replays
-    the stage-1 output of 'bf16-stage1' (checking that it asked for bf16 autocast there)."""
+    'bf16' on the chain set's first image. On a CPU without oneDNN bf16 kernels PyTorch's
+    reference bf16 convolution runs: ~10 s for stage 1 and ~18 s for stage 2 on the whole set
+    of 3 images, a third of that on one. Both run stage 1 in bf16, the same function, so 'bf16'
+    replays the stage-1 output of 'bf16-stage1' (checking that it asked for bf16 autocast there)."""
     import warnings
     from dsrdmpd.inference import SlowPrecisionWarning
     runs, stage1_io = {}, []
@@ -166,28 +167,29 @@ def bf16_runs(chain_reference):
             for m in model.modules():
                 if isinstance(m, torch.nn.Conv2d):
                     m.register_forward_hook(lambda mod, i, o, s=stage: dtypes[s].add(o.dtype))
-        out = dehazer(chain_reference.hazy)
+        out = dehazer(chain_reference.hazy[:1])
         if precision == "bf16":
             assert replay.autocast == [True], "precision 'bf16' ran stage 1 outside bf16 autocast"
         runs[precision] = out, dtypes
     return runs
 
 
-@pytest.mark.parametrize("precision,min_coarse_db,min_restored_db", [("bf16-stage1", 55, 38), ("bf16", 55, 20)])
+@pytest.mark.parametrize("precision,min_coarse_db,min_restored_db", [("bf16-stage1", 55, 35), ("bf16", 55, 18)])
 def test_bf16_accuracy_cpu(chain_reference, bf16_runs, precision, min_coarse_db, min_restored_db):
     """bf16 accuracy depends on the particular weights and images, not on one number:
     bfloat16 keeps 8 mantissa bits, its relative errors grow through the layers and, in
     stage 2, through the 5 sampling steps, and restored values at the clamp (0 or 1) hide
     them. The four chain sets have the same weight scale (conv weight rms 0.0206 / 0.0362)
-    yet differ by 9-14 dB. Restored PSNR against float32 (``tests/parity_report.py
-    --skip-parity --bf16``, README "Tests": every in-repository chain set with its own
-    sampling seed, as here, and random tiny models) was at least 42.6 dB (bf16-stage1) and
-    26.1 dB (bf16); issue 20 reports 42.8 / 23.6 dB for another seed on another machine. The
-    bounds, 38 and 20 dB, sit 4.6 and 3.6 dB below the lowest of all these, a margin for
-    other CPUs' kernels and seeds; the coarse image (stage 1 in bf16, 64.2-69.1 dB per
-    image) must stay above 55 dB. The whole set is scored: single images spread wider
-    (seed101: 39.1-46.8 / 23.8-29.7 dB)."""
-    ref = chain_reference.reference
+    yet differ by 9-14 dB. The set's first image is scored (a third of the reference bf16
+    convolution's time on the CPU), so the bounds are set against single images: restored
+    PSNR against float32 of each of the 11 images of the four in-repository chain sets, each
+    set with its own sizes and sampling seed (README "Tests"), was 39.1-61.3 dB (bf16-stage1)
+    and 23.8-37.8 dB (bf16); the first images 44.5-61.3 and 26.1-35.4 dB. The bounds, 35 and
+    18 dB, sit 4.1 and 5.8 dB below the lowest single image, a margin for other CPUs' kernels
+    and seeds (issue 20 reports 23.6 dB for a whole set of another seed on another machine);
+    the coarse image (stage 1 in bf16, 64.3-69.1 dB per image) must stay above 55 dB."""
+    whole = chain_reference.reference
+    ref = DehazeResult(whole.coarse[:1], whole.restored[:1])        # the first image
     out, dtypes = bf16_runs[precision]
     assert dtypes[1] == {torch.bfloat16}
     assert dtypes[2] == ({torch.bfloat16} if precision == "bf16" else {torch.float32})

@@ -7,6 +7,8 @@ import sys
 import traceback
 from typing import Callable, List, Optional, Tuple, Type
 
+from ..messages import one_line
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -31,14 +33,6 @@ RUN_ENDED = (("dsrdmpd.evaluation", "RunStopped"),)          # the run stopped i
 def loaded_classes(names: Tuple[Tuple[str, str], ...]) -> Tuple[Type[BaseException], ...]:
     """The classes ``(module, name)`` of the modules imported so far."""
     return tuple(getattr(sys.modules[m], c) for m, c in names if m in sys.modules)
-
-
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line (multi-line messages joined with '; ')."""
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
-        text = f"{exc.filename}: {text}"
-    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def run_command(fn: Callable[[Optional[List[str]]], object], argv: Optional[List[str]] = None) -> int:

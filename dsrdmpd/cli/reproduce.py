@@ -197,7 +197,7 @@ def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protoc
     """Score one method's outputs for one dataset (``folder``/``dataset``) against the
     dataset's ground truth under ``protocol``: {'psnr', 'ssim'} or {'note'} (why not)."""
     from ..data import split_pairs
-    from ..evaluation import one_line
+    from ..messages import one_line
     from ..scoring import score_folder
     outputs = folder / dataset
     if not outputs.is_dir():
