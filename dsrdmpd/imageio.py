@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -128,11 +129,9 @@ _ORIENTATIONS = {
 }
 
 
-def _exif_orientation(im: Image.Image) -> int:
-    """The EXIF orientation of an opened JPEG / PNG (1, as stored, when it has none or it is
-    unreadable), from the EXIF block its header holds (nothing decoded)."""
+def _exif_orientation(block: Optional[bytes]) -> int:
+    """The orientation in an EXIF block (1, as stored, when there is none or it is unreadable)."""
     try:
-        block = im.info.get("exif")
         exif = Image.Exif()
         if block:
             exif.load(block)
@@ -142,13 +141,29 @@ def _exif_orientation(im: Image.Image) -> int:
     return value if value in _ORIENTATIONS else 1
 
 
-def _png16_orientation(path: Path) -> int:
-    """:func:`_exif_orientation` of a 16-bit PNG (read by pypng: Pillow opens only its header)."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_exif(path: Path) -> Optional[bytes]:
+    """The eXIf chunk of a PNG wherever it stands, before or after the image data (the PNG
+    specification allows both; cameras and editors write either), found by walking the chunk
+    headers, nothing decoded; None when it has none or the file is not a readable PNG."""
     try:
-        with _pillow_limit_off(), Image.open(path) as im:
-            return _exif_orientation(im)
-    except Exception:          # reading the pixels reports any real problem
-        return 1
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return None
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", head)
+                if kind == b"eXIf":
+                    return f.read(length)
+                if kind == b"IEND":
+                    return None
+                f.seek(length + 4, os.SEEK_CUR)         # the data and its CRC
+    except OSError:             # reading the pixels reports any real problem
+        return None
 
 
 @contextlib.contextmanager
@@ -223,12 +238,12 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         if colormap is not None:        # the values are indices into the colour map, not grey levels
             arr, palette = _expand_palette(arr, colormap), True
     elif path.suffix.lower() == ".png" and _png_bit_depth(path) == 16:
-        arr, orientation = _read_png16(path), _png16_orientation(path)
+        arr, orientation = _read_png16(path), _exif_orientation(_png_exif(path))
     else:
         try:
             with _pillow_limit_off(), Image.open(path) as im:
-                orientation = _exif_orientation(im)
-                im.load()
+                im.load()           # (a PNG's eXIf chunk after the image data is in .info only now)
+                orientation = _exif_orientation(im.info.get("exif"))
                 if im.mode == "P":
                     palette = True
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")

@@ -107,10 +107,16 @@ def bf16_psnr(make_dehazer, hazy: torch.Tensor) -> dict:
     depend on: 'w1' / 'w2' the rms of each stage's conv weights, 'sat' the share of the
     float32 restored values at the clamp (0 or 1). ``make_dehazer(precision)`` builds a fresh one."""
     fp32 = make_dehazer("fp32")
-    ref = fp32(hazy).restored
+    ref = fp32(hazy)
     stats = {"w1": _weight_rms(fp32.stage1), "w2": _weight_rms(fp32.stage2.net),
-             "sat": ((ref <= 0) | (ref >= 1)).double().mean().item()}
-    return {**{p: psnr(make_dehazer(p)(hazy).restored, ref) for p in PRECISIONS}, **stats}
+             "sat": ((ref.restored <= 0) | (ref.restored >= 1)).double().mean().item()}
+    runs = {p: make_dehazer(p)(hazy) for p in PRECISIONS}
+    # per image (test_bf16_accuracy_cpu scores a set's first image): restored, and the coarse
+    # image of stage 1 in bf16 (the same in both precisions)
+    per_image = {f"{p} per image": [psnr(out.restored[i], ref.restored[i]) for i in range(len(hazy))]
+                 for p, out in runs.items()}
+    per_image["coarse per image"] = [psnr(runs["bf16"].coarse[i], ref.coarse[i]) for i in range(len(hazy))]
+    return {**{p: psnr(out.restored, ref.restored) for p, out in runs.items()}, **per_image, **stats}
 
 
 def bf16_cases(sets: list, seeds: list, trained: list) -> list:
@@ -155,6 +161,16 @@ def bf16_table(cases: list) -> str:
               "|---" * (len(PRECISIONS) + 3) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{v[p]:.1f} dB" for p in PRECISIONS)
               + f" | {v['w1']:.3f} / {v['w2']:.3f} | {100 * v['sat']:.1f} % |" for name, v in cases]
+    each = lambda values: " / ".join(f"{x:.1f}" for x in values)      # noqa: E731
+    kinds = [f"{p} per image" for p in PRECISIONS] + ["coarse per image"]
+    lines += ["", "Per image, in input order (dB):", "", "| case | " + " | ".join(kinds) + " |",
+              "|---" * (len(kinds) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(each(v[k]) for k in kinds) + " |" for name, v in cases]
+    for k in kinds:
+        values = [x for _, v in cases for x in v[k]]
+        firsts = [v[k][0] for _, v in cases]
+        lines.append(f"\n{k}: {min(values):.1f}-{max(values):.1f} dB over {len(values)} images; "
+                     f"first images {min(firsts):.1f}-{max(firsts):.1f} dB")
     return "\n".join(lines)
 
 
