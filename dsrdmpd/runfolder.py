@@ -64,12 +64,13 @@ def record_name(item_name: str) -> str:
 
 def ignores_case(folder) -> bool:
     """Whether ``folder`` (or, if it does not exist yet, its nearest existing parent) treats
-    names that differ only in case as one file. Asked by creating a probe file there."""
+    names that differ only in case as one file. Asked by creating a probe file there (named
+    as a temporary, so one left by a kill is cleared with the others)."""
     folder = Path(folder).absolute()
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
     try:
-        fd, probe = tempfile.mkstemp(prefix=".dsrdmpd-case-probe-", suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".dsrdmpd-case-probe.", suffix=TEMP_MARK, dir=folder)
     except OSError:
         return False            # a folder we cannot write to gets no outputs either
     os.close(fd)
