@@ -121,7 +121,7 @@ def check_output_names(items: Sequence[Item], panels: int = 0, ignore_case: bool
     for k, item in enumerate(items):
         out = output_name(Path(item.name))
         for target in [out] + ([f"panels/{panel_name(out)}"] if k < panels else []):
-            key = target.casefold() if ignore_case else target
+            key = target.lower() if ignore_case else target     # (Unicode normalisation not compared)
             if key in seen:
                 other, first = seen[key]
                 if other == target:

@@ -145,9 +145,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _png_exif(path: Path) -> Optional[bytes]:
-    """The eXIf chunk of a PNG wherever it stands, before or after the image data (the PNG
-    specification allows both; cameras and editors write either), found by walking the chunk
-    headers, nothing decoded; None when it has none or the file is not a readable PNG."""
+    """The (first) eXIf chunk of a PNG wherever it stands, before or after the image data
+    (some writers put it after), found by walking the chunk headers, nothing decoded; None
+    when it has none or the file is not a readable PNG."""
     try:
         with open(path, "rb") as f:
             if f.read(8) != PNG_SIGNATURE:

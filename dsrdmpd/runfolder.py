@@ -64,15 +64,17 @@ def record_name(item_name: str) -> str:
 
 def ignores_case(folder) -> bool:
     """Whether ``folder`` (or, if it does not exist yet, its nearest existing parent) treats
-    names that differ only in case as one file. Asked by creating a probe file there (named
-    as a temporary, so one left by a kill is cleared with the others)."""
-    folder = Path(folder).absolute()
-    while not folder.is_dir() and folder != folder.parent:
-        folder = folder.parent
+    names that differ only in case as one file (macOS and Windows file systems usually do;
+    so do FAT / exFAT mounts and case-folding ext4 folders). Asked by creating a probe file
+    there, named as a temporary (one left by a kill inside a run folder is cleared under its
+    lock). False where the folder cannot be looked at or written to."""
     try:
+        folder = Path(folder).absolute()
+        while not folder.is_dir() and folder != folder.parent:
+            folder = folder.parent
         fd, probe = tempfile.mkstemp(prefix=".dsrdmpd-case-probe.", suffix=TEMP_MARK, dir=folder)
     except OSError:
-        return False            # a folder we cannot write to gets no outputs either
+        return False
     os.close(fd)
     try:
         probe = Path(probe)

@@ -522,7 +522,7 @@ MUTATIONS: List[Mutation] = [
              "check_output_names(items, panels)",
              ("tests/test_evaluation.py::test_names_that_differ_in_case_are_refused_where_the_output_folder_ignores_case",)),
     Mutation("case-collision-compared-as-is", "names that differ in case are compared case-sensitively everywhere",
-             "dsrdmpd/evaluation.py", "key = target.casefold() if ignore_case else target", "key = target",
+             "dsrdmpd/evaluation.py", "key = target.lower() if ignore_case else target", "key = target",
              ("tests/test_evaluation.py::test_names_that_differ_in_case_are_refused_where_the_output_folder_ignores_case",)),
     Mutation("png-exif-read-before-data", "an 8-bit PNG whose eXIf chunk follows the image data is read sideways",
              "dsrdmpd/imageio.py",

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
 
     def make(run, resume=None):
         cfg = load_config(Path({root!r}) / "configs" / "stage2_tiny.yaml",
-                          [f"data.root={{root}}", f"train.stage1_checkpoint={{stage1}}", "train.steps=4",
+                          [f"data.root={{root}}", f"train.stage1_checkpoint={{stage1}}", "train.steps=5",
                            "train.batch_size=1", "train.save_every=100", "train.ema_update_after_step=0",
                            "train.device=auto"])
         cfg["data"]["val_split"] = None
@@ -54,8 +54,9 @@ def _free_port() -> int:
 def test_two_cpu_processes_resume_exactly(synthetic_root, tiny_stage1, tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 with train.device auto on a machine
     without (visible) GPUs: one gloo run over 2 processes (8 training pairs, batch 1 each: 4
-    steps an epoch); stopped at step 2 of 4 (mid-epoch) and resumed, every model and EMA
-    tensor equals the uninterrupted run's."""
+    steps an epoch); stopped at step 2 of 5 (mid-epoch) and resumed into the next epoch (each
+    process's share of the reshuffled pairs), every model and EMA tensor equals the
+    uninterrupted run's."""
     data, stage1 = synthetic_root, tiny_stage1.weights
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
@@ -69,7 +70,7 @@ def test_two_cpu_processes_resume_exactly(synthetic_root, tiny_stage1, tmp_path)
     assert "MULTI_CPU" in proc.stdout
     a = torch.load(tmp_path / "runs" / "a" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "runs" / "b" / "checkpoints" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 4 and a["processes"] == 2
+    assert a["step"] == b["step"] == 5 and a["processes"] == 2
     assert len(a["rng"]) == 2          # one random state per process, each its own
     assert not torch.equal(a["rng"][0]["generators"]["loss"], a["rng"][1]["generators"]["loss"])
     for part in ("model", "ema"):

@@ -174,7 +174,7 @@ def bf16_runs(chain_reference):
     return runs
 
 
-@pytest.mark.parametrize("precision,min_coarse_db,min_restored_db", [("bf16-stage1", 55, 35), ("bf16", 55, 18)])
+@pytest.mark.parametrize("precision,min_coarse_db,min_restored_db", [("bf16-stage1", 55, 35), ("bf16", 55, 20)])
 def test_bf16_accuracy_cpu(chain_reference, bf16_runs, precision, min_coarse_db, min_restored_db):
     """bf16 accuracy depends on the particular weights and images, not on one number:
     bfloat16 keeps 8 mantissa bits, its relative errors grow through the layers and, in
@@ -185,9 +185,11 @@ def test_bf16_accuracy_cpu(chain_reference, bf16_runs, precision, min_coarse_db,
     PSNR against float32 of each of the 11 images of the four in-repository chain sets, each
     set with its own sizes and sampling seed (README "Tests"), was 39.1-61.3 dB (bf16-stage1)
     and 23.8-37.8 dB (bf16); the first images 44.5-61.3 and 26.1-35.4 dB. The bounds, 35 and
-    18 dB, sit 4.1 and 5.8 dB below the lowest single image, a margin for other CPUs' kernels
-    and seeds (issue 20 reports 23.6 dB for a whole set of another seed on another machine);
-    the coarse image (stage 1 in bf16, 64.3-69.1 dB per image) must stay above 55 dB."""
+    20 dB, sit 4.1 and 3.8 dB below the lowest single image, a margin for other CPUs' kernels
+    and seeds (issue 20 reports 23.6 dB for a whole set of another seed on another machine),
+    and above what real bugs give on the first image (a wrong sampling seed or stage 2 skipped:
+    about 15 dB); the coarse image (stage 1 in bf16, 64.3-69.1 dB per image) must stay
+    above 55 dB."""
     whole = chain_reference.reference
     ref = DehazeResult(whole.coarse[:1], whole.restored[:1])        # the first image
     out, dtypes = bf16_runs[precision]
