@@ -218,7 +218,7 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         broken = f"broken link (to {os.readlink(path)})" if path.is_symlink() else ""
         raise ImageReadError(f"{path}: {broken or 'file not found'}")
     check_pixel_limit(path, max_pixels)
-    palette, orientation = False, 1     # a TIFF's own orientation tag is not applied (README)
+    palette, orientation, colours_from = False, 1, ""    # a TIFF's own orientation tag is not applied (README)
     if path.suffix.lower() in TIFF_EXTENSIONS:
         try:
             import tifffile
@@ -248,6 +248,7 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
                     palette = True
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                    colours_from = im.mode      # e.g. a print-ready CMYK JPEG: Pillow's formula, no ICC profile
                     im = im.convert("RGB")
                 elif im.mode == "1":
                     im = im.convert("L")
@@ -262,6 +263,8 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         note = f"turned upright (EXIF orientation {orientation})" + (f"; {note}" if note else "")
     if palette:
         note = "palette image expanded to RGB" + (f"; {note}" if note else "")
+    if colours_from:
+        note = f"{colours_from} converted to RGB (no colour management)" + (f"; {note}" if note else "")
     unit, depth = _array_to_unit(arr, path)
     if unit.shape[0] < 1 or unit.shape[1] < 1:
         raise ImageReadError(f"{path}: empty image")

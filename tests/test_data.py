@@ -177,6 +177,20 @@ def test_exif_after_the_image_data_is_found(tmp_path):
         assert np.array_equal((got * peak).round(), want), name
 
 
+def test_a_cmyk_jpeg_is_read_as_rgb_and_says_so(tmp_path):
+    """A print-ready CMYK JPEG (Adobe marker) is read in RGB by Pillow's formula, without colour
+    management: close to the RGB it was made from, and summary.md's conversion note says so."""
+    rgb = _rgb(16, 24)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "print.jpg", quality=100)
+    with Image.open(tmp_path / "print.jpg") as im:
+        assert im.mode == "CMYK"
+    img = read_image(tmp_path / "print.jpg")
+    assert img.tensor.shape == (3, 16, 24) and img.bit_depth == 8
+    assert np.abs(img.tensor.permute(1, 2, 0).numpy() * 255 - rgb).mean() < 2     # JPEG's loss only
+    assert img.conversion == "CMYK converted to RGB (no colour management)"
+    assert read_image(_png(tmp_path / "plain.png", rgb)).conversion == ""
+
+
 def _exif(orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
