@@ -11,7 +11,8 @@ source's metric protocol and whether it is first-hand, second-hand or unknown.
 --peer NAME=DIR scores another method's outputs, DIR/<dataset>/ for each suite dataset
 (named as in the suite), with dsrdmpd-score against the same ground truth under the
 same protocol as ours (into <output>/peers/NAME/<dataset>/). Datasets whose folders or
-checkpoints are missing are skipped with a note.
+checkpoints are missing are skipped with a note. A dataset (or a peer's folder) that
+fails is noted in its row and the table is still written; the exit code is then 1.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from ..atomicfile import write_text_atomic
 from ..choices import PROTOCOLS
 from ..config import load_config
 from . import evaluate
+from ..messages import one_line
 from .errors import ItemsFailed, UsageError, run_command
 from .options import parser
+from .score import check_output_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 # suite key -> dsrdmpd-test option
@@ -116,10 +119,12 @@ def pair_cell(psnr: Optional[float], ssim: Optional[float]) -> str:
     return f"{fmt(psnr, 2)} / {fmt(ssim, 4)}" if psnr is not None else ""
 
 
-def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, protocol: str) -> str:
+def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, protocol: str,
+                 origin: Sequence[str] = ()) -> str:
     """tables.csv (one row per dataset) and tables.md (ours | reported | difference |
-    source | scored peers, the protocol of every column, the sources, then the other
-    methods: as reported, and as scored here); returns the markdown."""
+    source | scored peers, the protocol of every column, where our numbers came from
+    (``origin`` lines), the sources, then the other methods: as reported, and as scored
+    here); returns the markdown."""
     from ..evaluation import fmt
     scored = sorted({m for r in rows for m in r.get("scored", {})})
     buf = io.StringIO()
@@ -152,6 +157,7 @@ def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, p
               "diff = ours - reported, so it mixes protocols where they differ.",
               "- '(second-hand)': read in another paper that reports the method, not in the method's own paper "
               "(for DS-RDMPD: not in the DS-RDMPD paper itself); an empty reported cell: no value known."]
+    lines += ["", "Our numbers:", "", *origin] if origin else ["", "Our numbers: none (no dataset was evaluated)."]
     used = sorted({str(ref.get("source")) for group in [paper.get("datasets") or {}, *(paper.get("peers") or {})
                                                         .values()] for ref in group.values() if ref.get("source")})
     if used:
@@ -197,7 +203,6 @@ def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protoc
     """Score one method's outputs for one dataset (``folder``/``dataset``) against the
     dataset's ground truth under ``protocol``: {'psnr', 'ssim'} or {'note'} (why not)."""
     from ..data import split_pairs
-    from ..messages import one_line
     from ..scoring import score_folder
     outputs = folder / dataset
     if not outputs.is_dir():
@@ -229,7 +234,8 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     paper = load_config(args.paper, defaults={})
     protocol = suite.get("protocol", "paper")
     peers = {**{k: Path(v) for k, v in (suite.get("peers") or {}).items()}, **parse_peers(args.peer)}
-    rows = []
+    check_output_folder(args.output)
+    rows, problems, evaluated = [], [], {}
     for name, ds in (suite.get("datasets") or {}).items():
         missing = [k for k in ("root", "stage1", "stage2") if not ds.get(k) or not Path(ds[k]).exists()]
         ours: Dict[str, float] = {}
@@ -248,20 +254,38 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
             note = f"{ds.get('split', 'test')} split" + (f", resized to {ds['resize']}" if ds.get("resize") else "")
             try:
                 ours = evaluate.run(cli)
+                evaluated[name] = (ds["stage1"], ds["stage2"])
             except ItemsFailed as exc:
                 ours = load_means(args.output / name)
-                note += f"; {exc}"
+                evaluated[name] = (ds["stage1"], ds["stage2"])
+                note += f"; {one_line(exc)}"
+                problems.append(name)
+            except Exception as exc:          # one dataset that cannot be evaluated is noted; the table goes on
+                note = f"failed: {one_line(exc)}"
+                print(f"{name}: {note}")
+                problems.append(name)
         row = table_row(name, ours, (paper.get("datasets") or {}).get(name, {}), note, paper)
         for peer, folder in peers.items():
             cell = score_peer(peer, folder, name, ds, protocol, args.output)
             if cell.get("note"):
+                problems.append(f"{peer} on {name}")
                 row["note"] = "; ".join(n for n in (row["note"], cell.pop("note")) if n)
             if cell:
                 row["scored"][peer] = cell
         rows.append(row)
     rows += average_rows(rows, paper)
-    print(write_tables(rows, paper, args.output, protocol))
+    print(write_tables(rows, paper, args.output, protocol, ours_origin(evaluated, suite)))
+    if problems:
+        raise ItemsFailed(f"{len(problems)} of the table's entries had problems ({', '.join(problems[:5])}"
+                          f"{' ...' if len(problems) > 5 else ''}): see the notes in {args.output / 'tables.md'}")
     return rows
+
+
+def ours_origin(evaluated: Dict[str, tuple], suite: Dict[str, Any]) -> List[str]:
+    """Where each of our numbers came from: one line per evaluated dataset (checkpoints,
+    weights, seed, per-image results); [] when none was evaluated."""
+    return [f"- {name}: `dsrdmpd-test` with stage 1 `{s1}`, stage 2 `{s2}` (weights {suite.get('weights', 'model')}, "
+            f"seed {suite.get('seed', 0)}); per image in `{name}/metrics.csv`" for name, (s1, s2) in evaluated.items()]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

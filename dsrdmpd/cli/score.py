@@ -7,10 +7,11 @@
 
 Restored files pair with ground truth by name key, never by order: a restored file's
 stem (or the group of --restored-key) must be a pair's key, its hazy file's stem or its
-GT file's stem; names that match nothing are an error that lists them. Writes
-<output>/metrics.csv (per image: PSNR / SSIM per protocol, CIEDE2000) and summary.md
-(the protocols, means, per image, pairs that failed with the reason; a failed pair makes
-the exit code 1).
+GT file's stem (exactly, or else ignoring case where that names one pair); names that
+match nothing are an error that lists them (exit code 2). Writes <output>/metrics.csv
+(per image: PSNR / SSIM per protocol, CIEDE2000) and summary.md (the protocols, means,
+per image, conversions made on reading, pairs that failed with the reason; a failed
+pair makes the exit code 1).
 """
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def build_parser():
     return ap
 
 
+def check_output_folder(folder: Path) -> None:
+    """An --output that exists as a file (or lies under one) is a UsageError, before any work."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"--output {folder}: {p} is a file, not a folder")
+            return
+
+
 def references(args) -> list:
     """The reference pairs: a GT folder, or a dataset split (by preset)."""
     if args.gt and args.data_root:
@@ -64,13 +74,18 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, float]:
         raise UsageError(str(exc)) from None
     if args.crop_border < 0 or (args.resize is not None and args.resize < 1):
         raise UsageError("--crop-border must be >= 0 and --resize >= 1")
+    check_output_folder(args.output)
     refs = references(args)
     gt_label = args.gt if args.gt else f"{args.data_root} ({args.preset}, {args.split} split)"
     means, failed = score_folder(args.restored, refs, args.output, protocols, args.crop_border, args.resize,
                                  args.restored_key, "Scores of existing results",
                                  [f"Restored: `{args.restored}`; ground truth: `{gt_label}`."],
                                  progress=not args.no_progress)
-    print((args.output / "summary.md").read_text().split("Per image:")[0].strip())
+    summary = (args.output / "summary.md").read_text()
+    print(summary.split("Per image:")[0].strip())
+    if "\nConverted on reading" in summary:
+        print(f"\nSome images were converted on reading (grey or alpha to RGB, EXIF turn, bit depths differ): "
+              f"listed in {args.output / 'summary.md'}")
     if failed:
         raise ItemsFailed(f"{len(failed)} of {len(refs)} pair(s) could not be scored "
                           f"({', '.join(str(r['name']) for r in failed[:5])}{' ...' if len(failed) > 5 else ''}): "
