@@ -14,7 +14,7 @@ from PIL import Image
 
 from dsrdmpd.cli import reproduce, score
 from dsrdmpd.data import DataError
-from dsrdmpd.scoring import ScoringError, gt_references, match_restored
+from dsrdmpd.scoring import ScoringError, affix_rule, gt_references, match_restored
 
 
 def save(path: Path, arr: np.ndarray, **kw) -> Path:
@@ -104,6 +104,9 @@ def test_a_common_suffix_is_named_with_the_key_rule_that_pairs_it(tmp_path, caps
     save(mixed / "out" / "2_out.png", rgb(2))
     assert score.main(args(mixed)) == 2
     assert "would pair them" not in one_error_line(capsys)
+    names = [str(i) for i in range(60)]                                  # the rule is checked on every name
+    assert affix_rule([f"{n}_dehazed" for n in names], names) == "(.+)_dehazed"
+    assert affix_rule([f"{n}_dehazed" for n in names[:55]] + ["55_out"], names) is None
 
 
 def test_images_one_folder_down_are_pointed_at(tmp_path, capsys):
