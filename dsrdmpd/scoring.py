@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import os
+import math
 import re
 
 import torch
@@ -229,6 +229,21 @@ def protocol_notes(protocols: Sequence[str], border: int = 0, resize: Optional[i
     return lines
 
 
+def infinite_psnr_lines(rows: Sequence[Dict[str, object]], protocols: Sequence[str]) -> List[str]:
+    """Where some pairs are identical (PSNR inf, so the mean is inf): a line naming how many,
+    with the mean PSNR of the others per protocol; [] when every PSNR is finite."""
+    cols = [f"psnr_{p}" for p in protocols]
+    same = [r for r in rows if any(math.isinf(float(r[c])) for c in cols)]
+    if not same:
+        return []
+    rest = [r for r in rows if r not in same]
+    means = mean_scores(rest, cols)
+    tail = ("; mean PSNR of the other " + str(len(rest)) + ": "
+            + ", ".join(f"{p} {means[c]:.3f} dB" for p, c in zip(protocols, cols))) if rest else ""
+    return [f"PSNR is infinite (identical images) for {len(same)} of {len(rows)} pair(s), so its mean is "
+            f"infinite{tail}.", ""]
+
+
 def write_scores(rows: Sequence[Dict[str, object]], out_dir: Path, protocols: Sequence[str], title: str,
                  notes: Sequence[str] = (), failed: Sequence[Dict[str, object]] = ()) -> Dict[str, float]:
     """``metrics.csv`` (one row per scored pair) and ``summary.md`` (the protocols, the
@@ -245,6 +260,7 @@ def write_scores(rows: Sequence[Dict[str, object]], out_dir: Path, protocols: Se
     if means:
         lines += ["| images | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|",
                   f"| {len(rows)} | " + " | ".join(cells([means[c] for c in cols])) + " |", "",
+                  *infinite_psnr_lines(rows, protocols),
                   "Per image:", "", "| image | ground truth | " + " | ".join(heads) + " |",
                   "|---" * (len(heads) + 2) + "|"]
         lines += [f"| {cell(r['name'])} | {cell(r['gt'])} | " + " | ".join(cells([r[c] for c in cols])) + " |"

@@ -581,6 +581,12 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/cli/reproduce.py", '    lines += ["", "Our numbers:", "", *origin] if origin',
              '    lines += ["", "Our numbers:", ""] if origin',
              ("tests/test_score_audit.py::test_a_failing_dataset_is_noted_and_the_table_still_written",)),
+    Mutation("reproduce-peer-unchecked", "a --peer folder that is missing or named unlike the suite's datasets is silently empty",
+             "dsrdmpd/cli/reproduce.py", "    check_peer_folders(peers, list(suite.get(\"datasets\") or {}))\n", "",
+             ("tests/test_score_audit.py::test_a_peer_folder_matching_no_dataset_is_a_usage_error",)),
+    Mutation("score-inf-unexplained", "identical pairs make the mean PSNR inf with no count nor mean of the others",
+             "dsrdmpd/scoring.py", "                  *infinite_psnr_lines(rows, protocols),\n", "",
+             ("tests/test_score_audit.py::test_identical_pairs_are_counted_and_the_others_averaged",)),
 ]
 
 

@@ -192,3 +192,39 @@ def test_reproduce_with_nothing_found_says_no_number_of_ours(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert reproduce.main(["--suite", str(tmp_path / "suite.yaml"), "--output", str(tmp_path / "f" / "t")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_peer_folder_matching_no_dataset_is_a_usage_error(tmp_path, capsys):
+    suite = {"datasets": {"SateHaze1k-thin": {"preset": "rsid", "root": str(tmp_path / "none")}}}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump({"datasets": {}}))
+    (tmp_path / "peer" / "SateHaze1k_thin").mkdir(parents=True)          # '_' where the suite has '-'
+    base = ["--suite", str(tmp_path / "suite.yaml"), "--paper", str(tmp_path / "paper.yaml"),
+            "--output", str(tmp_path / "t")]
+    assert reproduce.main(base + ["--peer", f"Mine={tmp_path / 'peer'}"]) == 2
+    assert "holds no folder named as a suite dataset (SateHaze1k-thin); it holds: SateHaze1k_thin" in \
+        one_error_line(capsys)
+    assert reproduce.main(base + ["--peer", f"Mine={tmp_path / 'nowhere'}"]) == 2
+    assert "peer Mine: folder not found" in one_error_line(capsys)
+    assert not (tmp_path / "t").exists()
+    (tmp_path / "peer" / "SateHaze1k-thin").mkdir()                      # found; its GT is not: noted, exit 1
+    assert reproduce.main(base + ["--peer", f"Mine={tmp_path / 'peer'}"]) == 1
+    assert "Mine not scored: " in (tmp_path / "t" / "tables.md").read_text()
+
+
+def test_identical_pairs_are_counted_and_the_others_averaged(tmp_path, capsys):
+    for n, seed in (("1", 1), ("2", 2), ("3", 3)):
+        save(tmp_path / "gt" / f"{n}.png", rgb(seed))
+    save(tmp_path / "out" / "1.png", rgb(1))                              # identical: PSNR inf
+    save(tmp_path / "out" / "2.png", rgb(5))
+    save(tmp_path / "out" / "3.png", rgb(6))
+    score.run(args(tmp_path, "--protocol", "paper,y"))
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "s" / "metrics.csv"))}
+    want = {p: (float(rows["2.png"][f"psnr_{p}"]) + float(rows["3.png"][f"psnr_{p}"])) / 2 for p in ("paper", "y")}
+    line = (f"PSNR is infinite (identical images) for 1 of 3 pair(s), so its mean is infinite; mean PSNR of the "
+            f"other 2: paper {want['paper']:.3f} dB, y {want['y']:.3f} dB.")
+    assert line in (tmp_path / "s" / "summary.md").read_text() and line in capsys.readouterr().out
+    save(tmp_path / "out" / "2.png", rgb(2))
+    save(tmp_path / "out" / "3.png", rgb(3))
+    score.run(args(tmp_path))                                            # all identical: no mean of others
+    assert "for 3 of 3 pair(s), so its mean is infinite." in (tmp_path / "s" / "summary.md").read_text()

@@ -198,6 +198,18 @@ def parse_peers(items: Sequence[str]) -> Dict[str, Path]:
     return peers
 
 
+def check_peer_folders(peers: Dict[str, Path], datasets: Sequence[str]) -> None:
+    """A peer folder that is missing, or holds a folder for none of the suite's datasets, is
+    a UsageError naming what it holds (before any dataset is evaluated)."""
+    for name, folder in peers.items():
+        if not folder.is_dir():
+            raise UsageError(f"peer {name}: folder not found: {folder}")
+        if not any((folder / d).is_dir() for d in datasets):
+            held = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            raise UsageError(f"peer {name}: {folder} holds no folder named as a suite dataset "
+                             f"({', '.join(datasets) or 'none in the suite'}); it holds: {', '.join(held[:10]) or 'no folder'}")
+
+
 def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protocol: str,
                out: Path) -> Dict[str, Any]:
     """Score one method's outputs for one dataset (``folder``/``dataset``) against the
@@ -235,6 +247,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     protocol = suite.get("protocol", "paper")
     peers = {**{k: Path(v) for k, v in (suite.get("peers") or {}).items()}, **parse_peers(args.peer)}
     check_output_folder(args.output)
+    check_peer_folders(peers, list(suite.get("datasets") or {}))
     rows, problems, evaluated = [], [], {}
     for name, ds in (suite.get("datasets") or {}).items():
         missing = [k for k in ("root", "stage1", "stage2") if not ds.get(k) or not Path(ds[k]).exists()]
