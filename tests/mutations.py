@@ -587,6 +587,13 @@ MUTATIONS: List[Mutation] = [
     Mutation("score-inf-unexplained", "identical pairs make the mean PSNR inf with no count nor mean of the others",
              "dsrdmpd/scoring.py", "                  *infinite_psnr_lines(rows, protocols),\n", "",
              ("tests/test_score_audit.py::test_identical_pairs_are_counted_and_the_others_averaged",)),
+    Mutation("score-key-regex-unchecked", "a bad --*-key regex ends as 'error: error: ...' with exit code 1",
+             "dsrdmpd/cli/score.py", "    check_key_rules(args)\n", "",
+             ("tests/test_score_audit.py::test_key_rules_are_checked_before_any_folder_is_read",)),
+    Mutation("score-gt-key-ignored", "--gt-key with a preset that names its own files is silently ignored",
+             "dsrdmpd/cli/score.py", "    if args.gt_key != DEFAULT_KEY and not (args.gt or paired):",
+             "    if args.gt_key != DEFAULT_KEY and not (args.gt or True):",
+             ("tests/test_score_audit.py::test_key_rules_are_checked_before_any_folder_is_read",)),
 ]
 
 

@@ -228,3 +228,18 @@ def test_identical_pairs_are_counted_and_the_others_averaged(tmp_path, capsys):
     save(tmp_path / "out" / "3.png", rgb(3))
     score.run(args(tmp_path))                                            # all identical: no mean of others
     assert "for 3 of 3 pair(s), so its mean is infinite." in (tmp_path / "s" / "summary.md").read_text()
+
+
+def test_key_rules_are_checked_before_any_folder_is_read(tmp_path, capsys):
+    save(tmp_path / "gt" / "1.png", rgb(1))
+    save(tmp_path / "out" / "1.png", rgb(1))
+    for extra, words in ((["--restored-key", "(.+"], "--restored-key '(.+': not a valid regular expression"),
+                         (["--gt-key", ".+"], "--gt-key '.+': needs exactly one group"),
+                         (["--hazy-key", "(.+)_hazy"], "--hazy-key applies only with --data-root and --preset paired")):
+        assert score.main(args(tmp_path, *extra)) == 2
+        assert words in one_error_line(capsys)
+    argv = ["--restored", str(tmp_path / "out"), "--data-root", str(tmp_path), "--preset", "satehaze1k",
+            "--gt-key", "(.+)_gt", "--output", str(tmp_path / "s")]
+    assert score.main(argv) == 2
+    assert "--gt-key applies only with --gt, or --data-root and --preset paired" in one_error_line(capsys)
+    assert not (tmp_path / "s").exists()

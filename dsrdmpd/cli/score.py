@@ -22,17 +22,19 @@ from ..choices import PROTOCOLS
 from .errors import ItemsFailed, UsageError, run_command
 from .options import add_dataset_options, dataset_split_pairs, parser
 
+DEFAULT_KEY = r"(.+)"
+
 
 def build_parser():
     ap = parser("dsrdmpd-score", __doc__)
     src = ap.add_argument_group("images")
     src.add_argument("--restored", required=True, type=Path, help="folder of restored images to score")
-    src.add_argument("--restored-key", default=r"(.+)", help="name-key rule for restored files (regex on the stem, "
+    src.add_argument("--restored-key", default=DEFAULT_KEY, help="name-key rule for restored files (regex on the stem, "
                                                              "one group)")
     src.add_argument("--gt", type=Path, help="folder of ground truth (instead of --data-root)")
     add_dataset_options(src)
-    src.add_argument("--hazy-key", default=r"(.+)", help="with --preset paired: name-key rule for hazy files")
-    src.add_argument("--gt-key", default=r"(.+)", help="name-key rule for GT files (--gt, or --preset paired)")
+    src.add_argument("--hazy-key", default=DEFAULT_KEY, help="with --preset paired: name-key rule for hazy files")
+    src.add_argument("--gt-key", default=DEFAULT_KEY, help="name-key rule for GT files (--gt, or --preset paired)")
     g = ap.add_argument_group("scoring")
     g.add_argument("--protocol", default="paper",
                    help=f"one or more of {', '.join(sorted(PROTOCOLS))}, comma-separated (e.g. paper,y)")
@@ -51,6 +53,25 @@ def check_output_folder(folder: Path) -> None:
             if not p.is_dir():
                 raise UsageError(f"--output {folder}: {p} is a file, not a folder")
             return
+
+
+def check_key_rules(args) -> None:
+    """Each --*-key given must be a regex with exactly one group and must apply: --hazy-key
+    only with --preset paired, --gt-key with --gt or --preset paired (UsageError otherwise)."""
+    import re
+    for option, value in (("--restored-key", args.restored_key), ("--gt-key", args.gt_key),
+                          ("--hazy-key", args.hazy_key)):
+        try:
+            groups = re.compile(value).groups
+        except re.error as exc:
+            raise UsageError(f"{option} {value!r}: not a valid regular expression ({exc})") from None
+        if groups != 1:
+            raise UsageError(f"{option} {value!r}: needs exactly one group '(...)', the key; it has {groups}")
+    paired = args.data_root and args.preset == "paired"
+    if args.hazy_key != DEFAULT_KEY and not paired:
+        raise UsageError("--hazy-key applies only with --data-root and --preset paired (presets name their files)")
+    if args.gt_key != DEFAULT_KEY and not (args.gt or paired):
+        raise UsageError("--gt-key applies only with --gt, or --data-root and --preset paired (presets name their files)")
 
 
 def references(args) -> list:
@@ -75,6 +96,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if args.crop_border < 0 or (args.resize is not None and args.resize < 1):
         raise UsageError("--crop-border must be >= 0 and --resize >= 1")
     check_output_folder(args.output)
+    check_key_rules(args)
     refs = references(args)
     gt_label = args.gt if args.gt else f"{args.data_root} ({args.preset}, {args.split} split)"
     means, failed = score_folder(args.restored, refs, args.output, protocols, args.crop_border, args.resize,
