@@ -233,12 +233,16 @@ def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protoc
 
 def run(argv: Optional[List[str]] = None) -> List[dict]:
     ap = parser("dsrdmpd-reproduce", __doc__)
-    ap.add_argument("--suite", default=str(ROOT / "configs" / "reproduce.yaml"))
-    ap.add_argument("--paper", default=str(ROOT / "configs" / "paper_results.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--output", required=True, type=Path)
+    ap.add_argument("--suite", default=str(ROOT / "configs" / "reproduce.yaml"),
+                    help="datasets with their folders and checkpoints, the protocol, seed and weights")
+    ap.add_argument("--paper", default=str(ROOT / "configs" / "paper_results.yaml"),
+                    help="the reported values, each with its source, table, protocol and hand")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a suite setting, e.g. datasets.RSID.root=/data/RSID (repeatable)")
+    ap.add_argument("--output", required=True, type=Path,
+                    help="folder for tables.md, tables.csv, <dataset>/ and peers/")
     ap.add_argument("--device", default="auto", help="as dsrdmpd-test --device")
-    ap.add_argument("--config", help="model config for every dataset (default: sizes read off the checkpoints)")
+    ap.add_argument("--config", help="model config for every dataset (without it: sizes read off the checkpoints)")
     ap.add_argument("--peer", action="append", default=[], metavar="NAME=DIR",
                     help="another method's outputs, DIR/<dataset>/ per suite dataset, scored as ours")
     args = ap.parse_args(argv)
