@@ -594,6 +594,12 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/cli/score.py", "    if args.gt_key != DEFAULT_KEY and not (args.gt or paired):",
              "    if args.gt_key != DEFAULT_KEY and not (args.gt or True):",
              ("tests/test_score_audit.py::test_key_rules_are_checked_before_any_folder_is_read",)),
+    Mutation("reproduce-suite-unchecked", "a suite with an unknown protocol fails with a KeyError after evaluating",
+             "dsrdmpd/cli/reproduce.py", "    if protocol not in PROTOCOLS:\n", "    if False:\n",
+             ("tests/test_score_audit.py::test_a_suite_without_datasets_or_with_an_unknown_protocol_is_refused",)),
+    Mutation("reproduce-empty-suite", "a suite without datasets writes an empty table and exits 0",
+             "dsrdmpd/cli/reproduce.py", "    if not suite.get(\"datasets\"):\n", "    if False:\n",
+             ("tests/test_score_audit.py::test_a_suite_without_datasets_or_with_an_unknown_protocol_is_refused",)),
 ]
 
 

@@ -243,3 +243,12 @@ def test_key_rules_are_checked_before_any_folder_is_read(tmp_path, capsys):
     assert score.main(argv) == 2
     assert "--gt-key applies only with --gt, or --data-root and --preset paired" in one_error_line(capsys)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_suite_without_datasets_or_with_an_unknown_protocol_is_refused(tmp_path, capsys):
+    for suite, words in (({"protocol": "paper"}, "no datasets listed"),
+                         ({"protocol": "ycbcr", "datasets": {"A": {"root": "x"}}}, "protocol 'ycbcr' is not one of")):
+        (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+        assert reproduce.main(["--suite", str(tmp_path / "suite.yaml"), "--output", str(tmp_path / "t")]) == 2
+        assert words in one_error_line(capsys)
+        assert not (tmp_path / "t").exists()

@@ -249,6 +249,10 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     suite = load_config(args.suite, args.overrides, defaults={})
     paper = load_config(args.paper, defaults={})
     protocol = suite.get("protocol", "paper")
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"{args.suite}: protocol {protocol!r} is not one of {', '.join(sorted(PROTOCOLS))}")
+    if not suite.get("datasets"):
+        raise UsageError(f"{args.suite}: no datasets listed (expected a 'datasets:' mapping of name -> settings)")
     peers = {**{k: Path(v) for k, v in (suite.get("peers") or {}).items()}, **parse_peers(args.peer)}
     check_output_folder(args.output)
     check_peer_folders(peers, list(suite.get("datasets") or {}))
