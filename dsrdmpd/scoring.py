@@ -96,8 +96,8 @@ def affix_rule(longer: Sequence[str], shorter: Sequence[str]) -> Optional[str]:
     names = set(shorter)
     common = None
     for stem in longer[:50]:
-        cuts = {(stem[:i], stem[i + len(n):]) for n in names if n and len(n) < len(stem)
-                for i in [m.start() for m in re.finditer(re.escape(n), stem)]}
+        cuts = {(stem[:i], stem[j:]) for i in range(len(stem)) for j in range(i + 1, len(stem) + 1)
+                if (i or j < len(stem)) and stem[i:j] in names}
         common = cuts if common is None else common & cuts
         if not common:
             return None
