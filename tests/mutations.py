@@ -578,8 +578,8 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/cli/reproduce.py", "    if problems:\n        raise ItemsFailed", "    if False:\n        raise ItemsFailed",
              ("tests/test_score_audit.py::test_a_failing_dataset_is_noted_and_the_table_still_written",)),
     Mutation("reproduce-origin-dropped", "our numbers in tables.md without the checkpoints they came from",
-             "dsrdmpd/cli/reproduce.py", '    lines += ["", "Our numbers:", "", *origin] if origin',
-             '    lines += ["", "Our numbers:", ""] if origin',
+             "dsrdmpd/cli/reproduce.py", '    lines += ["", "Where the numbers come from:", "", *origin] if origin',
+             '    lines += ["", "Where the numbers come from:", ""] if origin',
              ("tests/test_score_audit.py::test_a_failing_dataset_is_noted_and_the_table_still_written",)),
     Mutation("reproduce-peer-unchecked", "a --peer folder that is missing or named unlike the suite's datasets is silently empty",
              "dsrdmpd/cli/reproduce.py", "    check_peer_folders(peers, list(suite.get(\"datasets\") or {}))\n", "",
@@ -600,6 +600,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("reproduce-empty-suite", "a suite without datasets writes an empty table and exits 0",
              "dsrdmpd/cli/reproduce.py", "    if not suite.get(\"datasets\"):\n", "    if False:\n",
              ("tests/test_score_audit.py::test_a_suite_without_datasets_or_with_an_unknown_protocol_is_refused",)),
+    Mutation("reproduce-peer-origin-dropped", "a scored peer's cells without how many images they cover and where",
+             "dsrdmpd/cli/reproduce.py", "for r in rows for m, cell in r[\"scored\"].items() if \"images\" in cell]",
+             "for r in rows for m, cell in r[\"scored\"].items() if False]",
+             ("tests/test_score.py::test_reproduce_table_with_a_scored_peer_column",)),
 ]
 
 

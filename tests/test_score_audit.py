@@ -165,6 +165,9 @@ def test_a_failing_dataset_is_noted_and_the_table_still_written(tmp_path, monkey
     def fake_test(cli):                       # dsrdmpd-test stands in: A works, B's input is bad
         if cli[cli.index("--data-root") + 1].endswith("B"):
             raise DataError("no images found in B/test/hazy")
+        out = Path(cli[cli.index("--output") + 1])
+        out.mkdir(parents=True)
+        (out / "metrics.csv").write_text("name,psnr_stage2\n1.png,25.0\n2.png,26.0\nbad.png,\n")
         return {"psnr_stage1": 20.0, "ssim_stage1": 0.5, "psnr_stage2": 25.5, "ssim_stage2": 0.75}
 
     monkeypatch.setattr(reproduce.evaluate, "run", fake_test)
@@ -176,7 +179,7 @@ def test_a_failing_dataset_is_noted_and_the_table_still_written(tmp_path, monkey
     assert "| A | 25.50 | 0.7500 |" in md and "| B |  |  |" in md
     assert "failed: no images found in B/test/hazy" in md and "skipped: not found: root=" in md
     assert (f"- A: `dsrdmpd-test` with stage 1 `{tmp_path / 's1.pth'}`, stage 2 `{tmp_path / 's2.pt'}` "
-            "(weights model, seed 3); per image in `A/metrics.csv`") in md
+            "(weights model, seed 3); 2 image(s) scored, per image in `A/metrics.csv`") in md
     assert "- B:" not in md and "- C:" not in md
     rows = list(csv.DictReader(open(tmp_path / "t" / "tables.csv")))
     assert [r["psnr"] for r in rows] == ["25.5", "", ""]
@@ -188,7 +191,8 @@ def test_reproduce_with_nothing_found_says_no_number_of_ours(tmp_path, capsys):
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump({"datasets": {}}))
     assert reproduce.main(["--suite", str(tmp_path / "suite.yaml"), "--paper", str(tmp_path / "paper.yaml"),
                            "--output", str(tmp_path / "t")]) == 0
-    assert "Our numbers: none (no dataset was evaluated)." in (tmp_path / "t" / "tables.md").read_text()
+    assert "Where the numbers come from:\n\n- ours: none (no dataset was evaluated)\n" in \
+        (tmp_path / "t" / "tables.md").read_text()
     (tmp_path / "f").write_text("x")
     assert reproduce.main(["--suite", str(tmp_path / "suite.yaml"), "--output", str(tmp_path / "f" / "t")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err

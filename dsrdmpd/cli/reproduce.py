@@ -157,7 +157,7 @@ def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, p
               "diff = ours - reported, so it mixes protocols where they differ.",
               "- '(second-hand)': read in another paper that reports the method, not in the method's own paper "
               "(for DS-RDMPD: not in the DS-RDMPD paper itself); an empty reported cell: no value known."]
-    lines += ["", "Our numbers:", "", *origin] if origin else ["", "Our numbers: none (no dataset was evaluated)."]
+    lines += ["", "Where the numbers come from:", "", *origin] if origin else []
     used = sorted({str(ref.get("source")) for group in [paper.get("datasets") or {}, *(paper.get("peers") or {})
                                                         .values()] for ref in group.values() if ref.get("source")})
     if used:
@@ -225,7 +225,8 @@ def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protoc
                                      resize=ds.get("resize"), title=f"{name} on {dataset}", progress=False)
     except Exception as exc:          # a peer that cannot be scored is noted; the table goes on
         return {"note": f"{name} not scored: {one_line(exc)}"}
-    cell = {"psnr": means.get(f"psnr_{protocol}"), "ssim": means.get(f"ssim_{protocol}")}
+    cell = {"psnr": means.get(f"psnr_{protocol}"), "ssim": means.get(f"ssim_{protocol}"),
+            "images": len(refs) - len(failed)}
     if failed:
         cell["note"] = f"{name}: {len(failed)} pair(s) not scored (see peers/{name}/{dataset}/summary.md)"
     return cell
@@ -295,18 +296,35 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
                 row["scored"][peer] = cell
         rows.append(row)
     rows += average_rows(rows, paper)
-    print(write_tables(rows, paper, args.output, protocol, ours_origin(evaluated, suite)))
+    origin = (ours_origin(evaluated, suite, args.output) or ["- ours: none (no dataset was evaluated)"]) + [
+        f"- {m} on {r['dataset']}: {cell['images']} image(s) scored here with `dsrdmpd-score`; per image in "
+        f"`peers/{m}/{r['dataset']}/metrics.csv`" for r in rows for m, cell in r["scored"].items() if "images" in cell]
+    print(write_tables(rows, paper, args.output, protocol, origin))
     if problems:
         raise ItemsFailed(f"{len(problems)} of the table's entries had problems ({', '.join(problems[:5])}"
                           f"{' ...' if len(problems) > 5 else ''}): see the notes in {args.output / 'tables.md'}")
     return rows
 
 
-def ours_origin(evaluated: Dict[str, tuple], suite: Dict[str, Any]) -> List[str]:
+def scored_count(folder: Path) -> Optional[int]:
+    """How many images ``folder``/metrics.csv scores (None without the file)."""
+    try:
+        with open(folder / "metrics.csv") as f:
+            return sum(1 for r in csv.DictReader(f) if r.get("psnr_stage2"))
+    except OSError:
+        return None
+
+
+def ours_origin(evaluated: Dict[str, tuple], suite: Dict[str, Any], out: Path) -> List[str]:
     """Where each of our numbers came from: one line per evaluated dataset (checkpoints,
-    weights, seed, per-image results); [] when none was evaluated."""
-    return [f"- {name}: `dsrdmpd-test` with stage 1 `{s1}`, stage 2 `{s2}` (weights {suite.get('weights', 'model')}, "
-            f"seed {suite.get('seed', 0)}); per image in `{name}/metrics.csv`" for name, (s1, s2) in evaluated.items()]
+    weights, seed, how many images, per-image results); [] when none was evaluated."""
+    lines = []
+    for name, (s1, s2) in evaluated.items():
+        n = scored_count(out / name)
+        lines.append(f"- {name}: `dsrdmpd-test` with stage 1 `{s1}`, stage 2 `{s2}` (weights "
+                     f"{suite.get('weights', 'model')}, seed {suite.get('seed', 0)}); "
+                     + (f"{n} image(s) scored, " if n is not None else "") + f"per image in `{name}/metrics.csv`")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:
