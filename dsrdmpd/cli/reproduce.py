@@ -207,7 +207,8 @@ def check_peer_folders(peers: Dict[str, Path], datasets: Sequence[str]) -> None:
         if not any((folder / d).is_dir() for d in datasets):
             held = sorted(p.name for p in folder.iterdir() if p.is_dir())
             raise UsageError(f"peer {name}: {folder} holds no folder named as a suite dataset "
-                             f"({', '.join(datasets) or 'none in the suite'}); it holds: {', '.join(held[:10]) or 'no folder'}")
+                             f"({', '.join(datasets) or 'none in the suite'}); "
+                             f"it holds: {', '.join(held[:10]) or 'no folder'}")
 
 
 def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protocol: str,

@@ -71,7 +71,8 @@ def check_key_rules(args) -> None:
     if args.hazy_key != DEFAULT_KEY and not paired:
         raise UsageError("--hazy-key applies only with --data-root and --preset paired (presets name their files)")
     if args.gt_key != DEFAULT_KEY and not (args.gt or paired):
-        raise UsageError("--gt-key applies only with --gt, or --data-root and --preset paired (presets name their files)")
+        raise UsageError("--gt-key applies only with --gt, or --data-root and --preset paired "
+                         "(presets name their files)")
 
 
 def references(args) -> list:
