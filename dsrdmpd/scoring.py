@@ -15,18 +15,17 @@ listed with its reason in ``summary.md`` and left out of the means.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
-
 import math
 import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from .atomicfile import write_text_atomic
-from .data import DataError, ImagePair, PairingError
 from .choices import is_image_file
+from .data import DataError, ImagePair, PairingError
 from .data.pairing import files_by_key, natural_key
 from .evaluation import cell, failed_lines, resize_image, write_rows_csv
 from .messages import one_line
@@ -152,7 +151,7 @@ def match_restored(restored_dir: Path, references: Sequence[ImagePair],
         if orphans and restored_key == r"(.+)":
             rule = affix_rule(list(restored), list(by_name))
             hint = rule and f"  --restored-key '{rule}' would pair them"
-        if not hint and orphans and missing and all(r.key == r.gt.stem for r in references):
+        if not hint and orphans and missing and all(r.hazy == r.gt and r.key == r.gt.stem for r in references):
             missing_stems = [references[i].gt.stem for i in range(len(references)) if i not in found]
             rule = affix_rule(missing_stems, [Path(o).stem for o in orphans])
             hint = rule and f"  --gt-key '{rule}' would pair them"
