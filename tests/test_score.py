@@ -317,6 +317,8 @@ def test_reproduce_table_with_a_scored_peer_column(tmp_path):
     assert rows["AB"]["source"] == "S, Table 3" and rows["B"]["hand"] == "unknown"
     md = (tmp_path / "t" / "tables.md").read_text()
     assert "| Mine PSNR / SSIM (scored here) |" in md
+    assert ("- Mine on A: 2 image(s) scored here with `dsrdmpd-score`; per image in `peers/Mine/A/metrics.csv`"
+            in md and "- ours: none (no dataset was evaluated)" in md)
     cell = f"{rows['A']['scored']['Mine']['psnr']:.2f} / {rows['A']['scored']['Mine']['ssim']:.4f}"
     assert "| A |  |  | 30.00 | 0.9000 |  |  | S, Table 3 (second-hand) |  | skipped: not found: stage1=" in md
     assert f"| unknown | {cell} |" in md

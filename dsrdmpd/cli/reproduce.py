@@ -11,7 +11,8 @@ source's metric protocol and whether it is first-hand, second-hand or unknown.
 --peer NAME=DIR scores another method's outputs, DIR/<dataset>/ for each suite dataset
 (named as in the suite), with dsrdmpd-score against the same ground truth under the
 same protocol as ours (into <output>/peers/NAME/<dataset>/). Datasets whose folders or
-checkpoints are missing are skipped with a note.
+checkpoints are missing are skipped with a note. A dataset (or a peer's folder) that
+fails is noted in its row and the table is still written; the exit code is then 1.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from ..atomicfile import write_text_atomic
 from ..choices import PROTOCOLS
 from ..config import load_config
 from . import evaluate
+from ..messages import one_line
 from .errors import ItemsFailed, UsageError, run_command
 from .options import parser
+from .score import check_output_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 # suite key -> dsrdmpd-test option
@@ -116,10 +119,12 @@ def pair_cell(psnr: Optional[float], ssim: Optional[float]) -> str:
     return f"{fmt(psnr, 2)} / {fmt(ssim, 4)}" if psnr is not None else ""
 
 
-def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, protocol: str) -> str:
+def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, protocol: str,
+                 origin: Sequence[str] = ()) -> str:
     """tables.csv (one row per dataset) and tables.md (ours | reported | difference |
-    source | scored peers, the protocol of every column, the sources, then the other
-    methods: as reported, and as scored here); returns the markdown."""
+    source | scored peers, the protocol of every column, where our numbers came from
+    (``origin`` lines), the sources, then the other methods: as reported, and as scored
+    here); returns the markdown."""
     from ..evaluation import fmt
     scored = sorted({m for r in rows for m in r.get("scored", {})})
     buf = io.StringIO()
@@ -152,6 +157,7 @@ def write_tables(rows: List[Dict[str, Any]], paper: Dict[str, Any], out: Path, p
               "diff = ours - reported, so it mixes protocols where they differ.",
               "- '(second-hand)': read in another paper that reports the method, not in the method's own paper "
               "(for DS-RDMPD: not in the DS-RDMPD paper itself); an empty reported cell: no value known."]
+    lines += ["", "Where the numbers come from:", "", *origin] if origin else []
     used = sorted({str(ref.get("source")) for group in [paper.get("datasets") or {}, *(paper.get("peers") or {})
                                                         .values()] for ref in group.values() if ref.get("source")})
     if used:
@@ -192,12 +198,24 @@ def parse_peers(items: Sequence[str]) -> Dict[str, Path]:
     return peers
 
 
+def check_peer_folders(peers: Dict[str, Path], datasets: Sequence[str]) -> None:
+    """A peer folder that is missing, or holds a folder for none of the suite's datasets, is
+    a UsageError naming what it holds (before any dataset is evaluated)."""
+    for name, folder in peers.items():
+        if not folder.is_dir():
+            raise UsageError(f"peer {name}: folder not found: {folder}")
+        if not any((folder / d).is_dir() for d in datasets):
+            held = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            raise UsageError(f"peer {name}: {folder} holds no folder named as a suite dataset "
+                             f"({', '.join(datasets) or 'none in the suite'}); "
+                             f"it holds: {', '.join(held[:10]) or 'no folder'}")
+
+
 def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protocol: str,
                out: Path) -> Dict[str, Any]:
     """Score one method's outputs for one dataset (``folder``/``dataset``) against the
     dataset's ground truth under ``protocol``: {'psnr', 'ssim'} or {'note'} (why not)."""
     from ..data import split_pairs
-    from ..messages import one_line
     from ..scoring import score_folder
     outputs = folder / dataset
     if not outputs.is_dir():
@@ -208,7 +226,8 @@ def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protoc
                                      resize=ds.get("resize"), title=f"{name} on {dataset}", progress=False)
     except Exception as exc:          # a peer that cannot be scored is noted; the table goes on
         return {"note": f"{name} not scored: {one_line(exc)}"}
-    cell = {"psnr": means.get(f"psnr_{protocol}"), "ssim": means.get(f"ssim_{protocol}")}
+    cell = {"psnr": means.get(f"psnr_{protocol}"), "ssim": means.get(f"ssim_{protocol}"),
+            "images": len(refs) - len(failed)}
     if failed:
         cell["note"] = f"{name}: {len(failed)} pair(s) not scored (see peers/{name}/{dataset}/summary.md)"
     return cell
@@ -216,20 +235,30 @@ def score_peer(name: str, folder: Path, dataset: str, ds: Dict[str, Any], protoc
 
 def run(argv: Optional[List[str]] = None) -> List[dict]:
     ap = parser("dsrdmpd-reproduce", __doc__)
-    ap.add_argument("--suite", default=str(ROOT / "configs" / "reproduce.yaml"))
-    ap.add_argument("--paper", default=str(ROOT / "configs" / "paper_results.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--output", required=True, type=Path)
+    ap.add_argument("--suite", default=str(ROOT / "configs" / "reproduce.yaml"),
+                    help="datasets with their folders and checkpoints, the protocol, seed and weights")
+    ap.add_argument("--paper", default=str(ROOT / "configs" / "paper_results.yaml"),
+                    help="the reported values, each with its source, table, protocol and hand")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a suite setting, e.g. datasets.RSID.root=/data/RSID (repeatable)")
+    ap.add_argument("--output", required=True, type=Path,
+                    help="folder for tables.md, tables.csv, <dataset>/ and peers/")
     ap.add_argument("--device", default="auto", help="as dsrdmpd-test --device")
-    ap.add_argument("--config", help="model config for every dataset (default: sizes read off the checkpoints)")
+    ap.add_argument("--config", help="model config for every dataset (without it: sizes read off the checkpoints)")
     ap.add_argument("--peer", action="append", default=[], metavar="NAME=DIR",
                     help="another method's outputs, DIR/<dataset>/ per suite dataset, scored as ours")
     args = ap.parse_args(argv)
     suite = load_config(args.suite, args.overrides, defaults={})
     paper = load_config(args.paper, defaults={})
     protocol = suite.get("protocol", "paper")
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"{args.suite}: protocol {protocol!r} is not one of {', '.join(sorted(PROTOCOLS))}")
+    if not suite.get("datasets"):
+        raise UsageError(f"{args.suite}: no datasets listed (expected a 'datasets:' mapping of name -> settings)")
     peers = {**{k: Path(v) for k, v in (suite.get("peers") or {}).items()}, **parse_peers(args.peer)}
-    rows = []
+    check_output_folder(args.output)
+    check_peer_folders(peers, list(suite.get("datasets") or {}))
+    rows, problems, evaluated = [], [], {}
     for name, ds in (suite.get("datasets") or {}).items():
         missing = [k for k in ("root", "stage1", "stage2") if not ds.get(k) or not Path(ds[k]).exists()]
         ours: Dict[str, float] = {}
@@ -248,20 +277,55 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
             note = f"{ds.get('split', 'test')} split" + (f", resized to {ds['resize']}" if ds.get("resize") else "")
             try:
                 ours = evaluate.run(cli)
+                evaluated[name] = (ds["stage1"], ds["stage2"])
             except ItemsFailed as exc:
                 ours = load_means(args.output / name)
-                note += f"; {exc}"
+                evaluated[name] = (ds["stage1"], ds["stage2"])
+                note += f"; {one_line(exc)}"
+                problems.append(name)
+            except Exception as exc:          # one dataset that cannot be evaluated is noted; the table goes on
+                note = f"failed: {one_line(exc)}"
+                print(f"{name}: {note}")
+                problems.append(name)
         row = table_row(name, ours, (paper.get("datasets") or {}).get(name, {}), note, paper)
         for peer, folder in peers.items():
             cell = score_peer(peer, folder, name, ds, protocol, args.output)
             if cell.get("note"):
+                problems.append(f"{peer} on {name}")
                 row["note"] = "; ".join(n for n in (row["note"], cell.pop("note")) if n)
             if cell:
                 row["scored"][peer] = cell
         rows.append(row)
     rows += average_rows(rows, paper)
-    print(write_tables(rows, paper, args.output, protocol))
+    origin = (ours_origin(evaluated, suite, args.output) or ["- ours: none (no dataset was evaluated)"]) + [
+        f"- {m} on {r['dataset']}: {cell['images']} image(s) scored here with `dsrdmpd-score`; per image in "
+        f"`peers/{m}/{r['dataset']}/metrics.csv`" for r in rows for m, cell in r["scored"].items() if "images" in cell]
+    print(write_tables(rows, paper, args.output, protocol, origin))
+    if problems:
+        raise ItemsFailed(f"{len(problems)} of the table's entries had problems ({', '.join(problems[:5])}"
+                          f"{' ...' if len(problems) > 5 else ''}): see the notes in {args.output / 'tables.md'}")
     return rows
+
+
+def scored_count(folder: Path) -> Optional[int]:
+    """How many images ``folder``/metrics.csv scores (None without the file)."""
+    try:
+        with open(folder / "metrics.csv") as f:
+            return sum(1 for r in csv.DictReader(f) if r.get("psnr_stage2"))
+    except OSError:
+        return None
+
+
+def ours_origin(evaluated: Dict[str, tuple], suite: Dict[str, Any], out: Path) -> List[str]:
+    """Where each of our numbers came from: one line per evaluated dataset (checkpoints,
+    weights, seed, how many images, per-image results); [] when none was evaluated."""
+    lines = []
+    for name, (s1, s2) in evaluated.items():
+        n = scored_count(out / name)
+        lines.append(f"- {name}: `dsrdmpd-test` with stage 1 `{s1}`, stage 2 `{s2}` (weights "
+                     f"{suite.get('weights', 'model')}, seed {suite.get('seed', 0)}); "
+                     + (f"{n} image(s) scored, " if n is not None else "") + f"per image in `{name}/metrics.csv`")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -7,10 +7,11 @@
 
 Restored files pair with ground truth by name key, never by order: a restored file's
 stem (or the group of --restored-key) must be a pair's key, its hazy file's stem or its
-GT file's stem; names that match nothing are an error that lists them. Writes
-<output>/metrics.csv (per image: PSNR / SSIM per protocol, CIEDE2000) and summary.md
-(the protocols, means, per image, pairs that failed with the reason; a failed pair makes
-the exit code 1).
+GT file's stem (exactly, or else ignoring case where that names one pair); names that
+match nothing are an error that lists them (exit code 2). Writes <output>/metrics.csv
+(per image: PSNR / SSIM per protocol, CIEDE2000) and summary.md (the protocols, means,
+per image, conversions made on reading, pairs that failed with the reason; a failed
+pair makes the exit code 1).
 """
 from __future__ import annotations
 
@@ -21,17 +22,19 @@ from ..choices import PROTOCOLS
 from .errors import ItemsFailed, UsageError, run_command
 from .options import add_dataset_options, dataset_split_pairs, parser
 
+DEFAULT_KEY = r"(.+)"
+
 
 def build_parser():
     ap = parser("dsrdmpd-score", __doc__)
     src = ap.add_argument_group("images")
     src.add_argument("--restored", required=True, type=Path, help="folder of restored images to score")
-    src.add_argument("--restored-key", default=r"(.+)", help="name-key rule for restored files (regex on the stem, "
+    src.add_argument("--restored-key", default=DEFAULT_KEY, help="name-key rule for restored files (regex on the stem, "
                                                              "one group)")
     src.add_argument("--gt", type=Path, help="folder of ground truth (instead of --data-root)")
     add_dataset_options(src)
-    src.add_argument("--hazy-key", default=r"(.+)", help="with --preset paired: name-key rule for hazy files")
-    src.add_argument("--gt-key", default=r"(.+)", help="name-key rule for GT files (--gt, or --preset paired)")
+    src.add_argument("--hazy-key", default=DEFAULT_KEY, help="with --preset paired: name-key rule for hazy files")
+    src.add_argument("--gt-key", default=DEFAULT_KEY, help="name-key rule for GT files (--gt, or --preset paired)")
     g = ap.add_argument_group("scoring")
     g.add_argument("--protocol", default="paper",
                    help=f"one or more of {', '.join(sorted(PROTOCOLS))}, comma-separated (e.g. paper,y)")
@@ -41,6 +44,35 @@ def build_parser():
     g.add_argument("--output", required=True, type=Path, help="folder for metrics.csv and summary.md")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
+
+
+def check_output_folder(folder: Path) -> None:
+    """An --output that exists as a file (or lies under one) is a UsageError, before any work."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"--output {folder}: {p} is a file, not a folder")
+            return
+
+
+def check_key_rules(args) -> None:
+    """Each --*-key given must be a regex with exactly one group and must apply: --hazy-key
+    only with --preset paired, --gt-key with --gt or --preset paired (UsageError otherwise)."""
+    import re
+    for option, value in (("--restored-key", args.restored_key), ("--gt-key", args.gt_key),
+                          ("--hazy-key", args.hazy_key)):
+        try:
+            groups = re.compile(value).groups
+        except re.error as exc:
+            raise UsageError(f"{option} {value!r}: not a valid regular expression ({exc})") from None
+        if groups != 1:
+            raise UsageError(f"{option} {value!r}: needs exactly one group '(...)', the key; it has {groups}")
+    paired = args.data_root and args.preset == "paired"
+    if args.hazy_key != DEFAULT_KEY and not paired:
+        raise UsageError("--hazy-key applies only with --data-root and --preset paired (presets name their files)")
+    if args.gt_key != DEFAULT_KEY and not (args.gt or paired):
+        raise UsageError("--gt-key applies only with --gt, or --data-root and --preset paired "
+                         "(presets name their files)")
 
 
 def references(args) -> list:
@@ -64,13 +96,19 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, float]:
         raise UsageError(str(exc)) from None
     if args.crop_border < 0 or (args.resize is not None and args.resize < 1):
         raise UsageError("--crop-border must be >= 0 and --resize >= 1")
+    check_output_folder(args.output)
+    check_key_rules(args)
     refs = references(args)
     gt_label = args.gt if args.gt else f"{args.data_root} ({args.preset}, {args.split} split)"
     means, failed = score_folder(args.restored, refs, args.output, protocols, args.crop_border, args.resize,
                                  args.restored_key, "Scores of existing results",
                                  [f"Restored: `{args.restored}`; ground truth: `{gt_label}`."],
                                  progress=not args.no_progress)
-    print((args.output / "summary.md").read_text().split("Per image:")[0].strip())
+    summary = (args.output / "summary.md").read_text()
+    print(summary.split("Per image:")[0].strip())
+    if "\nConverted on reading" in summary:
+        print(f"\nSome images were converted on reading (grey or alpha to RGB, EXIF turn, bit depths differ): "
+              f"listed in {args.output / 'summary.md'}")
     if failed:
         raise ItemsFailed(f"{len(failed)} of {len(refs)} pair(s) could not be scored "
                           f"({', '.join(str(r['name']) for r in failed[:5])}{' ...' if len(failed) > 5 else ''}): "
