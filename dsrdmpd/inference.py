@@ -2,7 +2,7 @@
 
     from dsrdmpd.inference import Dehazer
     dehazer = Dehazer.from_checkpoints("stage1.pth", "model-30.pt", device="cuda")
-    result = dehazer(hazy)            # hazy: (B, 3, H, W) in [0, 1], any H, W >= 1
+    result = dehazer(hazy)            # hazy: (B, 3, H, W) or (3, H, W), float in [0, 1], any H, W >= 1
     result.coarse, result.restored    # (B, 3, H, W); restored in [0, 1]
 
 Sizes that break the networks' rules (multiples of 16, at least 64) are padded on the
@@ -37,11 +37,13 @@ the split-reduction kernels of :mod:`dsrdmpd.models.norm` on CUDA (the CPU keeps
 CUDA only, eta = 0, not with ``compile``). Standardised conv weights are computed once per
 weight version (:class:`dsrdmpd.models.unet_blocks.WeightStandardizedConv2d`; exact).
 ``tile_batch`` > 1 runs several tiles per network call. Everything runs under
-``torch.inference_mode``.
+``torch.inference_mode``; the outputs are copied out of it (plain tensors).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
@@ -116,7 +118,7 @@ class Dehazer:
             use_compile_cache(compile_cache)
             self.stage1.compile()
             self.stage2.net.compile()
-        self.seed, self.eta, self.fast = seed, eta, fast
+        self.seed, self.eta, self.fast = check_seed(seed), eta, fast
         for net in (self.stage1, self.stage2):
             set_weight_cache(set_fast_norm(net, fast_norm), True)
         self.graphs = (GraphRunner(self._run_eager, (self.stage1, self.stage2), max_graphs)
@@ -196,35 +198,80 @@ class Dehazer:
         return self._run_eager(x, noise)
 
     def _run_eager(self, x: torch.Tensor, noise: torch.Tensor):
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # the layout is ours, not the caller's: a channels-last or strided input runs as a contiguous one
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         with self._autocast(1):
             c = self.stage1(x).float()
         with self._autocast(2):
-            r = self.stage2.sample(c, x, noise=noise, steps=self.steps, eta=self.eta, fast=self.fast)
+            if self.eta > 0:                   # each image its own step noise: no global RNG, no batch-mates
+                r = torch.cat([self.stage2.sample(c[i:i + 1], x[i:i + 1], noise=noise[i:i + 1], steps=self.steps,
+                                                  eta=self.eta, fast=self.fast, generator=step_generator(noise[i]))
+                               for i in range(c.shape[0])])
+            else:
+                r = self.stage2.sample(c, x, noise=noise, steps=self.steps, eta=self.eta, fast=self.fast)
         return c.contiguous(), r.float().contiguous()
 
-    @torch.inference_mode()
     def __call__(self, hazy: torch.Tensor, seed: Optional[int] = None,
                  noise: Optional[torch.Tensor] = None) -> DehazeResult:
-        if hazy.dim() == 3:
-            hazy = hazy.unsqueeze(0)
+        """Dehaze ``hazy``: (B, 3, H, W) or one (3, H, W) image, floating point in [0, 1].
+
+        Runs in float32 (other float dtypes are cast) with the models in eval mode; returns
+        plain tensors (no autograd graph, no inference-mode flag) of the input's rank and
+        floating dtype, on this Dehazer's device (on the CPU with ``tile``). ``seed``
+        (default: the Dehazer's) seeds each image's start noise; ``noise`` replaces it:
+        (B, 3, Hp, Wp) at the padded size :func:`padded_size`. Global state (grad mode, RNG,
+        default dtype, backend flags, the models' train / eval mode) is left as it was."""
+        single = isinstance(hazy, torch.Tensor) and hazy.dim() == 3
         check_input(hazy)
+        seed = check_seed(self.seed if seed is None else seed)
+        x = hazy.unsqueeze(0) if single else hazy
+        if noise is not None and single and noise.dim() == 3:
+            noise = noise.unsqueeze(0)
+        dtype = hazy.dtype
+        if x.shape[0] == 0:                              # empty batch: nothing to run
+            empty = torch.empty(x.shape, dtype=dtype, device=self.device if self.tile is None else "cpu")
+            return DehazeResult(empty, empty.clone())
+        with self._call_state():
+            c, r = self._dehaze(x, seed, noise)
+        # copied out of inference mode: plain contiguous tensors in the caller's dtype
+        out = lambda t: t.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+        c, r = out(c), out(r)
+        return DehazeResult(c[0], r[0]) if single else DehazeResult(c, r)
+
+    @contextlib.contextmanager
+    def _call_state(self):
+        """The models in eval mode and float32 as the default dtype during a call; the
+        caller's modes and default dtype restored after."""
+        modes = [(m, m.training) for net in (self.stage1, self.stage2) for m in net.modules()]
+        default_dtype = torch.get_default_dtype()
+        try:
+            for m, _ in modes:
+                m.training = False
+            torch.set_default_dtype(torch.float32)
+            with self._float32_mode():
+                yield
+        finally:
+            torch.set_default_dtype(default_dtype)
+            for m, training in modes:
+                m.training = training
+
+    @torch.inference_mode()
+    def _dehaze(self, hazy: torch.Tensor, seed: int, noise: Optional[torch.Tensor]):
+        """Both stages on a checked (B, 3, H, W) batch; (coarse, restored) float32, cropped."""
         h, w = hazy.shape[-2:]
         size = padded_size(h, w)
-        seed = self.seed if seed is None else seed
-        if noise is not None and tuple(noise.shape[-2:]) != size:
-            raise ValueError(f"start noise must have the padded size {size}, got {tuple(noise.shape[-2:])}")
-        with self._float32_mode():
-            if self.tile is None:
-                if noise is None:
-                    noise = start_noise((hazy.shape[0], 3, *size), seed)
-                x = pad_to(hazy.to(self.device, torch.float32), size)
-                c, r = self._run(x, noise.to(self.device))
-            else:
-                x = pad_to(hazy.float(), size)          # the whole scene stays on the CPU
-                c, r = self._tiled(x, self.tile_plan(h, w), seed, noise)
-        return DehazeResult(c[..., :h, :w], r[..., :h, :w])
+        want = (hazy.shape[0], 3, *size)
+        if noise is not None and tuple(noise.shape) != want:
+            raise ValueError(f"start noise must have the padded shape {want}, got {tuple(noise.shape)}")
+        if self.tile is None:
+            if noise is None:
+                noise = start_noise(want, seed)
+            x = pad_to(hazy.to(self.device, torch.float32), size)
+            c, r = self._run(x, noise.to(self.device))
+        else:
+            x = pad_to(hazy.float(), size)          # the whole scene stays on the CPU
+            c, r = self._tiled(x, self.tile_plan(h, w), seed, noise)
+        return c[..., :h, :w], r[..., :h, :w]
 
     def tile_plan(self, h: int, w: int, tile: Optional[int] = None) -> "TilePlan":
         """The tiles of an h x w scene (``tile`` defaults to this Dehazer's)."""
@@ -305,18 +352,51 @@ class TilePlan:
 
 
 def check_input(hazy: torch.Tensor) -> None:
-    """A batch the networks can use: a floating (B, 3, H, W) tensor, finite, in [0, 1]."""
+    """A batch the networks can use: a floating (B, 3, H, W) or (3, H, W) tensor with
+    values, finite, in [0, 1]. Raises TypeError / ValueError naming the problem."""
     if not isinstance(hazy, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor of hazy images, got {type(hazy).__name__}")
-    if hazy.dim() != 4 or hazy.shape[1] != 3 or hazy.shape[-1] < 1 or hazy.shape[-2] < 1:
-        raise ValueError(f"expected hazy images of shape (B, 3, H, W) in [0, 1], got {tuple(hazy.shape)}")
+    if hazy.dim() not in (3, 4) or hazy.shape[-3] != 3 or hazy.shape[-1] < 1 or hazy.shape[-2] < 1:
+        raise ValueError(f"expected hazy images of shape (B, 3, H, W) or (3, H, W) in [0, 1], got {tuple(hazy.shape)}")
     if not hazy.is_floating_point():
-        raise ValueError(f"expected floating-point images in [0, 1], got dtype {hazy.dtype} (divide uint8 by 255)")
+        hint = " (divide uint8 by 255)" if hazy.dtype == torch.uint8 else ""
+        raise ValueError(f"expected floating-point images in [0, 1], got dtype {hazy.dtype}{hint}")
+    if hazy.device.type == "meta":
+        raise ValueError("hazy images are on the meta device: they hold no values to dehaze")
+    if hazy.numel() == 0:
+        return
+    hazy = hazy.detach()
     if not bool(torch.isfinite(hazy).all()):
         raise ValueError("hazy images contain NaN or infinite values")
     lo, hi = float(hazy.min()), float(hazy.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"hazy images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+        hint = " (0-255 values? divide by 255)" if hi > 2 else ""
+        raise ValueError(f"hazy images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
+
+
+SEED_RANGE = (-2 ** 63, 2 ** 64)     # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int: an integer (Python, NumPy or one-element integer tensor) in
+    [-2**63, 2**64); TypeError / ValueError otherwise (a float or string is not rounded)."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}") from None
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got bool {seed!r}")
+    if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+        raise ValueError(f"seed {value} is outside [-2**63, 2**64)")
+    return value
+
+
+def step_generator(noise: torch.Tensor) -> torch.Generator:
+    """The CPU generator of one image's (or tile's) extra noise when eta > 0, seeded from
+    its start noise (C, H, W): reproducible, independent of batch-mates and of the global RNG."""
+    data = noise.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, person=b"dsrdmpd-eta").digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list:
