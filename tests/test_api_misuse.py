@@ -8,10 +8,14 @@ from dsrdmpd.builders import build_stage1, build_stage2
 from dsrdmpd.inference import Dehazer
 
 
-@pytest.fixture(scope="module")
-def models():
+def fresh_models():
     torch.manual_seed(0)
     return build_stage1({"dim": 32}), build_stage2({"dim": 8})
+
+
+@pytest.fixture(scope="module")
+def models():
+    return fresh_models()
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +105,8 @@ def test_outputs_are_plain_tensors_usable_in_autograd_and_in_place(dehazer, hazy
     out.restored.clamp_(0.1, 0.9)                     # and edited in place
 
 
-def test_models_left_in_train_mode_run_in_eval_mode_and_keep_their_mode(models, hazy, ref1):
-    s1, s2 = models
+def test_models_left_in_train_mode_run_in_eval_mode_and_keep_their_mode(hazy, ref1):
+    s1, s2 = fresh_models()                          # the same weights as the shared ones, which stay untouched
     d = Dehazer(s1, s2)
     stats = {k: v.clone() for k, v in s1.state_dict().items() if "running" in k}
     s1.train()
