@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import os
 import operator
 import warnings
 from dataclasses import dataclass
@@ -118,12 +120,18 @@ class Dehazer:
             use_compile_cache(compile_cache)
             self.stage1.compile()
             self.stage2.net.compile()
-        self.seed, self.eta, self.fast = check_seed(seed), eta, fast
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+            raise ConfigError(f"eta must be a finite number >= 0, got {eta!r}")
+        most = getattr(stage2, "num_timesteps", 10 ** 9)       # the diffusion's training steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most):
+            raise ConfigError(f"steps must be an integer in [1, {most}] (or None: the model's "
+                              f"{stage2.sampling_timesteps}), got {steps!r}")
+        self.seed, self.eta, self.fast = check_seed(seed), float(eta), fast
         for net in (self.stage1, self.stage2):
             set_weight_cache(set_fast_norm(net, fast_norm), True)
         self.graphs = (GraphRunner(self._run_eager, (self.stage1, self.stage2), max_graphs)
                        if cuda_graphs and self.device.type == "cuda" and not compile else None)
-        self.steps = steps or stage2.sampling_timesteps
+        self.steps = stage2.sampling_timesteps if steps is None else steps
         if tile is not None:
             if tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
                 raise ConfigError(f"tile size {tile} must be a multiple of {STAGE1_MULTIPLE} and at least "
@@ -136,12 +144,12 @@ class Dehazer:
     def from_checkpoints(cls, stage1: str, stage2: str, config: Union[None, str, Dict[str, Any]] = None,
                          device: Union[str, torch.device] = "cpu", weights: str = "model", trust: bool = False,
                          **kwargs) -> "Dehazer":
-        """Load both stages. ``config``: a dict or YAML path whose ``stage1`` / ``stage2``
+        """Load both stages. ``config``: a dict or YAML path (str or Path) whose ``stage1`` / ``stage2``
         sections give the sizes; None reads them off the checkpoints. ``weights``: 'model' or
         'ema' for stage 2. Sampling options default to the config's ``sampling`` section.
         Files are read without unpickling code; ``trust=True`` allows a file that needs it
         (only for files from a source you trust)."""
-        if isinstance(config, str):
+        if isinstance(config, (str, os.PathLike)):
             config = load_config(config)
         s1 = load_stage1(stage1, None if config is None else config.get("stage1"), trust=trust)
         s2 = load_stage2(stage2, None if config is None else config.get("stage2"), weights=weights, trust=trust)
@@ -156,7 +164,7 @@ class Dehazer:
         (a ``sha256sum``-format file or {path: sha256}; default: the folder's SHA256SUMS, if
         present). ``config`` overrides the folder's config.json."""
         from .weights_folder import load_weights_folder
-        if isinstance(config, str):
+        if isinstance(config, (str, os.PathLike)):
             config = load_config(config)
         s1, s2, cfg = load_weights_folder(folder, weights, config, hashes)
         return cls._with_sampling(s1, s2, cfg, device, kwargs)

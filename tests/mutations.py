@@ -570,6 +570,16 @@ MUTATIONS: List[Mutation] = [
     Mutation("api-seed-rounded", "seed=1.5 or seed='1' is silently turned into 1",
              "dsrdmpd/inference.py", "value = operator.index(seed)", "value = int(seed)",
              ("tests/test_api_misuse.py::test_a_seed_must_be_an_integer_in_range",)),
+    Mutation("api-negative-eta", "Dehazer(eta=-0.5) runs a silently different sampler instead of being refused",
+             "dsrdmpd/inference.py", "math.isfinite(eta) and eta >= 0)", "math.isfinite(eta))",
+             ("tests/test_api_misuse.py::test_sampling_options_out_of_range_are_refused",)),
+    Mutation("api-steps-zero", "Dehazer(steps=0) silently samples with the model's default step count",
+             "dsrdmpd/inference.py", "or not 1 <= steps <= most)", "or not steps <= most)",
+             ("tests/test_api_misuse.py::test_sampling_options_out_of_range_are_refused",)),
+    Mutation("api-config-path", "from_checkpoints(config=Path(...)) fails with AttributeError: only str paths were read",
+             "dsrdmpd/inference.py", 'trust)."""\n        if isinstance(config, (str, os.PathLike)):',
+             'trust)."""\n        if isinstance(config, str):',
+             ("tests/test_api_misuse.py::test_checkpoints_and_config_may_be_given_as_paths",)),
 ]
 
 

@@ -184,3 +184,28 @@ def test_tiny_and_elongated_images_keep_their_size(dehazer, h, w):
     out = dehazer(torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h)))
     assert out.restored.shape == (1, 3, h, w)
     assert bool(torch.isfinite(out.restored).all()) and 0 <= out.restored.min() and out.restored.max() <= 1
+
+
+@pytest.mark.parametrize("option, words", [
+    ({"eta": -0.5}, "eta must be a finite number >= 0, got -0.5"),
+    ({"eta": float("nan")}, "eta must be a finite number >= 0, got nan"),
+    ({"steps": 0}, "steps must be an integer in [1, 1000]"),
+    ({"steps": 1001}, "steps must be an integer in [1, 1000]"),
+    ({"steps": 2.5}, "steps must be an integer in [1, 1000]"),
+])
+def test_sampling_options_out_of_range_are_refused(models, option, words):
+    with pytest.raises(ValueError) as err:
+        Dehazer(*models, **option)
+    assert words in str(err.value)
+
+
+def test_checkpoints_and_config_may_be_given_as_paths(models, hazy, ref1, tmp_path):
+    from pathlib import Path
+    from dsrdmpd.builders import save_stage
+    s1, s2 = models
+    save_stage(s1, tmp_path / "s1.pt", 1, {"dim": 32})
+    save_stage(s2, tmp_path / "s2.pt", 2, {"dim": 8})
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("stage1: {dim: 32}\nstage2: {dim: 8}\nsampling: {seed: 0}\n")
+    d = Dehazer.from_checkpoints(Path(tmp_path / "s1.pt"), Path(tmp_path / "s2.pt"), config=Path(cfg))
+    assert torch.equal(d(hazy[1:]).restored, ref1.restored)
