@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import os
 import operator
@@ -248,20 +249,25 @@ class Dehazer:
 
     @contextlib.contextmanager
     def _call_state(self):
-        """The models in eval mode and float32 as the default dtype during a call; the
-        caller's modes and default dtype restored after."""
+        """The models in eval mode and their dtype (float32; float64 for float64 copies) as
+        the default dtype during a call; the caller's modes and default dtype restored after."""
         modes = [(m, m.training) for net in (self.stage1, self.stage2) for m in net.modules()]
         default_dtype = torch.get_default_dtype()
         try:
             for m, _ in modes:
                 m.training = False
-            torch.set_default_dtype(torch.float32)
+            torch.set_default_dtype(self._network_dtype())
             with self._float32_mode():
                 yield
         finally:
             torch.set_default_dtype(default_dtype)
             for m, training in modes:
                 m.training = training
+
+    def _network_dtype(self) -> torch.dtype:
+        """The dtype new tensors inside the networks need (timestep embeddings)."""
+        first = next(itertools.chain(self.stage2.parameters(), self.stage1.parameters()), None)
+        return torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32
 
     @torch.inference_mode()
     def _dehaze(self, hazy: torch.Tensor, seed: int, noise: Optional[torch.Tensor]):

@@ -548,7 +548,7 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/inference.py", "                m.training = False\n", "                pass\n",
              ("tests/test_api_misuse.py::test_models_left_in_train_mode_run_in_eval_mode_and_keep_their_mode",)),
     Mutation("api-default-dtype", "a caller whose default dtype is float64 gets a dtype-mismatch crash",
-             "dsrdmpd/inference.py", "            torch.set_default_dtype(torch.float32)\n", "",
+             "dsrdmpd/inference.py", "            torch.set_default_dtype(self._network_dtype())\n", "",
              ("tests/test_api_misuse.py::test_a_call_leaves_global_state_alone",)),
     Mutation("api-eta-global-rng", "eta > 0 draws its step noise from the global RNG: not reproducible, moves the caller's RNG",
              "dsrdmpd/inference.py", "generator=step_generator(noise[i])", "generator=None",
