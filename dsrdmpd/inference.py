@@ -302,8 +302,8 @@ class Dehazer:
     @torch.inference_mode()
     def run_tiles(self, tiles: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Both stages on a batch of padded tiles (N, 3, th, tw) in [0, 1] with their start
-        noise; returns (coarse, restored) on the CPU, float32."""
-        with self._float32_mode():
+        noise; returns (coarse, restored) on the CPU, float32 (models in eval mode, as in a call)."""
+        with self._call_state():
             c, r = self._run(tiles.to(self.device, torch.float32), noise.to(self.device))
         return c.cpu(), r.cpu()
 
