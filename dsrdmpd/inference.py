@@ -2,7 +2,7 @@
 
     from dsrdmpd.inference import Dehazer
     dehazer = Dehazer.from_checkpoints("stage1.pth", "model-30.pt", device="cuda")
-    result = dehazer(hazy)            # hazy: (B, 3, H, W) in [0, 1], any H, W >= 1
+    result = dehazer(hazy)            # hazy: (B, 3, H, W) or (3, H, W), float in [0, 1], any H, W >= 1
     result.coarse, result.restored    # (B, 3, H, W); restored in [0, 1]
 
 Sizes that break the networks' rules (multiples of 16, at least 64) are padded on the
@@ -37,11 +37,16 @@ the split-reduction kernels of :mod:`dsrdmpd.models.norm` on CUDA (the CPU keeps
 CUDA only, eta = 0, not with ``compile``). Standardised conv weights are computed once per
 weight version (:class:`dsrdmpd.models.unet_blocks.WeightStandardizedConv2d`; exact).
 ``tile_batch`` > 1 runs several tiles per network call. Everything runs under
-``torch.inference_mode``.
+``torch.inference_mode``; the outputs are copied out of it (plain tensors).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import math
+import os
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
@@ -116,12 +121,18 @@ class Dehazer:
             use_compile_cache(compile_cache)
             self.stage1.compile()
             self.stage2.net.compile()
-        self.seed, self.eta, self.fast = seed, eta, fast
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+            raise ConfigError(f"eta must be a finite number >= 0, got {eta!r}")
+        most = getattr(stage2, "num_timesteps", 10 ** 9)       # the diffusion's training steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most):
+            raise ConfigError(f"steps must be an integer in [1, {most}] (or None: the model's "
+                              f"{stage2.sampling_timesteps}), got {steps!r}")
+        self.seed, self.eta, self.fast = check_seed(seed), float(eta), fast
         for net in (self.stage1, self.stage2):
             set_weight_cache(set_fast_norm(net, fast_norm), True)
         self.graphs = (GraphRunner(self._run_eager, (self.stage1, self.stage2), max_graphs)
                        if cuda_graphs and self.device.type == "cuda" and not compile else None)
-        self.steps = steps or stage2.sampling_timesteps
+        self.steps = stage2.sampling_timesteps if steps is None else steps
         if tile is not None:
             if tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
                 raise ConfigError(f"tile size {tile} must be a multiple of {STAGE1_MULTIPLE} and at least "
@@ -134,12 +145,12 @@ class Dehazer:
     def from_checkpoints(cls, stage1: str, stage2: str, config: Union[None, str, Dict[str, Any]] = None,
                          device: Union[str, torch.device] = "cpu", weights: str = "model", trust: bool = False,
                          **kwargs) -> "Dehazer":
-        """Load both stages. ``config``: a dict or YAML path whose ``stage1`` / ``stage2``
+        """Load both stages. ``config``: a dict or YAML path (str or Path) whose ``stage1`` / ``stage2``
         sections give the sizes; None reads them off the checkpoints. ``weights``: 'model' or
         'ema' for stage 2. Sampling options default to the config's ``sampling`` section.
         Files are read without unpickling code; ``trust=True`` allows a file that needs it
         (only for files from a source you trust)."""
-        if isinstance(config, str):
+        if isinstance(config, (str, os.PathLike)):
             config = load_config(config)
         s1 = load_stage1(stage1, None if config is None else config.get("stage1"), trust=trust)
         s2 = load_stage2(stage2, None if config is None else config.get("stage2"), weights=weights, trust=trust)
@@ -154,7 +165,7 @@ class Dehazer:
         (a ``sha256sum``-format file or {path: sha256}; default: the folder's SHA256SUMS, if
         present). ``config`` overrides the folder's config.json."""
         from .weights_folder import load_weights_folder
-        if isinstance(config, str):
+        if isinstance(config, (str, os.PathLike)):
             config = load_config(config)
         s1, s2, cfg = load_weights_folder(folder, weights, config, hashes)
         return cls._with_sampling(s1, s2, cfg, device, kwargs)
@@ -196,35 +207,85 @@ class Dehazer:
         return self._run_eager(x, noise)
 
     def _run_eager(self, x: torch.Tensor, noise: torch.Tensor):
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # the layout is ours, not the caller's: a channels-last or strided input runs as a contiguous one
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         with self._autocast(1):
             c = self.stage1(x).float()
         with self._autocast(2):
-            r = self.stage2.sample(c, x, noise=noise, steps=self.steps, eta=self.eta, fast=self.fast)
+            if self.eta > 0:                   # each image its own step noise: no global RNG, no batch-mates
+                r = torch.cat([self.stage2.sample(c[i:i + 1], x[i:i + 1], noise=noise[i:i + 1], steps=self.steps,
+                                                  eta=self.eta, fast=self.fast, generator=step_generator(noise[i]))
+                               for i in range(c.shape[0])])
+            else:
+                r = self.stage2.sample(c, x, noise=noise, steps=self.steps, eta=self.eta, fast=self.fast)
         return c.contiguous(), r.float().contiguous()
 
-    @torch.inference_mode()
     def __call__(self, hazy: torch.Tensor, seed: Optional[int] = None,
                  noise: Optional[torch.Tensor] = None) -> DehazeResult:
-        if hazy.dim() == 3:
-            hazy = hazy.unsqueeze(0)
+        """Dehaze ``hazy``: (B, 3, H, W) or one (3, H, W) image, floating point in [0, 1].
+
+        Runs in float32 (other float dtypes are cast) with the models in eval mode; returns
+        plain tensors (no autograd graph, no inference-mode flag) of the input's rank and
+        floating dtype, on this Dehazer's device (on the CPU with ``tile``). ``seed``
+        (default: the Dehazer's) seeds each image's start noise; ``noise`` replaces it:
+        (B, 3, Hp, Wp) at the padded size :func:`padded_size`. Global state (grad mode, RNG,
+        default dtype, backend flags, the models' train / eval mode) is left as it was."""
+        single = isinstance(hazy, torch.Tensor) and hazy.dim() == 3
         check_input(hazy)
+        seed = check_seed(self.seed if seed is None else seed)
+        x = hazy.unsqueeze(0) if single else hazy
+        if noise is not None and single and noise.dim() == 3:
+            noise = noise.unsqueeze(0)
+        dtype = hazy.dtype
+        if x.shape[0] == 0:                              # empty batch: nothing to run
+            empty = torch.empty(x.shape, dtype=dtype, device=self.device if self.tile is None else "cpu")
+            return DehazeResult(empty, empty.clone())
+        with self._call_state():
+            c, r = self._dehaze(x, seed, noise)
+        # copied out of inference mode: plain contiguous tensors in the caller's dtype
+        out = lambda t: t.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+        c, r = out(c), out(r)
+        return DehazeResult(c[0], r[0]) if single else DehazeResult(c, r)
+
+    @contextlib.contextmanager
+    def _call_state(self):
+        """The models in eval mode and their dtype (float32; float64 for float64 copies) as
+        the default dtype during a call; the caller's modes and default dtype restored after."""
+        modes = [(m, m.training) for net in (self.stage1, self.stage2) for m in net.modules()]
+        default_dtype = torch.get_default_dtype()
+        try:
+            for m, _ in modes:
+                m.training = False
+            torch.set_default_dtype(self._network_dtype())
+            with self._float32_mode():
+                yield
+        finally:
+            torch.set_default_dtype(default_dtype)
+            for m, training in modes:
+                m.training = training
+
+    def _network_dtype(self) -> torch.dtype:
+        """The dtype new tensors inside the networks need (timestep embeddings)."""
+        first = next(itertools.chain(self.stage2.parameters(), self.stage1.parameters()), None)
+        return torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32
+
+    @torch.inference_mode()
+    def _dehaze(self, hazy: torch.Tensor, seed: int, noise: Optional[torch.Tensor]):
+        """Both stages on a checked (B, 3, H, W) batch; (coarse, restored) float32, cropped."""
         h, w = hazy.shape[-2:]
         size = padded_size(h, w)
-        seed = self.seed if seed is None else seed
-        if noise is not None and tuple(noise.shape[-2:]) != size:
-            raise ValueError(f"start noise must have the padded size {size}, got {tuple(noise.shape[-2:])}")
-        with self._float32_mode():
-            if self.tile is None:
-                if noise is None:
-                    noise = start_noise((hazy.shape[0], 3, *size), seed)
-                x = pad_to(hazy.to(self.device, torch.float32), size)
-                c, r = self._run(x, noise.to(self.device))
-            else:
-                x = pad_to(hazy.float(), size)          # the whole scene stays on the CPU
-                c, r = self._tiled(x, self.tile_plan(h, w), seed, noise)
-        return DehazeResult(c[..., :h, :w], r[..., :h, :w])
+        want = (hazy.shape[0], 3, *size)
+        if noise is not None and tuple(noise.shape) != want:
+            raise ValueError(f"start noise must have the padded shape {want}, got {tuple(noise.shape)}")
+        if self.tile is None:
+            if noise is None:
+                noise = start_noise(want, seed)
+            x = pad_to(hazy.to(self.device, torch.float32), size)
+            c, r = self._run(x, noise.to(self.device))
+        else:
+            x = pad_to(hazy.float(), size)          # the whole scene stays on the CPU
+            c, r = self._tiled(x, self.tile_plan(h, w), seed, noise)
+        return c[..., :h, :w], r[..., :h, :w]
 
     def tile_plan(self, h: int, w: int, tile: Optional[int] = None) -> "TilePlan":
         """The tiles of an h x w scene (``tile`` defaults to this Dehazer's)."""
@@ -241,8 +302,8 @@ class Dehazer:
     @torch.inference_mode()
     def run_tiles(self, tiles: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Both stages on a batch of padded tiles (N, 3, th, tw) in [0, 1] with their start
-        noise; returns (coarse, restored) on the CPU, float32."""
-        with self._float32_mode():
+        noise; returns (coarse, restored) on the CPU, float32 (models in eval mode, as in a call)."""
+        with self._call_state():
             c, r = self._run(tiles.to(self.device, torch.float32), noise.to(self.device))
         return c.cpu(), r.cpu()
 
@@ -305,18 +366,51 @@ class TilePlan:
 
 
 def check_input(hazy: torch.Tensor) -> None:
-    """A batch the networks can use: a floating (B, 3, H, W) tensor, finite, in [0, 1]."""
+    """A batch the networks can use: a floating (B, 3, H, W) or (3, H, W) tensor with
+    values, finite, in [0, 1]. Raises TypeError / ValueError naming the problem."""
     if not isinstance(hazy, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor of hazy images, got {type(hazy).__name__}")
-    if hazy.dim() != 4 or hazy.shape[1] != 3 or hazy.shape[-1] < 1 or hazy.shape[-2] < 1:
-        raise ValueError(f"expected hazy images of shape (B, 3, H, W) in [0, 1], got {tuple(hazy.shape)}")
+    if hazy.dim() not in (3, 4) or hazy.shape[-3] != 3 or hazy.shape[-1] < 1 or hazy.shape[-2] < 1:
+        raise ValueError(f"expected hazy images of shape (B, 3, H, W) or (3, H, W) in [0, 1], got {tuple(hazy.shape)}")
     if not hazy.is_floating_point():
-        raise ValueError(f"expected floating-point images in [0, 1], got dtype {hazy.dtype} (divide uint8 by 255)")
+        hint = " (divide uint8 by 255)" if hazy.dtype == torch.uint8 else ""
+        raise ValueError(f"expected floating-point images in [0, 1], got dtype {hazy.dtype}{hint}")
+    if hazy.device.type == "meta":
+        raise ValueError("hazy images are on the meta device: they hold no values to dehaze")
+    if hazy.numel() == 0:
+        return
+    hazy = hazy.detach()
     if not bool(torch.isfinite(hazy).all()):
         raise ValueError("hazy images contain NaN or infinite values")
     lo, hi = float(hazy.min()), float(hazy.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"hazy images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+        hint = " (0-255 values? divide by 255)" if hi > 2 else ""
+        raise ValueError(f"hazy images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
+
+
+SEED_RANGE = (-2 ** 63, 2 ** 64)     # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int: an integer (Python, NumPy or one-element integer tensor) in
+    [-2**63, 2**64); TypeError / ValueError otherwise (a float or string is not rounded)."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}") from None
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got bool {seed!r}")
+    if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+        raise ValueError(f"seed {value} is outside [-2**63, 2**64)")
+    return value
+
+
+def step_generator(noise: torch.Tensor) -> torch.Generator:
+    """The CPU generator of one image's (or tile's) extra noise when eta > 0, seeded from
+    its start noise (C, H, W): reproducible, independent of batch-mates and of the global RNG."""
+    data = noise.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, person=b"dsrdmpd-eta").digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list:
