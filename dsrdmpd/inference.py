@@ -251,18 +251,21 @@ class Dehazer:
     def _call_state(self):
         """The models in eval mode and their dtype (float32; float64 for float64 copies) as
         the default dtype during a call; the caller's modes and default dtype restored after."""
-        modes = [(m, m.training) for net in (self.stage1, self.stage2) for m in net.modules()]
+        nets = (self.stage1, self.stage2)
+        if getattr(self, "_all_modules", None) is None or any(net.training for net in nets):   # first call, or train()
+            self._all_modules = tuple(m for net in nets for m in net.modules())    # (walking them costs ~2 ms)
+        training = [m for m in self._all_modules if m.training]        # usually none: nothing to set, nothing to undo
         default_dtype = torch.get_default_dtype()
         try:
-            for m, _ in modes:
+            for m in training:
                 m.training = False
             torch.set_default_dtype(self._network_dtype())
             with self._float32_mode():
                 yield
         finally:
             torch.set_default_dtype(default_dtype)
-            for m, training in modes:
-                m.training = training
+            for m in training:
+                m.training = True
 
     def _network_dtype(self) -> torch.dtype:
         """The dtype new tensors inside the networks need (timestep embeddings)."""

@@ -118,6 +118,12 @@ def test_models_left_in_train_mode_run_in_eval_mode_and_keep_their_mode(hazy, re
         s1.eval()
         s2.eval()
     assert torch.equal(out.restored, ref1.restored)          # BatchNorm used its running statistics
+    # after a call in eval mode (the Dehazer keeps its list of modules), one BatchNorm alone in train mode
+    d(hazy[1:])
+    bn = next(m for m in s1.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.train()
+    assert torch.equal(d(hazy[1:]).restored, ref1.restored) and bn.training and not s1.training
+    bn.eval()
     assert all(torch.equal(s1.state_dict()[k], v) for k, v in stats.items())   # and did not update them
 
 
