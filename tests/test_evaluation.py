@@ -374,8 +374,8 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     (tmp_path / "demo" / "results").mkdir(parents=True)
     mine.write_text("keep me")
     (tmp_path / "demo" / "results" / "old.csv").write_text("stale")
-    assert demo_cmd.main(["--output", str(tmp_path / "demo"), "--size", "64", "--train-images", "6", "--test-images",
-                      "2", "--test-size", "64", "--stage1-epochs", "1", "--stage2-steps", "4", "--device", "cpu"]) == 0
+    assert demo_cmd.main(["--output", str(tmp_path / "demo"), "--size", "64", "--train-images", "4", "--test-images",
+                      "2", "--test-size", "64", "--stage1-epochs", "1", "--stage2-steps", "2", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "| stage 2 (RDMPD, 5 steps) |" in printed and "TINY models" in printed
     rows = _read_csv(tmp_path / "demo" / "results" / "metrics.csv")
