@@ -396,8 +396,10 @@ MUTATIONS: List[Mutation] = [
              "ns = torch.cat([tile_noise(i, y, xx) for i, y, xx in chunk[::-1]]).to(self.device)",
              ("tests/test_speed_options.py::test_tile_batching_equals_one_tile_per_call",)),
     Mutation("channels-last-one-level", "the channels_last path adds one 8-bit level to one input pixel",
-             "dsrdmpd/inference.py", "            x = x.contiguous(memory_format=torch.channels_last)\n",
-             "            x = x.contiguous(memory_format=torch.channels_last).clone()\n            x[:, :, 5, 7] += 1 / 255\n",
+             "dsrdmpd/inference.py",
+             "        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)\n",
+             "        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)\n"
+             "        if self.channels_last:\n            x = x.clone()\n            x[:, :, 5, 7] += 1 / 255\n",
              ("tests/test_speed_options.py::test_channels_last_matches_float32",)),
     Mutation("explicit-attention-half-scores", "the explicit attention rounds its scaled queries through float16",
              "dsrdmpd/models/unet_blocks.py", 'sim = torch.einsum("bhdi,bhdj->bhij", q * self.scale, k)',
