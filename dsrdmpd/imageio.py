@@ -102,11 +102,14 @@ def _tiff_values_as_shown(arr: np.ndarray, photometric: int, compression: int, b
     raise ImageReadError(f"{path}: {name} TIFF (photometric {photometric}) is not supported; convert it to RGB")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def _png_bit_depth(path: Path) -> int:
     """Bit depth from a PNG's IHDR chunk (0 when the file is not a PNG)."""
     with open(path, "rb") as f:
         head = f.read(25)
-    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" else 0
+    return head[24] if len(head) == 25 and head[:8] == PNG_SIGNATURE else 0
 
 
 def _read_png16(path: Path) -> np.ndarray:
@@ -139,9 +142,6 @@ def _exif_orientation(block: Optional[bytes]) -> int:
     except Exception:          # no EXIF to speak of: reading the pixels reports any real problem
         return 1
     return value if value in _ORIENTATIONS else 1
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _png_exif(path: Path) -> Optional[bytes]:
@@ -182,7 +182,7 @@ def image_size(path: Union[str, Path]) -> Tuple[int, int]:
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(33)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+    if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR":
         return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
     if path.suffix.lower() in TIFF_EXTENSIONS:
         try:

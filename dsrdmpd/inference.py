@@ -128,6 +128,7 @@ class Dehazer:
             raise ConfigError(f"steps must be an integer in [1, {most}] (or None: the model's "
                               f"{stage2.sampling_timesteps}), got {steps!r}")
         self.seed, self.eta, self.fast = check_seed(seed), float(eta), fast
+        self._modules_of: Tuple[Tuple[torch.nn.Module, ...], Tuple[torch.nn.Module, ...]] = ((), ())
         for net in (self.stage1, self.stage2):
             set_weight_cache(set_fast_norm(net, fast_norm), True)
         self.graphs = (GraphRunner(self._run_eager, (self.stage1, self.stage2), max_graphs)
@@ -243,8 +244,7 @@ class Dehazer:
         with self._call_state():
             c, r = self._dehaze(x, seed, noise)
         # copied out of inference mode: plain contiguous tensors in the caller's dtype
-        out = lambda t: t.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
-        c, r = out(c), out(r)
+        c, r = (t.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format) for t in (c, r))
         return DehazeResult(c[0], r[0]) if single else DehazeResult(c, r)
 
     @contextlib.contextmanager
@@ -252,9 +252,11 @@ class Dehazer:
         """The models in eval mode and their dtype (float32; float64 for float64 copies) as
         the default dtype during a call; the caller's modes and default dtype restored after."""
         nets = (self.stage1, self.stage2)
-        if getattr(self, "_all_modules", None) is None or any(net.training for net in nets):   # first call, or train()
-            self._all_modules = tuple(m for net in nets for m in net.modules())    # (walking them costs ~2 ms)
-        training = [m for m in self._all_modules if m.training]        # usually none: nothing to set, nothing to undo
+        walked, modules = self._modules_of      # (nets, their modules) from an earlier call: walking costs ~2 ms
+        if len(walked) != 2 or any(a is not b for a, b in zip(walked, nets)) or any(net.training for net in nets):
+            modules = tuple(m for net in nets for m in net.modules())     # first call, other nets, or train()
+            self._modules_of = nets, modules
+        training = [m for m in modules if m.training]        # usually none: nothing to set, nothing to undo
         default_dtype = torch.get_default_dtype()
         try:
             for m in training:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,22 @@ def fixture_files(pattern: str) -> list:
         marks = [pytest.mark.skip(reason=f"no {pattern} in {where}")] if CUSTOM_PARITY else []
         return [pytest.param(None, marks=marks, id="missing")]   # require(None) fails the test
     return [pytest.param(f, id=f"{f.parent.name}/{f.name}") for f in files]
+
+
+def png_chunks(data: bytes) -> list:
+    """A PNG file's chunks as (type, data) pairs, in file order (CRCs not checked)."""
+    out, at = [], 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        out.append((kind, data[at + 8:at + 8 + length]))
+        at += 12 + length
+    return out
+
+
+def png_bytes(chunks) -> bytes:
+    """A PNG file of the (type, data) chunks given, each with its length and CRC."""
+    return b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I4s", len(d), k) + d + struct.pack(">I", zlib.crc32(k + d))
+                                          for k, d in chunks)
 
 
 def require(path):

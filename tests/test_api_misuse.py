@@ -124,6 +124,13 @@ def test_models_left_in_train_mode_run_in_eval_mode_and_keep_their_mode(hazy, re
     bn.train()
     assert torch.equal(d(hazy[1:]).restored, ref1.restored) and bn.training and not s1.training
     bn.eval()
+    # a copy of the Dehazer given other networks (as tests/parity_cases.exact_chain makes) walks those
+    import copy
+    twin = copy.copy(d)
+    twin.stage1 = copy.deepcopy(s1)
+    twin_bn = next(m for m in twin.stage1.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    twin_bn.train()
+    assert torch.equal(twin(hazy[1:]).restored, ref1.restored) and twin_bn.training
     assert all(torch.equal(s1.state_dict()[k], v) for k, v in stats.items())   # and did not update them
 
 

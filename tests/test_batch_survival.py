@@ -20,6 +20,8 @@ from dsrdmpd.imageio import ImageReadError, read_image, write_image
 from dsrdmpd.inference import Dehazer
 from dsrdmpd.models.passthrough import PassThroughStage1, PassThroughStage2
 
+from conftest import png_bytes
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
@@ -48,11 +50,8 @@ def _args(models, *rest):
 def png_header_only(path, width, height, bit_depth=8):
     """A PNG whose header declares width x height RGB pixels, with a tiny (wrong) IDAT: what a
     decompression bomb looks like before decoding (a real 30000 x 30000 one is 2.7 MB)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(png_bytes([(b"IHDR", ihdr), (b"IDAT", zlib.compress(b"\0" * 64)), (b"IEND", b"")]))
     return path
 
 

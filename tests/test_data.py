@@ -1,9 +1,6 @@
 """Pairing by name key, image modes, bad files, batch order."""
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +8,8 @@ from PIL import Image
 
 from dsrdmpd.data import DataError, PairedImageDataset, PairingError, StepBatchSampler, find_pairs, split_pairs
 from dsrdmpd.imageio import ImageReadError, read_image, write_image
+
+from conftest import png_bytes, png_chunks
 
 
 def _png(path, arr, mode=None):
@@ -140,21 +139,6 @@ def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
     assert np.array_equal((img.tensor[0].numpy() * 65535).round(), np.rot90(grey16, 1))
 
 
-def _chunks(data: bytes) -> list:
-    """A PNG's chunks as (type, data) pairs."""
-    out, at = [], 8
-    while at < len(data):
-        length, kind = struct.unpack(">I4s", data[at:at + 8])
-        out.append((kind, data[at + 8:at + 8 + length]))
-        at += 12 + length
-    return out
-
-
-def _png_of(chunks: list) -> bytes:
-    return b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I4s", len(d), k) + d + struct.pack(">I", zlib.crc32(k + d))
-                                              for k, d in chunks)
-
-
 def test_exif_after_the_image_data_is_found(tmp_path):
     """The PNG specification lets the eXIf chunk come after the image data (some cameras and
     editors put it there): the orientation is found there too, for 8-bit (Pillow) and 16-bit
@@ -163,12 +147,12 @@ def test_exif_after_the_image_data_is_found(tmp_path):
     for name, pixels in (("rgb.png", _rgb(5, 7)), ("g16.png", grey16)):
         path = tmp_path / name
         Image.fromarray(pixels).save(path, exif=_exif(6))
-        chunks = _chunks(path.read_bytes())
+        chunks = png_chunks(path.read_bytes())
         exif = [c for c in chunks if c[0] == b"eXIf"]
         rest = [c for c in chunks if c[0] != b"eXIf"]
         assert len(exif) == 1 and rest[-1][0] == b"IEND"
-        path.write_bytes(_png_of(rest[:-1] + exif + rest[-1:]))      # eXIf between the last IDAT and IEND
-        assert [k for k, _ in _chunks(path.read_bytes())].index(b"eXIf") > [k for k, _ in rest].index(b"IDAT")
+        path.write_bytes(png_bytes(rest[:-1] + exif + rest[-1:]))      # eXIf between the last IDAT and IEND
+        assert [k for k, _ in png_chunks(path.read_bytes())].index(b"eXIf") > [k for k, _ in rest].index(b"IDAT")
         img = read_image(path)
         assert img.tensor.shape == (3, 7, 5) and "EXIF orientation 6" in img.conversion, name
         want = np.rot90(pixels, -1)          # 6: turned 90 degrees clockwise to be upright
