@@ -12,7 +12,7 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
@@ -237,6 +237,28 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str
     for item in overrides or ():
         apply_override(cfg, item)
     return validate_config(cfg)
+
+
+def flatten(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{'train': {'lr': 1}}`` -> ``{'train.lr': 1}`` (lists are values)."""
+    out: Dict[str, Any] = {}
+    for k, v in (cfg or {}).items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], ignore: Iterable[str] = ()) -> List[str]:
+    """``['train.lr: 8.0e-05 -> 0.0001', 'data.flip: (unset) -> true', ...]``: the dotted
+    keys whose values differ between two configs (unset and null alike), in key order,
+    leaving out ``ignore``."""
+    a, b, skip = flatten(old), flatten(new), set(ignore)
+    shown = lambda d, k: yaml.safe_dump(d[k], default_flow_style=True).strip().removesuffix("\n...") \
+        if d.get(k) is not None else "(unset)"
+    return [f"{k}: {shown(a, k)} -> {shown(b, k)}" for k in sorted(set(a) | set(b))
+            if k not in skip and a.get(k) != b.get(k)]
 
 
 def dump_config(cfg: Dict[str, Any]) -> str:

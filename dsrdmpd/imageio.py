@@ -65,19 +65,34 @@ def _to_rgb_array(arr: np.ndarray, path: Path) -> tuple:
     return arr, note
 
 
-def _array_to_unit(arr: np.ndarray, path: Path) -> tuple:
+# A float result may stray this far past [0, 1] and still be clipped (clip_float): a network's
+# unclamped output overshoots by a little; a file in another scale (0-255, reflectance x 1e4)
+# by far more, and is refused rather than clipped into a white image.
+FLOAT_CLIP_SLACK = 0.5
+
+
+def _array_to_unit(arr: np.ndarray, path: Path, clip_float: bool = False) -> tuple:
+    """(H, W, 3) float32 in [0, 1], bit depth, note ('' or what clipping did)."""
     if arr.dtype == np.bool_:           # bilevel (1-bit) TIFF: black and white, as 1-bit PNG / BMP
-        return arr.astype(np.float32), 8
+        return arr.astype(np.float32), 8, ""
     if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0, 8
+        return arr.astype(np.float32) / 255.0, 8, ""
     if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0, 16
+        return arr.astype(np.float32) / 65535.0, 16, ""
     if arr.dtype in (np.int32, np.uint32, np.int16) and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0:
-        return arr.astype(np.float32) / 65535.0, 16
+        return arr.astype(np.float32) / 65535.0, 16, ""
     if arr.dtype.kind == "f":
-        if arr.size and (np.nanmin(arr) < 0 or np.nanmax(arr) > 1 or np.isnan(arr).any()):
-            raise ImageReadError(f"{path}: floating-point image with values outside [0, 1]")
-        return arr.astype(np.float32), 16
+        if not arr.size:
+            return arr.astype(np.float32), 16, ""
+        if not np.isfinite(arr).all():
+            raise ImageReadError(f"{path}: floating-point image with NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0 and hi <= 1:
+            return arr.astype(np.float32), 16, ""
+        if clip_float and lo >= -FLOAT_CLIP_SLACK and hi <= 1 + FLOAT_CLIP_SLACK:
+            return np.clip(arr, 0, 1).astype(np.float32), 16, f"float values in [{lo:.4g}, {hi:.4g}] clipped to [0, 1]"
+        raise ImageReadError(f"{path}: floating-point image with values in [{lo:.4g}, {hi:.4g}], outside [0, 1]"
+                             + (f" by more than {FLOAT_CLIP_SLACK} (another scale?)" if clip_float else ""))
     raise ImageReadError(f"{path}: unsupported pixel type {arr.dtype}")
 
 
@@ -210,9 +225,12 @@ def check_pixel_limit(path: Union[str, Path], max_pixels: Optional[int]) -> Tupl
     return h, w
 
 
-def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+               clip_float: bool = False) -> LoadedImage:
     """Read an image file as (3, H, W) float32 in [0, 1]; more than ``max_pixels`` pixels
-    (read from the header, before decoding) is an ImageReadError."""
+    (read from the header, before decoding) is an ImageReadError, and so is a float image
+    with values outside [0, 1], unless ``clip_float`` (a method's result being scored):
+    then values within FLOAT_CLIP_SLACK of [0, 1] are clipped, with a note."""
     path = Path(path)
     if not path.is_file():
         broken = f"broken link (to {os.readlink(path)})" if path.is_symlink() else ""
@@ -265,7 +283,9 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         note = "palette image expanded to RGB" + (f"; {note}" if note else "")
     if colours_from:
         note = f"{colours_from} converted to RGB (no colour management)" + (f"; {note}" if note else "")
-    unit, depth = _array_to_unit(arr, path)
+    unit, depth, clipped = _array_to_unit(arr, path, clip_float)
+    if clipped:
+        note = f"{note}; {clipped}" if note else clipped
     if unit.shape[0] < 1 or unit.shape[1] < 1:
         raise ImageReadError(f"{path}: empty image")
     return LoadedImage(torch.from_numpy(np.ascontiguousarray(unit.transpose(2, 0, 1))), depth, path, note)

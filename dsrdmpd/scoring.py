@@ -176,7 +176,7 @@ def score_pair(pair: ImagePair, protocols: Sequence[str], border: int = 0,
     ``converted``: what reading did to either file (grey or alpha to RGB, EXIF turn, ...)
     and differing bit depths ('' if nothing). ``resize`` resizes the GT to N x N first (as
     dsrdmpd-test --resize); sizes must then agree."""
-    out, gt_img = read_image(pair.hazy), read_image(pair.gt)
+    out, gt_img = read_image(pair.hazy, clip_float=True), read_image(pair.gt)
     notes = [f"restored: {out.conversion}" if out.conversion else "",
              f"ground truth: {gt_img.conversion}" if gt_img.conversion else "",
              f"restored {out.bit_depth}-bit, ground truth {gt_img.bit_depth}-bit"

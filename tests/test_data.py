@@ -40,6 +40,14 @@ def test_pairs_by_key_not_by_order(tmp_path):
         assert torch.equal(ds[i]["hazy"], ds[i]["gt"])
 
 
+def test_natural_order_ignores_case_and_reads_digit_runs():
+    """Keys sort by digit value and without regard to case (names equal but for case by
+    their exact text); a lone '²' is text, not a number (str.isdigit says it is one)."""
+    from dsrdmpd.data.pairing import natural_key
+    keys = ["img10", "B1", "img2", "a1", "A1", "²", "x10", "x2"]
+    assert sorted(keys, key=natural_key) == ["A1", "a1", "B1", "img2", "img10", "x2", "x10", "²"]
+
+
 def test_satehaze1k_preset(tmp_path):
     _png(tmp_path / "test" / "input" / "7-inputs.png", _rgb())
     _png(tmp_path / "test" / "target" / "7-targets.png", _rgb())

@@ -145,6 +145,43 @@ def test_conversions_on_reading_are_listed_with_the_scores(tmp_path, capsys):
     assert float(rows["deep.png"]["psnr_paper"]) == float("inf") and float(rows["alpha.png"]["ssim_paper"]) == 1.0
 
 
+def test_a_float_result_a_little_outside_0_1_is_clipped_and_noted(tmp_path, capsys):
+    """A method's float TIFF result that overshoots [0, 1] a little (an unclamped network
+    output) is clipped, as the protocols clamp our own outputs, and the summary says so;
+    one in another scale (0-255) or with NaN is refused for its pair; a ground truth, or an
+    input being dehazed, is never clipped."""
+    import tifffile
+    g = rgb(5)
+    save(tmp_path / "gt" / "over.png", g)
+    save(tmp_path / "gt" / "clean.png", g)
+    save(tmp_path / "gt" / "scale.png", g)
+    save(tmp_path / "gt" / "nan.png", g)
+    over = g.astype(np.float32) / 255
+    over[0, 0], over[1, 1] = [-0.02, 0.5, 1.03], [1.0, 0.0, 0.25]
+    (tmp_path / "out").mkdir()
+    tifffile.imwrite(tmp_path / "out" / "over.tif", over, photometric="rgb")
+    clean = np.clip(over, 0, 1)
+    tifffile.imwrite(tmp_path / "out" / "clean.tif", clean, photometric="rgb")
+    tifffile.imwrite(tmp_path / "out" / "scale.tif", g.astype(np.float32), photometric="rgb")
+    bad = clean.copy()
+    bad[2, 2, 1] = np.nan
+    tifffile.imwrite(tmp_path / "out" / "nan.tif", bad, photometric="rgb")
+    assert score.main(args(tmp_path)) == 1
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "s" / "metrics.csv"))}
+    assert set(rows) == {"over.tif", "clean.tif"}
+    assert rows["over.tif"]["psnr_paper"] == rows["clean.tif"]["psnr_paper"] != "inf"
+    summary = (tmp_path / "s" / "summary.md").read_text()
+    assert "| over.tif | restored: float values in [-0.02, 1.03] clipped to [0, 1]; restored 16-bit" in summary
+    assert "| clean.tif | restored 16-bit, ground truth 8-bit |" in summary
+    assert "scale.tif: floating-point image with values in [0, 255], outside [0, 1] by more than 0.5 " \
+           "(another scale?)" in summary
+    assert "nan.tif: floating-point image with NaN or infinite values" in summary
+    from dsrdmpd.imageio import ImageReadError, read_image
+    with pytest.raises(ImageReadError, match=r"over.tif: floating-point image with values in \[-0.02, 1.03\], "
+                                             r"outside \[0, 1\]$"):
+        read_image(tmp_path / "out" / "over.tif")
+
+
 # ---------------------------------------------------------------- the reproduce table
 
 def test_a_failing_dataset_is_noted_and_the_table_still_written(tmp_path, monkeypatch, capsys):
@@ -256,3 +293,26 @@ def test_a_suite_without_datasets_or_with_an_unknown_protocol_is_refused(tmp_pat
         assert reproduce.main(["--suite", str(tmp_path / "suite.yaml"), "--output", str(tmp_path / "t")]) == 2
         assert words in one_error_line(capsys)
         assert not (tmp_path / "t").exists()
+
+
+def test_suite_keys_and_dataset_overrides_are_checked(tmp_path, capsys):
+    """A misspelt suite or dataset key, and --set for a dataset the suite does not list,
+    are refused by name (they were taken quietly: a typo added a dataset of one setting)."""
+    suite = {"seed": 0, "datasets": {"RSID": {"preset": "rsid", "root": str(tmp_path / "none")}}}
+    base = ["--suite", str(tmp_path / "suite.yaml"), "--output", str(tmp_path / "t")]
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    for extra, words in ((["--set", "datasets.RSDI.root=/data"], "lists no dataset 'RSDI' (did you mean RSID?); "
+                          "it lists: RSID (add a new dataset in the suite file)"),
+                         (["--set", "datasets.RSID.rot=/data"], "unknown setting 'rot' (did you mean root?)"),
+                         (["--set", "sed=3"], "unknown suite key 'sed' (did you mean seed?)")):
+        assert reproduce.main(base + extra) == 2
+        assert words in one_error_line(capsys)
+    for bad, words in (({"seed": 0, "dataset": suite["datasets"]}, "unknown suite key 'dataset' (did you mean datasets?)"),
+                       ({"datasets": {"RSID": {"preset": "rsid", "stage_1": "a.pt"}}},
+                        "dataset RSID: unknown setting 'stage_1' (did you mean stage1?)")):
+        (tmp_path / "suite.yaml").write_text(yaml.safe_dump(bad))
+        assert reproduce.main(base) == 2
+        assert words in one_error_line(capsys)
+    assert not (tmp_path / "t").exists()
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    assert reproduce.main(base + ["--set", f"datasets.RSID.root={tmp_path / 'other'}"]) == 0

@@ -81,8 +81,10 @@ def run_straight_and_resumed(make, tmp_path, check=lambda trainer: None):
     interrupted = make(tmp_path / "b")
     interrupted.train(max_steps=5)          # stops mid-epoch and writes last.pt
     del interrupted
+    at_stop = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
     resumed = make(tmp_path / "b", resume="auto")
     assert resumed.step == 5
+    assert resumed.resume_changes(at_stop) == []          # nothing to warn of: the same settings and pairs
     resumed.train()
     load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
     return straight, load("a"), load("b")
@@ -110,6 +112,27 @@ def test_resume_is_bit_exact(stage, data_root, stage1_ckpt, tmp_path):
         losses = _losses(tmp_path / "a")
         assert len(losses) == 8 and sum(losses[-4:]) < 0.7 * sum(losses[:4])
         assert load_stage1(tmp_path / "a" / "checkpoints" / "best.pt").dim == 32
+
+
+def test_resume_names_what_differs_from_the_checkpoint(synthetic_root, tiny_stage1, tmp_path, capsys):
+    """Resumed with other settings or other training pairs, a run says so, naming them
+    (it cannot repeat the uninterrupted run); bookkeeping settings (log_every) are free."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    for side in ("hazy", "GT"):
+        (root / "train" / side / "0003.png").unlink()
+        shutil.copy(root / "train" / side / "0000.png", root / "train" / side / "extra.png")
+    cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml",
+                      [f"data.root={root}", "train.batch_size=2", "train.epochs=1", "data.val_split=null",
+                       "train.lr=0.0005", "train.log_every=3"])
+    Stage1Trainer(cfg, tmp_path / "run", resume=str(tiny_stage1.last))
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
+    assert out == [f"WARNING: resuming with 2 setting(s) other than the checkpoint's: data.root: {synthetic_root} -> "
+                   f"{root}; train.lr: 0.001 -> 0.0005",
+                   "WARNING: the training pairs differ from the checkpoint's (8 then, 8 now: 1 added (extra), "
+                   "1 removed (0003))",
+                   "WARNING: so this run will not repeat an uninterrupted one exactly"]
 
 
 def test_resume_rejects_other_stage(data_root, stage1_ckpt, tiny_stage1, tmp_path):

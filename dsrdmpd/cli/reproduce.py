@@ -17,6 +17,7 @@ fails is noted in its row and the table is still written; the exit code is then 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DATASET_OPTIONS = {"preset": "--preset", "root": "--data-root", "split": "--split", "list_file": "--list-file",
                    "hazy_dir": "--hazy-subdir", "gt_dir": "--gt-subdir", "hazy_key": "--hazy-key",
                    "gt_key": "--gt-key", "resize": "--resize"}
+SUITE_KEYS = ("protocol", "seed", "weights", "datasets", "peers")
+DATASET_KEYS = (*DATASET_OPTIONS, "stage1", "stage2")
 FIELDS = ["dataset", "psnr", "ssim", "reported_psnr", "reported_ssim", "diff_psnr", "diff_ssim", "source",
           "checked_against_paper", "hand", "reported_protocol", "psnr_stage1", "ssim_stage1", "note"]
 HANDS = ("first-hand", "second-hand", "unknown")
@@ -198,6 +201,46 @@ def parse_peers(items: Sequence[str]) -> Dict[str, Path]:
     return peers
 
 
+def unknown_key(kind: str, key: str, known: Sequence[str]) -> str:
+    """'unknown dataset key 'rot' (did you mean root?; known: ...)'."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return (f"unknown {kind} {key!r}" + (f" (did you mean {close[0]}?)" if close else "")
+            + f"; known: {', '.join(map(str, known)) or 'none'}")
+
+
+def check_suite(path: str, suite: Dict[str, Any], overrides: Sequence[str]) -> None:
+    """Refuse, naming the file or the ``--set``, what the suite would otherwise take quietly:
+    a misspelt top-level or dataset key (ignored), or ``--set datasets.NAME...`` for a NAME
+    the suite file does not list (it would add a dataset of one setting: datasets are
+    added in the suite file)."""
+    for key in suite:
+        if key not in SUITE_KEYS:
+            raise UsageError(f"{path}: {unknown_key('suite key', key, SUITE_KEYS)}")
+    datasets = suite.get("datasets") or {}
+    if not isinstance(datasets, dict):
+        raise UsageError(f"{path}: 'datasets' must map each dataset's name to its settings")
+    for name, ds in datasets.items():
+        if not isinstance(ds, dict):
+            raise UsageError(f"{path}: dataset {name}: expected its settings (root, stage1, stage2, ...), got {ds!r}")
+        for key in ds:
+            if key not in DATASET_KEYS:
+                raise UsageError(f"{path}: dataset {name}: {unknown_key('setting', key, DATASET_KEYS)}")
+    for item in overrides:
+        parts = item.split("=", 1)[0].strip().split(".")
+        if parts[0] not in SUITE_KEYS:
+            raise UsageError(f"--set {item}: {unknown_key('suite key', parts[0], SUITE_KEYS)}")
+        if parts[0] != "datasets" or len(parts) < 2:
+            continue
+        if parts[1] not in datasets:
+            close = difflib.get_close_matches(parts[1], list(datasets), n=1)
+            raise UsageError(f"--set {item}: {path} lists no dataset {parts[1]!r}"
+                             + (f" (did you mean {close[0]}?)" if close else "")
+                             + f"; it lists: {', '.join(datasets) or 'none'} (add a new dataset in the suite file)")
+        if len(parts) != 3 or parts[2] not in DATASET_KEYS:
+            raise UsageError(f"--set {item}: " + (unknown_key("setting", parts[2], DATASET_KEYS) if len(parts) == 3
+                             else f"expected datasets.{parts[1]}.SETTING=VALUE"))
+
+
 def check_peer_folders(peers: Dict[str, Path], datasets: Sequence[str]) -> None:
     """A peer folder that is missing, or holds a folder for none of the suite's datasets, is
     a UsageError naming what it holds (before any dataset is evaluated)."""
@@ -248,6 +291,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     ap.add_argument("--peer", action="append", default=[], metavar="NAME=DIR",
                     help="another method's outputs, DIR/<dataset>/ per suite dataset, scored as ours")
     args = ap.parse_args(argv)
+    check_suite(args.suite, load_config(args.suite, defaults={}), args.overrides)
     suite = load_config(args.suite, args.overrides, defaults={})
     paper = load_config(args.paper, defaults={})
     protocol = suite.get("protocol", "paper")

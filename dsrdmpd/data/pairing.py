@@ -62,8 +62,12 @@ PRESET_NAMES = (*PRESETS, *LIST_PRESETS, "paired")
 
 
 def natural_key(key: str):
-    """Sort key that orders digit runs by value: 'img2' before 'img10'."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+    """Sort key that orders digit runs by value and ignores case: 'img2' before 'img10',
+    'a1' before 'B1' (names equal but for case then sort by their exact text). Every second
+    piece of the split is a digit run, so a lone non-ASCII digit such as '²' is text."""
+    pieces = re.split(r"(\d+)", key)
+    folded = [int(t) if i % 2 else t.casefold() for i, t in enumerate(pieces)]
+    return folded, pieces
 
 
 def files_by_key(folder: Path, rule: str, role: str) -> Dict[str, Path]:

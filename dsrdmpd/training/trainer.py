@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from ..config import ConfigError, check_keys, validate_config
+from ..config import ConfigError, check_keys, config_changes, validate_config
 from ..data import DataError
 from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, configure_cuda, load_training_state, make_loader,
@@ -117,8 +117,11 @@ class BaseTrainer:
                            if self.step_options.cuda_graph else None)
         path = resolve_resume(resume, self.run_dir)
         if path is not None:
-            self.load_state(load_training_state(path, self.stage, self.trust))
+            state = load_training_state(path, self.stage, self.trust)
+            self.load_state(state)
             self.accelerator.print(f"resumed from {path} at step {self.step}")
+            for line in self.resume_changes(state):
+                self.accelerator.print(f"WARNING: {line}")
         resume_step = self.step if path is not None else None
         self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
                                 resume_step) if self.is_main else None
@@ -202,7 +205,8 @@ class BaseTrainer:
                 **self.weights_for_inference(),
                 "optimizer": portable_optimizer_state(self.optimizer),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng, "processes": self.accelerator.num_processes, "best": self.best, **self.extra_state()}
+                "rng": rng, "processes": self.accelerator.num_processes, "best": self.best,
+                "train_keys": [p.key for p in self.train_pairs], **self.extra_state()}
 
     def gather_rng(self) -> List[Dict[str, Any]]:
         """Every process's random streams, in process order (all processes must call it)."""
@@ -221,6 +225,33 @@ class BaseTrainer:
                                    f"the run will not repeat an uninterrupted one exactly")
         if rank < len(rng):
             restore_rng(rng[rank], self.generators)
+
+    # train / data keys that change no number of the run (where and how often it logs,
+    # saves, validates; loader processes): free to change between a stop and its resume
+    BOOKKEEPING_KEYS = ("train.device", "train.tensorboard", "train.log_every", "train.save_every",
+                        "train.keep_every", "train.val_every", "data.num_workers")
+
+    def resume_changes(self, state: Dict[str, Any]) -> List[str]:
+        """Why this resumed run will not repeat the uninterrupted one, one line each: settings
+        that differ from the checkpoint's (bookkeeping keys aside), and training pairs
+        added, removed or reordered since (checkpoints older than this record skip that)."""
+        lines = []
+        changed = config_changes(state.get("config") or {}, self.cfg, self.BOOKKEEPING_KEYS)
+        if changed:
+            lines.append(f"resuming with {len(changed)} setting(s) other than the checkpoint's: "
+                         + "; ".join(changed))
+        then, now = state.get("train_keys"), [p.key for p in self.train_pairs]
+        if isinstance(then, list) and then != now:
+            added, removed = sorted(set(now) - set(then)), sorted(set(then) - set(now))
+            what = ", ".join(part for part in (
+                f"{len(added)} added ({', '.join(added[:3])}{', ...' if len(added) > 3 else ''})" if added else "",
+                f"{len(removed)} removed ({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})"
+                if removed else "") if part) or "the same pairs in another order"
+            lines.append(f"the training pairs differ from the checkpoint's ({len(then)} then, {len(now)} now: "
+                         f"{what})")
+        if lines:
+            lines.append("so this run will not repeat an uninterrupted one exactly")
+        return lines
 
     def load_state(self, state: Dict[str, Any]) -> None:
         model = self.accelerator.unwrap_model(self.model)
