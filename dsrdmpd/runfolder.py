@@ -92,8 +92,9 @@ class RunFolder:
         self._fd: Optional[int] = None
 
     # -- the lock ---------------------------------------------------------------------------
-    def lock(self) -> None:
-        """Take the folder's lock (creating the folder) or raise RunFolderError naming the holder."""
+    def lock(self, option: str = "--output") -> None:
+        """Take the folder's lock (creating the folder) or raise RunFolderError naming the
+        holder (and ``option``, the command-line option that chose the folder)."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -104,11 +105,16 @@ class RunFolder:
                 raise
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)
-            raise RunFolderError(f"{self.path}: another run is using this output folder ({holder}); wait for it "
-                                 f"to end or choose another --output") from None
+            raise RunFolderError(f"{self.path}: another run is using this folder ({holder}); wait for it "
+                                 f"to end or choose another {option}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
+
+    @property
+    def locked(self) -> bool:
+        """Whether this object holds the folder's lock."""
+        return self._fd is not None
 
     def unlock(self) -> None:
         if self._fd is not None:
@@ -116,10 +122,11 @@ class RunFolder:
             self._fd = None
 
     # -- preparing a run (under the lock) ---------------------------------------------------
-    def remove_stale_files(self) -> List[Path]:
-        """Delete temporaries and partial rasters a killed run left; returns them."""
+    def remove_stale_files(self, subfolders: Sequence[str] = OUTPUT_SUBFOLDERS) -> List[Path]:
+        """Delete temporaries and partial rasters a killed run left in the folder and its
+        ``subfolders``; returns them."""
         removed = []
-        for folder in (self.path, *(self.path / s for s in OUTPUT_SUBFOLDERS)):
+        for folder in (self.path, *(self.path / s for s in subfolders)):
             if folder.is_dir():
                 for p in folder.iterdir():
                     if STALE.match(p.name) and p.is_file():

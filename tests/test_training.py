@@ -3,6 +3,7 @@ checkpoints, the command line."""
 from __future__ import annotations
 
 import fnmatch
+import os
 import subprocess
 import sys
 import textwrap
@@ -85,6 +86,7 @@ def run_straight_and_resumed(make, tmp_path, check=lambda trainer: None):
     resumed = make(tmp_path / "b", resume="auto")
     assert resumed.step == 5
     assert resumed.resume_changes(at_stop) == []          # nothing to warn of: the same settings and pairs
+    assert (tmp_path / "b" / "resumes.txt").read_text().endswith(": same settings and training pairs\n")
     resumed.train()
     load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
     return straight, load("a"), load("b")
@@ -133,6 +135,45 @@ def test_resume_names_what_differs_from_the_checkpoint(synthetic_root, tiny_stag
                    "WARNING: the training pairs differ from the checkpoint's (8 then, 8 now: 1 added (extra), "
                    "1 removed (0003))",
                    "WARNING: so this run will not repeat an uninterrupted one exactly"]
+    history = (tmp_path / "run" / "resumes.txt").read_text().splitlines()
+    assert len(history) == 1 and f"resumed at step 4 from {tiny_stage1.last} by `" in history[0]
+    assert history[0].endswith(": resuming with 2 setting(s) other than the checkpoint's: data.root: "
+                               f"{synthetic_root} -> {root}; train.lr: 0.001 -> 0.0005; the training pairs differ "
+                               "from the checkpoint's (8 then, 8 now: 1 added (extra), 1 removed (0003))")
+
+
+def test_a_run_folder_holds_one_run_and_is_never_started_over(synthetic_root, tiny_stage1, tmp_path):
+    """One trainer per run folder at a time (the second is told who holds it); a folder
+    holding a run is continued only from its own checkpoints: neither a fresh run nor
+    another folder's checkpoint may overwrite its last.pt; a killed writer's temporaries
+    are removed when the folder is taken."""
+    import shutil
+    from dsrdmpd.runfolder import RunFolderError
+    cfg = lambda: load_config(ROOT / "configs" / "stage1_tiny.yaml", [f"data.root={synthetic_root}",
+                              "train.batch_size=2", "train.epochs=1", "data.val_split=null"])
+    run = tmp_path / "run"
+    first = Stage1Trainer(cfg(), run)
+    with pytest.raises(RunFolderError, match=rf"{run}: another run is using this folder \(pid {os.getpid()} on "
+                                             r".*\); wait for it to end or choose another --run-dir"):
+        Stage1Trainer(cfg(), run)
+    first.close()
+    shutil.copy(tiny_stage1.last, run / "checkpoints" / "last.pt")
+    mine = (run / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(RunFolderError, match=r"holds a training run \(checkpoints/last.pt\): a fresh run here would "
+                                             r"overwrite it; continue it with --resume auto"):
+        Stage1Trainer(cfg(), run)
+    elsewhere = tmp_path / "other.pt"
+    shutil.copy(tiny_stage1.last, elsewhere)
+    with pytest.raises(RunFolderError, match=rf"holds a training run of its own \(checkpoints/last.pt\): continuing "
+                                             rf"{elsewhere} here would overwrite it"):
+        Stage1Trainer(cfg(), run, resume=str(elsewhere))
+    assert (run / "checkpoints" / "last.pt").read_bytes() == mine
+    stale = run / "checkpoints" / ".step_0000002.k3j9x0ab.tmp.pt"
+    stale.write_bytes(b"half a checkpoint")
+    resumed = Stage1Trainer(cfg(), run, resume="auto")
+    assert resumed.step == 4 and not stale.exists()
+    resumed.train()                                       # nothing left to train; lets the folder go
+    Stage1Trainer(cfg(), run, resume=str(run / "checkpoints" / "last.pt")).close()
 
 
 def test_resume_rejects_other_stage(data_root, stage1_ckpt, tiny_stage1, tmp_path):

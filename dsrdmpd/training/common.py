@@ -5,11 +5,13 @@ A run folder holds ``config.yaml`` (resolved), ``command.txt``, ``git_revision.t
 ``train_log.csv``, ``val_log.csv``, ``checkpoints/last.pt`` (resumable, written
 atomically), ``checkpoints/step_<N>.pt`` snapshots (every ``train.keep_every`` steps, as
 the authors kept theirs), ``checkpoints/best.pt`` (best validation PSNR, only when the
-validation pairs are not a test split), ``samples/``.
+validation pairs are not a test split), ``samples/``, ``resumes.txt`` (one line per
+resume) and ``.lock`` (one run per folder: :func:`claim_run_dir`).
 """
 from __future__ import annotations
 
 import csv
+import datetime
 import math
 import os
 import random
@@ -30,6 +32,7 @@ from ..config import ConfigError, dump_config
 from ..data import ImagePair, PairedImageDataset, StepBatchSampler, collate, split_pairs
 from ..inference import pad_to, padded_size
 from ..metrics import psnr_ssim
+from ..runfolder import RunFolder, RunFolderError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,6 +54,46 @@ def prepare_run_dir(run_dir: Path, cfg: Dict[str, Any], argv: Optional[List[str]
     (run_dir / "command.txt").write_text(" ".join([sys.executable] + list(argv if argv is not None else sys.argv)) + "\n")
     (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
     return run_dir
+
+
+def claim_run_dir(run_dir: Path, resume: Optional[Path]) -> RunFolder:
+    """Lock ``run_dir`` for one training run (a second run gets RunFolderError naming the
+    holder), remove the temporaries a killed run left in its checkpoints/, and refuse to
+    start over a run the folder holds: a folder with checkpoints continues only from one of
+    its own (``--resume auto``, or a file in its checkpoints/), so no run's last.pt, best.pt
+    or logs are overwritten by a fresh run or by another folder's checkpoint."""
+    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
+    folder.lock(option="--run-dir")
+    try:
+        folder.remove_stale_files(("checkpoints",))
+        ckpts = run_dir / "checkpoints"
+        held = sorted(p.name for p in ckpts.glob("*.pt") if not p.name.startswith(".")) if ckpts.is_dir() else []
+        if held and (resume is None or Path(resume).resolve().parent != ckpts.resolve()):
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            if resume is None:
+                raise RunFolderError(f"{run_dir} holds a training run (checkpoints/{shown}): a fresh run here would "
+                                     f"overwrite it; continue it with --resume auto, give another --run-dir, or "
+                                     f"delete the folder to start again")
+            raise RunFolderError(f"{run_dir} holds a training run of its own (checkpoints/{shown}): continuing "
+                                 f"{resume} here would overwrite it; give that a new --run-dir, or --resume one "
+                                 f"of this folder's checkpoints")
+    except BaseException:
+        folder.unlock()
+        raise
+    return folder
+
+
+def record_resume(run_dir: Path, checkpoint: Path, step: int, changes: List[str],
+                  argv: Optional[List[str]] = None) -> None:
+    """Append one line to ``run_dir``/resumes.txt: when, at which step, from which file,
+    with which command, and what differs from the checkpoint (config.yaml and command.txt
+    show only the latest segment of a run; this keeps the history)."""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    command = " ".join([sys.executable] + list(argv if argv is not None else sys.argv))
+    with open(Path(run_dir) / "resumes.txt", "a") as f:
+        f.write(f"{when} resumed at step {step} from {checkpoint} by `{command}`: "
+                + ("; ".join(changes) if changes else "same settings and training pairs") + "\n")
 
 
 def capture_rng(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:

@@ -20,9 +20,9 @@ from accelerate.state import AcceleratorState, GradientState
 from ..config import ConfigError, check_keys, config_changes, validate_config
 from ..data import DataError
 from ..visualize import save_panel
-from .common import (CSVLog, Throughput, capture_rng, configure_cuda, load_training_state, make_loader,
-                     optional_tensorboard, plan_data, prepare_run_dir, progress, resolve_resume, restore_rng,
-                     save_training_checkpoint, seed_everything)
+from .common import (CSVLog, Throughput, capture_rng, claim_run_dir, configure_cuda, load_training_state,
+                     make_loader, optional_tensorboard, plan_data, prepare_run_dir, progress, record_resume,
+                     resolve_resume, restore_rng, save_training_checkpoint, seed_everything)
 from .step_options import (GraphedTrainingStep, apply_precision, load_optimizer_state, make_adam,
                            portable_optimizer_state, resolve_step_options, to_memory_format)
 
@@ -89,45 +89,59 @@ class BaseTrainer:
         if self.accelerator.device.type == "cuda":
             configure_cuda(bool(self.tcfg.get("tf32", True)), bool(self.tcfg.get("deterministic", True)))
         self.is_main = self.accelerator.is_main_process
-        if self.is_main:
-            prepare_run_dir(self.run_dir, cfg, argv)
-        self.accelerator.wait_for_everyone()
-        self.seed = int(self.tcfg.get("seed", 0))
-        seed_everything(self.seed)
-        plan = plan_data(cfg["data"])
-        self.train_pairs, self.val_pairs, self.val_on_test = plan.train, plan.val, plan.val_on_test
-        self.val_source = plan.val_source
-        if self.val_on_test:
-            self._warn_test_validation()
-        self.batch_size = int(self.tcfg["batch_size"])
-        world, accum = self.accelerator.num_processes, self.accelerator.gradient_accumulation_steps
-        self.micro_per_step = world * accum
-        self.steps_per_epoch = len(self.train_pairs) // (self.batch_size * self.micro_per_step)
-        if self.steps_per_epoch < 1:
-            raise DataError(f"{len(self.train_pairs)} training pairs are fewer than one optimizer step "
-                             f"(batch {self.batch_size} x accumulation {accum} x {world} processes)")
-        self.generators: Dict[str, torch.Generator] = {}
-        self.step = 0
-        self.best: Dict[str, Any] = {"psnr": -math.inf, "step": None}
-        self.build()
-        if self.step_options.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.graph_step = (GraphedTrainingStep(self.loss_from, self.model, self.optimizer)
-                           if self.step_options.cuda_graph else None)
-        path = resolve_resume(resume, self.run_dir)
-        if path is not None:
-            state = load_training_state(path, self.stage, self.trust)
-            self.load_state(state)
-            self.accelerator.print(f"resumed from {path} at step {self.step}")
-            for line in self.resume_changes(state):
-                self.accelerator.print(f"WARNING: {line}")
-        resume_step = self.step if path is not None else None
-        self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
-                                resume_step) if self.is_main else None
-        self.val_fields = ["step", "epoch"] + self.val_metric_names()
-        self.val_log = CSVLog(self.run_dir / "val_log.csv", self.val_fields, resume_step) if self.is_main else None
-        self.tb = optional_tensorboard(self.run_dir, bool(self.tcfg.get("tensorboard", False))) if self.is_main else None
+        # the folder is held from here until train() returns (or close()): one run per folder
+        self.run_folder = claim_run_dir(self.run_dir, resolve_resume(resume, self.run_dir)) if self.is_main else None
+        try:
+            if self.is_main:
+                prepare_run_dir(self.run_dir, cfg, argv)
+            self.accelerator.wait_for_everyone()
+            self.seed = int(self.tcfg.get("seed", 0))
+            seed_everything(self.seed)
+            plan = plan_data(cfg["data"])
+            self.train_pairs, self.val_pairs, self.val_on_test = plan.train, plan.val, plan.val_on_test
+            self.val_source = plan.val_source
+            if self.val_on_test:
+                self._warn_test_validation()
+            self.batch_size = int(self.tcfg["batch_size"])
+            world, accum = self.accelerator.num_processes, self.accelerator.gradient_accumulation_steps
+            self.micro_per_step = world * accum
+            self.steps_per_epoch = len(self.train_pairs) // (self.batch_size * self.micro_per_step)
+            if self.steps_per_epoch < 1:
+                raise DataError(f"{len(self.train_pairs)} training pairs are fewer than one optimizer step "
+                                 f"(batch {self.batch_size} x accumulation {accum} x {world} processes)")
+            self.generators: Dict[str, torch.Generator] = {}
+            self.step = 0
+            self.best: Dict[str, Any] = {"psnr": -math.inf, "step": None}
+            self.build()
+            if self.step_options.channels_last:
+                self.model.to(memory_format=torch.channels_last)
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+            self.graph_step = (GraphedTrainingStep(self.loss_from, self.model, self.optimizer)
+                               if self.step_options.cuda_graph else None)
+            path = resolve_resume(resume, self.run_dir)
+            if path is not None:
+                state = load_training_state(path, self.stage, self.trust)
+                self.load_state(state)
+                self.accelerator.print(f"resumed from {path} at step {self.step}")
+                changes = self.resume_changes(state)
+                for line in changes:
+                    self.accelerator.print(f"WARNING: {line}")
+                if self.is_main:
+                    record_resume(self.run_dir, path, self.step, changes[:-1], argv)
+            resume_step = self.step if path is not None else None
+            self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
+                                    resume_step) if self.is_main else None
+            self.val_fields = ["step", "epoch"] + self.val_metric_names()
+            self.val_log = CSVLog(self.run_dir / "val_log.csv", self.val_fields, resume_step) if self.is_main else None
+            self.tb = optional_tensorboard(self.run_dir, bool(self.tcfg.get("tensorboard", False))) if self.is_main else None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let go of the run folder (train() does so when it returns); idempotent."""
+        if self.run_folder is not None:
+            self.run_folder.unlock()
 
     def _warn_test_validation(self) -> None:
         msg = (f"WARNING: validating on the test split ({self.val_source}). Its numbers are logged, but no best.pt "
@@ -321,7 +335,16 @@ class BaseTrainer:
             self.accelerator.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def train(self, max_steps: Optional[int] = None) -> Dict[str, Any]:
-        """Train until the configured length (or ``max_steps``, as if interrupted there)."""
+        """Train until the configured length (or ``max_steps``, as if interrupted there); the
+        run folder is let go when it returns or fails (and taken again by a later call)."""
+        if self.run_folder is not None and not self.run_folder.locked:
+            self.run_folder.lock(option="--run-dir")
+        try:
+            return self._train(max_steps)
+        finally:
+            self.close()
+
+    def _train(self, max_steps: Optional[int] = None) -> Dict[str, Any]:
         total = self.total_steps()
         stop = min(total, max_steps) if max_steps else total
         log_every = int(self.tcfg.get("log_every", 10))
