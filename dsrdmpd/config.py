@@ -42,14 +42,19 @@ class ConfigError(ValueError):
     """Bad config file or override; the message names the file or key."""
 
 
+def did_you_mean(key: Any, known: Iterable[Any], prefix: str = "") -> str:
+    """' (did you mean PREFIXclosest?)' for the known name closest to ``key``, or ''."""
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 def check_keys(section: str, values: Dict[str, Any], known: Iterable[str], strict: bool = False) -> None:
     """Report keys of ``values`` not in ``known`` (a misspelt key would otherwise be ignored
     silently): ConfigError when ``strict``, else a warning; suggests the closest known key."""
     known = sorted(set(known))
     for key in sorted(set(values or {}) - set(known)):
-        close = difflib.get_close_matches(str(key), known, n=1)
-        hint = f" (did you mean {section}.{close[0]}?)" if close else ""
-        msg = f"unknown config key {section}.{key}{hint}; known keys: {', '.join(known)}"
+        msg = f"unknown config key {section}.{key}{did_you_mean(key, known, section + '.')}; known keys: " \
+              f"{', '.join(known)}"
         if strict:
             raise ConfigError(msg)
         warnings.warn(msg, stacklevel=3)
@@ -255,10 +260,15 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any], ignore: Iterable[st
     keys whose values differ between two configs (unset and null alike), in key order,
     leaving out ``ignore``."""
     a, b, skip = flatten(old), flatten(new), set(ignore)
-    shown = lambda d, k: yaml.safe_dump(d[k], default_flow_style=True).strip().removesuffix("\n...") \
-        if d.get(k) is not None else "(unset)"
-    return [f"{k}: {shown(a, k)} -> {shown(b, k)}" for k in sorted(set(a) | set(b))
+    return [f"{k}: {_shown(a.get(k))} -> {_shown(b.get(k))}" for k in sorted(set(a) | set(b))
             if k not in skip and a.get(k) != b.get(k)]
+
+
+def _shown(value: Any) -> str:
+    """A config value as YAML writes it on one line ('(unset)' for None)."""
+    if value is None:
+        return "(unset)"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
 
 
 def dump_config(cfg: Dict[str, Any]) -> str:

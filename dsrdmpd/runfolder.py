@@ -105,11 +105,19 @@ class RunFolder:
                 raise
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)
+            if holder == self.holder_id():
+                raise RunFolderError(f"{self.path}: this process is already using this folder (an earlier run "
+                                     f"object still holds it: close() it, or let it finish)") from None
             raise RunFolderError(f"{self.path}: another run is using this folder ({holder}); wait for it "
                                  f"to end or choose another {option}") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"{self.holder_id()}\n".encode(), 0)
         self._fd = fd
+
+    @staticmethod
+    def holder_id() -> str:
+        """How the lock file names its holder: 'pid 1234 on host'."""
+        return f"pid {os.getpid()} on {socket.gethostname()}"
 
     @property
     def locked(self) -> bool:
@@ -120,6 +128,12 @@ class RunFolder:
         if self._fd is not None:
             os.close(self._fd)          # closing the descriptor releases the flock; the file stays
             self._fd = None
+
+    def __del__(self):                  # an object dropped without unlock() lets the folder go
+        try:
+            self.unlock()
+        except Exception:               # (interpreter shutdown)
+            pass
 
     # -- preparing a run (under the lock) ---------------------------------------------------
     def remove_stale_files(self, subfolders: Sequence[str] = OUTPUT_SUBFOLDERS) -> List[Path]:

@@ -42,6 +42,12 @@ SCRIPT = textwrap.dedent("""
     resumed = make(out / "b", resume="auto")
     assert resumed.step == 2
     resumed.train()
+    import os
+    from dsrdmpd.runfolder import RunFolderError
+    try:                                  # a fresh run over a: the main process refuses, every process stops
+        make(out / "a")
+    except RunFolderError as exc:
+        print(f"rank {{os.environ['RANK']}} refused: {{exc}}", flush=True)
 """).format(root=str(ROOT))
 
 
@@ -56,7 +62,7 @@ def test_two_cpu_processes_resume_exactly(synthetic_root, tiny_stage1, tmp_path)
     without (visible) GPUs: one gloo run over 2 processes (8 training pairs, batch 1 each: 4
     steps an epoch); stopped at step 2 of 5 (mid-epoch) and resumed into the next epoch (each
     process's share of the reshuffled pairs), every model and EMA tensor equals the
-    uninterrupted run's."""
+    uninterrupted run's. A fresh run over a folder holding a run is refused in both processes."""
     data, stage1 = synthetic_root, tiny_stage1.weights
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
@@ -68,6 +74,8 @@ def test_two_cpu_processes_resume_exactly(synthetic_root, tiny_stage1, tmp_path)
                            str(tmp_path / "runs")], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "MULTI_CPU" in proc.stdout
+    for rank in (0, 1):
+        assert f"rank {rank} refused: {tmp_path / 'runs' / 'a'} holds a training run" in proc.stdout, proc.stdout
     a = torch.load(tmp_path / "runs" / "a" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "runs" / "b" / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 5 and a["processes"] == 2

@@ -4,8 +4,6 @@ old folder, stale temporaries. Pass-through networks, tiny images, in-process ru
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -52,17 +50,28 @@ def _records(root):
             for p in (root / "out" / ".records").glob("*.json")}
 
 
-def test_a_second_run_on_the_same_folder_is_refused(setup, capsys):
+def test_a_second_run_on_the_same_folder_is_refused(setup, capsys, monkeypatch):
+    """The holder is named (here a holder that says it is pid 1 on another host); a holder
+    in this very process (a notebook's earlier run object) is said to be that."""
     assert run(setup) == 0
     before = _records(setup)
     holder = RunFolder(setup / "out")
-    holder.lock()
+    with monkeypatch.context() as m:
+        m.setattr(RunFolder, "holder_id", staticmethod(lambda: "pid 1 on elsewhere"))
+        holder.lock()
     try:
         assert run(setup) == 2
         errors = _errors(capsys)
-        assert len(errors) == 1 and str(setup / "out") in errors[0] and "another run" in errors[0]
-        assert f"pid {os.getpid()} on {socket.gethostname()}" in errors[0]
+        assert len(errors) == 1 and errors[0] == (f"error: {setup / 'out'}: another run is using this folder (pid 1 "
+                                                  f"on elsewhere); wait for it to end or choose another --output")
         assert _records(setup) == before, "the second run may not touch the first one's records"
+    finally:
+        holder.unlock()
+    holder.lock()                                       # held by this process itself
+    try:
+        assert run(setup) == 2
+        assert _errors(capsys) == [f"error: {setup / 'out'}: this process is already using this folder (an earlier "
+                                   f"run object still holds it: close() it, or let it finish)"]
     finally:
         holder.unlock()
     assert (setup / "out" / ".lock").is_file()          # never deleted
@@ -71,7 +80,7 @@ def test_a_second_run_on_the_same_folder_is_refused(setup, capsys):
 
 def test_the_lock_is_held_by_another_process_too(setup):
     code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from dsrdmpd.runfolder import RunFolder; "
-            "RunFolder(sys.argv[2]).lock(); print('locked', flush=True); time.sleep(60)")
+            "held = RunFolder(sys.argv[2]); held.lock(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(setup / "out")], stdout=subprocess.PIPE,
                             text=True)
     try:

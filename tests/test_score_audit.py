@@ -166,6 +166,8 @@ def test_a_float_result_a_little_outside_0_1_is_clipped_and_noted(tmp_path, caps
     bad = clean.copy()
     bad[2, 2, 1] = np.nan
     tifffile.imwrite(tmp_path / "out" / "nan.tif", bad, photometric="rgb")
+    tifffile.imwrite(tmp_path / "gt" / "gtover.tif", over, photometric="rgb")      # a ground truth is not clipped
+    save(tmp_path / "out" / "gtover.png", g)
     assert score.main(args(tmp_path)) == 1
     rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "s" / "metrics.csv"))}
     assert set(rows) == {"over.tif", "clean.tif"}
@@ -176,6 +178,7 @@ def test_a_float_result_a_little_outside_0_1_is_clipped_and_noted(tmp_path, caps
     assert "scale.tif: floating-point image with values in [0, 255], outside [0, 1] by more than 0.5 " \
            "(another scale?)" in summary
     assert "nan.tif: floating-point image with NaN or infinite values" in summary
+    assert "gtover.tif: floating-point image with values in [-0.02, 1.03], outside [0, 1]" in summary
     from dsrdmpd.imageio import ImageReadError, read_image
     with pytest.raises(ImageReadError, match=r"over.tif: floating-point image with values in \[-0.02, 1.03\], "
                                              r"outside \[0, 1\]$"):

@@ -3,7 +3,7 @@ checkpoints, the command line."""
 from __future__ import annotations
 
 import fnmatch
-import os
+import gc
 import subprocess
 import sys
 import textwrap
@@ -86,8 +86,8 @@ def run_straight_and_resumed(make, tmp_path, check=lambda trainer: None):
     resumed = make(tmp_path / "b", resume="auto")
     assert resumed.step == 5
     assert resumed.resume_changes(at_stop) == []          # nothing to warn of: the same settings and pairs
-    assert (tmp_path / "b" / "resumes.txt").read_text().endswith(": same settings and training pairs\n")
     resumed.train()
+    assert (tmp_path / "b" / "resumes.txt").read_text().endswith(": same settings and training pairs\n")
     load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
     return straight, load("a"), load("b")
 
@@ -128,7 +128,7 @@ def test_resume_names_what_differs_from_the_checkpoint(synthetic_root, tiny_stag
     cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml",
                       [f"data.root={root}", "train.batch_size=2", "train.epochs=1", "data.val_split=null",
                        "train.lr=0.0005", "train.log_every=3"])
-    Stage1Trainer(cfg, tmp_path / "run", resume=str(tiny_stage1.last))
+    Stage1Trainer(cfg, tmp_path / "run", resume=str(tiny_stage1.last)).train()      # (nothing left to train)
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
     assert out == [f"WARNING: resuming with 2 setting(s) other than the checkpoint's: data.root: {synthetic_root} -> "
                    f"{root}; train.lr: 0.001 -> 0.0005",
@@ -142,21 +142,24 @@ def test_resume_names_what_differs_from_the_checkpoint(synthetic_root, tiny_stag
                                "from the checkpoint's (8 then, 8 now: 1 added (extra), 1 removed (0003))")
 
 
-def test_a_run_folder_holds_one_run_and_is_never_started_over(synthetic_root, tiny_stage1, tmp_path):
+def test_a_run_folder_holds_one_run_and_is_never_started_over(synthetic_root, tiny_stage1, tmp_path, monkeypatch):
     """One trainer per run folder at a time (the second is told who holds it); a folder
     holding a run is continued only from its own checkpoints: neither a fresh run nor
     another folder's checkpoint may overwrite its last.pt; a killed writer's temporaries
     are removed when the folder is taken."""
     import shutil
-    from dsrdmpd.runfolder import RunFolderError
+    from dsrdmpd.runfolder import RunFolder, RunFolderError
     cfg = lambda: load_config(ROOT / "configs" / "stage1_tiny.yaml", [f"data.root={synthetic_root}",
                               "train.batch_size=2", "train.epochs=1", "data.val_split=null"])
     run = tmp_path / "run"
-    first = Stage1Trainer(cfg(), run)
-    with pytest.raises(RunFolderError, match=rf"{run}: another run is using this folder \(pid {os.getpid()} on "
-                                             r".*\); wait for it to end or choose another --run-dir"):
+    with monkeypatch.context() as m:                     # as if another process held it
+        m.setattr(RunFolder, "holder_id", staticmethod(lambda: "pid 1 on elsewhere"))
+        first = Stage1Trainer(cfg(), run)
+    with pytest.raises(RunFolderError, match=rf"{run}: another run is using this folder \(pid 1 on elsewhere\); "
+                                             r"wait for it to end or choose another --run-dir"):
         Stage1Trainer(cfg(), run)
-    first.close()
+    del first
+    gc.collect()                                          # a trainer dropped untrained lets its folder go
     shutil.copy(tiny_stage1.last, run / "checkpoints" / "last.pt")
     mine = (run / "checkpoints" / "last.pt").read_bytes()
     with pytest.raises(RunFolderError, match=r"holds a training run \(checkpoints/last.pt\): a fresh run here would "
@@ -174,6 +177,16 @@ def test_a_run_folder_holds_one_run_and_is_never_started_over(synthetic_root, ti
     assert resumed.step == 4 and not stale.exists()
     resumed.train()                                       # nothing left to train; lets the folder go
     Stage1Trainer(cfg(), run, resume=str(run / "checkpoints" / "last.pt")).close()
+    weights_only = tmp_path / "killed_before_last" / "checkpoints"
+    weights_only.mkdir(parents=True)
+    shutil.copy(tiny_stage1.weights, weights_only / "best.pt")
+    with pytest.raises(RunFolderError, match=r"--resume auto finds no checkpoints/last.pt to continue \(the folder "
+                                             r"holds best.pt: weights only, not resumable\)"):
+        Stage1Trainer(cfg(), weights_only.parent, resume="auto")
+    linked = tmp_path / "linked" / "checkpoints"         # its own last.pt, a link to a file elsewhere
+    linked.mkdir(parents=True)
+    (linked / "last.pt").symlink_to(elsewhere)
+    Stage1Trainer(cfg(), linked.parent, resume="auto").close()
 
 
 def test_resume_rejects_other_stage(data_root, stage1_ckpt, tiny_stage1, tmp_path):

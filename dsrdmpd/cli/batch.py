@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Sequence
 from ..config import ConfigError
 from ..evaluation import Item, collect_rows, run_items, write_results
 from ..inference import Dehazer
+from ..processes import on_main
 from ..runfolder import RunFolder, check_outputs_apart, digest, make_fingerprint
 from .errors import ItemsFailed
 from .options import dehazer_options, load_dehazer, model_config, model_files, model_source, resolve_device
@@ -39,21 +40,9 @@ class ProcessGroup:
             self.dist = dist
 
     def on_main(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` in the main process (rank 0) only and give every process its result;
-        an exception it raises is raised in every process."""
-        result, error = None, None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except Exception as exc:
-                error = exc
-        if self.dist is not None:
-            box = [result, error]
-            self.dist.broadcast_object_list(box, src=0)
-            result, error = box
-        if error is not None:
-            raise error
-        return result
+        """Run ``fn`` in the main process only and give every process its result; an
+        exception it raises is raised in every process (:func:`dsrdmpd.processes.on_main`)."""
+        return on_main(fn, self.rank)
 
     def barrier(self) -> None:
         if self.dist is not None:

@@ -17,14 +17,13 @@ fails is noted in its row and the table is still written; the exit code is then 
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..atomicfile import write_text_atomic
 from ..choices import PROTOCOLS
-from ..config import load_config
+from ..config import did_you_mean, load_config
 from . import evaluate
 from ..messages import one_line
 from .errors import ItemsFailed, UsageError, run_command
@@ -202,10 +201,8 @@ def parse_peers(items: Sequence[str]) -> Dict[str, Path]:
 
 
 def unknown_key(kind: str, key: str, known: Sequence[str]) -> str:
-    """'unknown dataset key 'rot' (did you mean root?; known: ...)'."""
-    close = difflib.get_close_matches(str(key), list(known), n=1)
-    return (f"unknown {kind} {key!r}" + (f" (did you mean {close[0]}?)" if close else "")
-            + f"; known: {', '.join(map(str, known)) or 'none'}")
+    """"unknown setting 'rot' (did you mean root?); known: preset, root, ..."."""
+    return f"unknown {kind} {key!r}{did_you_mean(key, known)}; known: {', '.join(map(str, known)) or 'none'}"
 
 
 def check_suite(path: str, suite: Dict[str, Any], overrides: Sequence[str]) -> None:
@@ -232,10 +229,8 @@ def check_suite(path: str, suite: Dict[str, Any], overrides: Sequence[str]) -> N
         if parts[0] != "datasets" or len(parts) < 2:
             continue
         if parts[1] not in datasets:
-            close = difflib.get_close_matches(parts[1], list(datasets), n=1)
-            raise UsageError(f"--set {item}: {path} lists no dataset {parts[1]!r}"
-                             + (f" (did you mean {close[0]}?)" if close else "")
-                             + f"; it lists: {', '.join(datasets) or 'none'} (add a new dataset in the suite file)")
+            raise UsageError(f"--set {item}: {path} lists no dataset {parts[1]!r}{did_you_mean(parts[1], datasets)}"
+                             f"; it lists: {', '.join(datasets) or 'none'} (add a new dataset in the suite file)")
         if len(parts) != 3 or parts[2] not in DATASET_KEYS:
             raise UsageError(f"--set {item}: " + (unknown_key("setting", parts[2], DATASET_KEYS) if len(parts) == 3
                              else f"expected datasets.{parts[1]}.SETTING=VALUE"))

@@ -56,12 +56,13 @@ def prepare_run_dir(run_dir: Path, cfg: Dict[str, Any], argv: Optional[List[str]
     return run_dir
 
 
-def claim_run_dir(run_dir: Path, resume: Optional[Path]) -> RunFolder:
+def claim_run_dir(run_dir: Path, resume: Optional[str], checkpoint: Optional[Path]) -> RunFolder:
     """Lock ``run_dir`` for one training run (a second run gets RunFolderError naming the
     holder), remove the temporaries a killed run left in its checkpoints/, and refuse to
-    start over a run the folder holds: a folder with checkpoints continues only from one of
-    its own (``--resume auto``, or a file in its checkpoints/), so no run's last.pt, best.pt
-    or logs are overwritten by a fresh run or by another folder's checkpoint."""
+    start over a run the folder holds: a folder with checkpoints continues only from its
+    own last.pt (``resume`` 'auto', or a ``checkpoint`` in its checkpoints/), so no run's
+    last.pt, best.pt or logs are overwritten by a fresh run or by another folder's
+    checkpoint. ``checkpoint`` is :func:`resolve_resume`'s answer for ``resume``."""
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
     folder.lock(option="--run-dir")
@@ -69,15 +70,20 @@ def claim_run_dir(run_dir: Path, resume: Optional[Path]) -> RunFolder:
         folder.remove_stale_files(("checkpoints",))
         ckpts = run_dir / "checkpoints"
         held = sorted(p.name for p in ckpts.glob("*.pt") if not p.name.startswith(".")) if ckpts.is_dir() else []
-        if held and (resume is None or Path(resume).resolve().parent != ckpts.resolve()):
+        # the folder a checkpoint lies in, its own symbolic link not followed
+        own = checkpoint is not None and Path(checkpoint).absolute().parent.resolve() == ckpts.resolve()
+        if held and not own:
             shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-            if resume is None:
-                raise RunFolderError(f"{run_dir} holds a training run (checkpoints/{shown}): a fresh run here would "
-                                     f"overwrite it; continue it with --resume auto, give another --run-dir, or "
-                                     f"delete the folder to start again")
-            raise RunFolderError(f"{run_dir} holds a training run of its own (checkpoints/{shown}): continuing "
-                                 f"{resume} here would overwrite it; give that a new --run-dir, or --resume one "
-                                 f"of this folder's checkpoints")
+            start_again = "give another --run-dir, or delete the folder to start again"
+            if checkpoint is not None:
+                raise RunFolderError(f"{run_dir} holds a training run of its own (checkpoints/{shown}): continuing "
+                                     f"{checkpoint} here would overwrite it; give that a new --run-dir, or continue "
+                                     f"this folder's run with --resume auto")
+            if resume == "auto":
+                raise RunFolderError(f"{run_dir}: --resume auto finds no checkpoints/last.pt to continue (the folder "
+                                     f"holds {shown}: weights only, not resumable); {start_again}")
+            raise RunFolderError(f"{run_dir} holds a training run (checkpoints/{shown}): a fresh run here would "
+                                 f"overwrite it; continue it with --resume auto, {start_again}")
     except BaseException:
         folder.unlock()
         raise
@@ -86,13 +92,13 @@ def claim_run_dir(run_dir: Path, resume: Optional[Path]) -> RunFolder:
 
 def record_resume(run_dir: Path, checkpoint: Path, step: int, changes: List[str],
                   argv: Optional[List[str]] = None) -> None:
-    """Append one line to ``run_dir``/resumes.txt: when, at which step, from which file,
-    with which command, and what differs from the checkpoint (config.yaml and command.txt
-    show only the latest segment of a run; this keeps the history)."""
+    """Append one line to ``run_dir``/resumes.txt: when, at which step, from which file
+    (absolute), with which command, and what differs from the checkpoint (config.yaml and
+    command.txt show only the latest segment of a run; this keeps the history)."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     command = " ".join([sys.executable] + list(argv if argv is not None else sys.argv))
-    with open(Path(run_dir) / "resumes.txt", "a") as f:
-        f.write(f"{when} resumed at step {step} from {checkpoint} by `{command}`: "
+    with open(Path(run_dir) / "resumes.txt", "a", encoding="utf-8") as f:
+        f.write(f"{when} resumed at step {step} from {Path(checkpoint).absolute()} by `{command}`: "
                 + ("; ".join(changes) if changes else "same settings and training pairs") + "\n")
 
 

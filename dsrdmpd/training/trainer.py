@@ -19,6 +19,8 @@ from accelerate.state import AcceleratorState, GradientState
 
 from ..config import ConfigError, check_keys, config_changes, validate_config
 from ..data import DataError
+from ..processes import on_main
+from ..runfolder import RunFolder
 from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, claim_run_dir, configure_cuda, load_training_state,
                      make_loader, optional_tensorboard, plan_data, prepare_run_dir, progress, record_resume,
@@ -89,8 +91,14 @@ class BaseTrainer:
         if self.accelerator.device.type == "cuda":
             configure_cuda(bool(self.tcfg.get("tf32", True)), bool(self.tcfg.get("deterministic", True)))
         self.is_main = self.accelerator.is_main_process
-        # the folder is held from here until train() returns (or close()): one run per folder
-        self.run_folder = claim_run_dir(self.run_dir, resolve_resume(resume, self.run_dir)) if self.is_main else None
+        path = resolve_resume(resume, self.run_dir)
+        # the folder is held from here until train() returns (or close()): one run per folder;
+        # the main process takes it, and a refusal stops every process
+        self.run_folder: Optional[RunFolder] = None
+        self._resume_record: Optional[Tuple[Path, int, List[str]]] = None
+        self._argv = argv
+        on_main(lambda: setattr(self, "run_folder", claim_run_dir(self.run_dir, resume, path)),
+                self.accelerator.process_index)
         try:
             if self.is_main:
                 prepare_run_dir(self.run_dir, cfg, argv)
@@ -118,7 +126,6 @@ class BaseTrainer:
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
             self.graph_step = (GraphedTrainingStep(self.loss_from, self.model, self.optimizer)
                                if self.step_options.cuda_graph else None)
-            path = resolve_resume(resume, self.run_dir)
             if path is not None:
                 state = load_training_state(path, self.stage, self.trust)
                 self.load_state(state)
@@ -126,8 +133,9 @@ class BaseTrainer:
                 changes = self.resume_changes(state)
                 for line in changes:
                     self.accelerator.print(f"WARNING: {line}")
-                if self.is_main:
-                    record_resume(self.run_dir, path, self.step, changes[:-1], argv)
+                if changes:
+                    self.accelerator.print("WARNING: so this run will not repeat an uninterrupted one exactly")
+                self._resume_record = (path, self.step, changes)     # into resumes.txt when training starts
             resume_step = self.step if path is not None else None
             self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
                                     resume_step) if self.is_main else None
@@ -242,13 +250,14 @@ class BaseTrainer:
 
     # train / data keys that change no number of the run (where and how often it logs,
     # saves, validates; loader processes): free to change between a stop and its resume
-    BOOKKEEPING_KEYS = ("train.device", "train.tensorboard", "train.log_every", "train.save_every",
+    BOOKKEEPING_KEYS = ("train.tensorboard", "train.log_every", "train.save_every",
                         "train.keep_every", "train.val_every", "data.num_workers")
 
     def resume_changes(self, state: Dict[str, Any]) -> List[str]:
-        """Why this resumed run will not repeat the uninterrupted one, one line each: settings
-        that differ from the checkpoint's (bookkeeping keys aside), and training pairs
-        added, removed or reordered since (checkpoints older than this record skip that)."""
+        """Why this resumed run will not repeat the uninterrupted one, one line each (none
+        when it will): settings that differ from the checkpoint's (bookkeeping keys aside),
+        and training pairs added, removed or reordered since (checkpoints older than this
+        record skip that)."""
         lines = []
         changed = config_changes(state.get("config") or {}, self.cfg, self.BOOKKEEPING_KEYS)
         if changed:
@@ -263,8 +272,6 @@ class BaseTrainer:
                 if removed else "") if part) or "the same pairs in another order"
             lines.append(f"the training pairs differ from the checkpoint's ({len(then)} then, {len(now)} now: "
                          f"{what})")
-        if lines:
-            lines.append("so this run will not repeat an uninterrupted one exactly")
         return lines
 
     def load_state(self, state: Dict[str, Any]) -> None:
@@ -339,6 +346,9 @@ class BaseTrainer:
         run folder is let go when it returns or fails (and taken again by a later call)."""
         if self.run_folder is not None and not self.run_folder.locked:
             self.run_folder.lock(option="--run-dir")
+        if self._resume_record is not None and self.is_main:
+            record_resume(self.run_dir, *self._resume_record, self._argv)
+        self._resume_record = None
         try:
             return self._train(max_steps)
         finally:
