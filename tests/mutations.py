@@ -703,7 +703,7 @@ MUTATIONS: List[Mutation] = [
     Mutation("train-folder-kept-after-train", "a trainer keeps its folder after train() returns, so a resume in the same process is refused",
              "dsrdmpd/training/trainer.py", "            return self._train(max_steps)\n        finally:\n            self.close()",
              "            return self._train(max_steps)\n        finally:\n            pass",
-             ("tests/test_training.py::test_resume_is_bit_exact",)),
+             ("tests/test_training.py::test_a_run_folder_holds_one_run_and_is_never_started_over",)),
     Mutation("score-float-gt-clipped", "a float ground truth outside [0, 1] is clipped and scored against",
              "dsrdmpd/scoring.py", "read_image(pair.hazy, clip_float=True), read_image(pair.gt)",
              "read_image(pair.hazy, clip_float=True), read_image(pair.gt, clip_float=True)",
