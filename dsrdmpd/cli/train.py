@@ -42,9 +42,18 @@ def train_main(stage: int, argv: Optional[List[str]] = None) -> dict:
     trainer = trainer_cls(cfg, args.run_dir, resume=args.resume, argv=sys.argv if argv is None else list(argv),
                           trust=args.trust_checkpoint)
     summary = trainer.train(max_steps=args.max_steps)
-    trainer.accelerator.print(f"done: step {summary['step']}, best {summary['best']}, "
-                              f"{summary['it_per_s']:.2f} it/s, run folder {summary['run_dir']}")
+    trainer.accelerator.print(done_line(summary))
     return summary
+
+
+def done_line(summary: dict) -> str:
+    """What a finished (or --max-steps-stopped) run says last, in one line."""
+    step, total, best = summary["step"], summary["total"], summary["best"]
+    where = (f"step {step} of {total}" if step >= total else
+             f"stopped at step {step} of {total} (continue with --resume auto)")
+    chosen = (f"best {best.get('metric', 'psnr')} {best['psnr']:.4f} at step {best['step']} (checkpoints/best.pt)"
+              if best.get("step") is not None else "no best.pt (no validation set, no validation yet, or validation on a test split)")
+    return f"done: {where}; {chosen}; {summary['it_per_s']:.2f} it/s; run folder {summary['run_dir']}"
 
 
 def main_stage1(argv: Optional[List[str]] = None) -> int:

@@ -33,6 +33,7 @@ from ..data import ImagePair, PairedImageDataset, StepBatchSampler, collate, spl
 from ..inference import pad_to, padded_size
 from ..metrics import psnr_ssim
 from ..runfolder import RunFolder, RunFolderError
+from .stopping import ignore_stop_signals
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -201,10 +202,14 @@ def load_training_state(path: Path, stage: int, trust: bool = False) -> Dict[str
     """A resumable training checkpoint of ``stage``, read without unpickling code (see
     :func:`dsrdmpd.checkpoints.read_checkpoint`; ``trust`` allows a file that needs it)."""
     state = read_checkpoint(path, trust=trust)
-    if not (isinstance(state, dict) and state.get("format") == PROJECT_FORMAT and "optimizer" in state):
+    if not (isinstance(state, dict) and state.get("format") == PROJECT_FORMAT):
         raise CheckpointError(f"{path} is not a resumable dsrdmpd training checkpoint")
     if state.get("stage") != stage:
         raise CheckpointError(f"{path} is a stage-{state.get('stage')} checkpoint, this is the stage-{stage} trainer")
+    if "optimizer" not in state:
+        raise CheckpointError(f"{path} holds weights only (as best.pt and the step_<N>.pt snapshots do), not the "
+                              f"optimizer and data state a resume needs: resume from the run's checkpoints/last.pt, "
+                              f"or start a new run")
     return state
 
 
@@ -216,8 +221,10 @@ def make_loader(pairs, data_cfg: Dict[str, Any], batch_size: int, seed: int, sta
     sampler = StepBatchSampler(len(dataset), batch_size, seed=seed, start_step=start_micro, total_steps=total_micro,
                                rank=rank, world=world)
     workers = int(data_cfg.get("num_workers", 0))
+    # loader processes leave SIGINT / SIGTERM to the trainer, which finishes its step and saves
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
 # Split names that hold a test set: validating (and choosing checkpoints) on them inflates

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -19,12 +20,14 @@ from accelerate.state import AcceleratorState, GradientState
 
 from ..config import ConfigError, check_keys, config_changes, validate_config
 from ..data import DataError
+from ..messages import one_line
 from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, claim_run_dir, configure_cuda, load_training_state,
                      make_loader, optional_tensorboard, plan_data, prepare_run_dir, progress, record_resume,
                      resolve_resume, restore_rng, save_training_checkpoint, seed_everything)
 from .step_options import (GraphedTrainingStep, apply_precision, load_optimizer_state, make_adam,
                            portable_optimizer_state, resolve_step_options, to_memory_format)
+from .stopping import StopSignals, TrainingDiverged, TrainingInterrupted, TrainingStopped
 
 
 def make_accelerator(device: str, mixed_precision: str, grad_accum: int) -> Accelerator:
@@ -92,9 +95,6 @@ class BaseTrainer:
         # the folder is held from here until train() returns (or close()): one run per folder
         self.run_folder = claim_run_dir(self.run_dir, resolve_resume(resume, self.run_dir)) if self.is_main else None
         try:
-            if self.is_main:
-                prepare_run_dir(self.run_dir, cfg, argv)
-            self.accelerator.wait_for_everyone()
             self.seed = int(self.tcfg.get("seed", 0))
             seed_everything(self.seed)
             plan = plan_data(cfg["data"])
@@ -119,15 +119,23 @@ class BaseTrainer:
             self.graph_step = (GraphedTrainingStep(self.loss_from, self.model, self.optimizer)
                                if self.step_options.cuda_graph else None)
             path = resolve_resume(resume, self.run_dir)
+            changes: List[str] = []
             if path is not None:
                 state = load_training_state(path, self.stage, self.trust)
                 self.load_state(state)
-                self.accelerator.print(f"resumed from {path} at step {self.step}")
                 changes = self.resume_changes(state)
+            # the run folder's records are written only once the run can start: a start that
+            # fails (bad data, a wrong checkpoint) leaves an existing run's config.yaml as it was
+            if self.is_main:
+                prepare_run_dir(self.run_dir, cfg, argv)
+            self.accelerator.wait_for_everyone()
+            if path is not None:
+                self.accelerator.print(f"resumed from {path} at step {self.step}")
                 for line in changes:
                     self.accelerator.print(f"WARNING: {line}")
                 if self.is_main:
                     record_resume(self.run_dir, path, self.step, changes[:-1], argv)
+            self.saved_step = self.step if path is not None else None      # the step last.pt holds
             resume_step = self.step if path is not None else None
             self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
                                     resume_step) if self.is_main else None
@@ -282,7 +290,31 @@ class BaseTrainer:
         self.accelerator.wait_for_everyone()
         rng = self.gather_rng()
         if self.is_main:
-            save_training_checkpoint(self.run_dir / "checkpoints" / name, **self.state(rng))
+            self.write_checkpoint(name, self.state(rng))
+        if name == "last.pt":
+            self.saved_step = self.step
+
+    def last_saved(self) -> str:
+        """Where a stopped run can continue from, in words."""
+        if self.saved_step is None:
+            return "no checkpoints/last.pt was written yet"
+        return f"checkpoints/last.pt holds step {self.saved_step}"
+
+    def write_checkpoint(self, name: str, state: Dict[str, Any]) -> None:
+        """Write ``checkpoints/<name>`` atomically; a failed write (disk full, quota, a
+        vanished folder) stops the run in one line naming the file, the free space and the
+        step to continue from (the file it would have replaced is intact)."""
+        path = self.run_dir / "checkpoints" / name
+        try:
+            save_training_checkpoint(path, **state)
+        except (OSError, RuntimeError) as exc:          # torch.save reports a full disk as RuntimeError
+            try:
+                free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free there"
+            except OSError:
+                free = "free space unknown"
+            raise TrainingStopped(f"could not write {path} at step {self.step} ({free}): {one_line(exc)}; "
+                                  f"{self.last_saved()} (unchanged); make room and continue with "
+                                  f"--resume auto") from exc
 
     def val_weights(self) -> str:
         """Which weights validation scores ('model' or 'ema'); best.pt records it."""
@@ -295,8 +327,7 @@ class BaseTrainer:
             weights = self.weights_for_inference()
             if not ema:
                 weights["ema"] = None
-            save_training_checkpoint(self.run_dir / "checkpoints" / name, stage=self.stage, config=self.cfg,
-                                     step=self.step, **weights, **extra)
+            self.write_checkpoint(name, dict(stage=self.stage, config=self.cfg, step=self.step, **weights, **extra))
 
     def save_best(self) -> None:
         self.save_weights("best.pt", selected_with=self.val_weights(), selected_on=self.val_source)
@@ -337,27 +368,61 @@ class BaseTrainer:
     def train(self, max_steps: Optional[int] = None) -> Dict[str, Any]:
         """Train until the configured length (or ``max_steps``, as if interrupted there); the
         run folder is let go when it returns or fails (and taken again by a later call)."""
+        if max_steps is not None and max_steps <= self.step:
+            raise ConfigError(f"--max-steps {max_steps}: the run is already at step {self.step} (--max-steps counts "
+                              f"the run's steps from its start)" if self.step else
+                              f"--max-steps {max_steps}: must be at least 1")
         if self.run_folder is not None and not self.run_folder.locked:
             self.run_folder.lock(option="--run-dir")
         try:
-            return self._train(max_steps)
+            with StopSignals() as signals:
+                return self._train(max_steps, signals)
         finally:
             self.close()
 
-    def _train(self, max_steps: Optional[int] = None) -> Dict[str, Any]:
+    def check_loss(self, value: float) -> None:
+        """Stop on a NaN or infinite loss (training on would only turn the weights to NaN).
+        Nothing of this step is saved; last.pt keeps the last good one."""
+        if math.isfinite(value):
+            return
+        raise TrainingDiverged(
+            f"the loss is {value} at step {self.step + 1} (epoch {self.step // self.steps_per_epoch}) of the "
+            f"stage-{self.stage} run in {self.run_dir}: training stopped, nothing of this step saved "
+            f"({self.last_saved()}); train_log.csv shows the loss before it. Resuming with the same settings "
+            f"repeats this step exactly: lower train.lr, set train.grad_clip or check the data first")
+
+    def stop_requested(self, signals: StopSignals) -> bool:
+        """Whether a stop signal reached this process or, in a distributed run, any process
+        (all then stop after the same step)."""
+        flag = signals.received is not None
+        if self.accelerator.num_processes > 1:
+            t = torch.tensor([float(flag)], device=self.accelerator.device)
+            flag = bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+        return flag
+
+    def _train(self, max_steps: Optional[int], signals: StopSignals) -> Dict[str, Any]:
         total = self.total_steps()
         stop = min(total, max_steps) if max_steps else total
+        loader = make_loader(self.train_pairs, self.cfg["data"], self.batch_size, self.seed,
+                             self.step * self.micro_per_step, stop * self.micro_per_step,
+                             self.accelerator.process_index, self.accelerator.num_processes, self.size_multiple)
+        self.model.train()
+        speed = Throughput()
+        with progress(stop, self.step, f"stage {self.stage}", not self.is_main) as bar:  # closed before any message
+            self._loop(loader, bar, speed, total, stop, signals)
+        self.accelerator.wait_for_everyone()
+        return {"step": self.step, "total": total, "best": self.best, "it_per_s": speed.rate(),
+                "run_dir": str(self.run_dir)}
+
+    def _loop(self, loader, bar, speed: Throughput, total: int, stop: int, signals: StopSignals) -> None:
+        """The steps from ``self.step`` to ``stop`` (of ``total``); a stop signal ends them
+        after the step under way, saved (TrainingInterrupted)."""
         log_every = int(self.tcfg.get("log_every", 10))
         val_every = int(self.tcfg.get("val_every") or self.steps_per_epoch)
         save_every = int(self.tcfg.get("save_every") or self.steps_per_epoch)
         keep_every = int(self.tcfg.get("keep_every") or 0)
         clip = self.tcfg.get("grad_clip")
-        loader = make_loader(self.train_pairs, self.cfg["data"], self.batch_size, self.seed,
-                             self.step * self.micro_per_step, stop * self.micro_per_step,
-                             self.accelerator.process_index, self.accelerator.num_processes, self.size_multiple)
-        self.model.train()
-        bar = progress(stop, self.step, f"stage {self.stage}", not self.is_main)
-        speed, running, count = Throughput(), 0.0, 0
+        running, count = 0.0, 0
         for batch in loader:
             if self.step >= stop:
                 break
@@ -371,7 +436,9 @@ class BaseTrainer:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), float(clip))
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-            running += float(loss.detach())
+            value = float(loss.detach())
+            self.check_loss(value)
+            running += value
             count += 1
             if not self.accelerator.sync_gradients:
                 continue
@@ -399,6 +466,10 @@ class BaseTrainer:
                 self.save_weights(f"step_{self.step:07d}.pt", ema=self.val_weights() == "ema")
             if self.step % save_every == 0 or self.step == stop:
                 self.save()
-        bar.close()
-        self.accelerator.wait_for_everyone()
-        return {"step": self.step, "best": self.best, "it_per_s": speed.rate(), "run_dir": str(self.run_dir)}
+            if self.step < stop and self.stop_requested(signals):
+                if self.saved_step != self.step:
+                    self.save()
+                name = signals.received or "a stop signal (on another process)"
+                raise TrainingInterrupted(
+                    f"stopped by {name} after step {self.step} of {total}: checkpoints/last.pt in {self.run_dir} "
+                    f"holds it; continue with --resume auto", signals.signum or 15)
