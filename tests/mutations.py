@@ -735,6 +735,13 @@ MUTATIONS: List[Mutation] = [
     Mutation("resume-weights-only-unexplained", "--resume of a weights-only best.pt fails with KeyError 'optimizer'",
              "dsrdmpd/training/common.py", '    if "optimizer" not in state:', "    if False:",
              ("tests/test_training_audit.py::test_settings_a_run_cannot_use_are_refused_in_one_line",)),
+    Mutation("train-data-error-unsaved", "an image that breaks mid-run stops training without saving the steps done",
+             "dsrdmpd/training/trainer.py", "                    self.save()\n                note = (",
+             "                    pass\n                note = (",
+             ("tests/test_training_audit.py::test_an_image_that_breaks_mid_run_saves_the_steps_done_first",)),
+    Mutation("train-loader-traceback-shown", "a loader process's error is shown with its whole traceback on the one line",
+             "dsrdmpd/training/trainer.py", '    if "Original Traceback" in text:', '    if False:',
+             ("tests/test_training_audit.py::test_an_image_that_breaks_mid_run_saves_the_steps_done_first",)),
 ]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 
 import pytest
@@ -114,26 +115,65 @@ def test_a_stop_signal_saves_the_step_and_the_run_continues_exactly(sig, small_r
         assert torch.equal(resumed["model"][k], straight["model"][k]), k
 
 
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/status"), reason="reads /proc/<pid>/status (Linux)")
 def test_loader_processes_leave_stop_signals_to_the_trainer(small_root, stage1_weights, tmp_path, monkeypatch):
-    """A terminal's Ctrl-C reaches the loader processes too: they ignore it (a killed loader
-    process would end the run with an error before it could save)."""
+    """A terminal's Ctrl-C and a scheduler's SIGTERM reach the loader processes too: they
+    ignore both (a loader process killed by a signal would end the run with an error before
+    it could save), as their kernel signal masks show; one Ctrl-C sent to them changes
+    nothing."""
     after_step = Stage2Trainer.after_optimizer_step
     hit = []
+
+    def ignored(pid):
+        status = open(f"/proc/{pid}/status").read()
+        mask = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+        return [bool(mask >> (sig - 1) & 1) for sig in (signal.SIGINT, signal.SIGTERM)]
 
     def signal_loaders(self):
         after_step(self)
         if self.step == 1:
             workers = multiprocessing.active_children()
+            hit.extend(ignored(w.pid) for w in workers)
             for w in workers:
                 os.kill(w.pid, signal.SIGINT)
-            hit.extend(workers)
 
     monkeypatch.setattr(Stage2Trainer, "after_optimizer_step", signal_loaders)
     cfg = load_config(ROOT / "configs" / "stage2_tiny.yaml",
                       [f"data.root={small_root}", f"train.stage1_checkpoint={stage1_weights}",
                        "data.val_split=null", "train.steps=8", "train.save_every=100", "data.num_workers=1"])
     summary = Stage2Trainer(cfg, tmp_path / "run").train()
-    assert hit and summary["step"] == 8
+    assert hit == [[True, True]] and summary["step"] == 8
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_that_breaks_mid_run_saves_the_steps_done_first(workers, small_root, stage1_weights, tmp_path,
+                                                                   monkeypatch, capsys):
+    """The training images become unreadable after step 2 (last.pt otherwise only at the end):
+    the steps done are saved, and the run stops in one line naming the step, the file and how
+    to continue (exit 2), also when a loader process met the problem (its traceback left out;
+    the process is ended, so the command exits instead of waiting for it)."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)
+    after_step = Stage2Trainer.after_optimizer_step
+
+    def break_images(self):
+        after_step(self)
+        if self.step == 2:
+            for f in (root / "train" / "hazy").iterdir():
+                f.write_bytes(b"not an image")
+
+    monkeypatch.setattr(Stage2Trainer, "after_optimizer_step", break_images)
+    run = tmp_path / "run"
+    assert main_stage2(stage2_args(root, stage1_weights, run, f"data.num_workers={workers}")) == 2
+    line = error_line(capsys)
+    found = re.match(rf"error: at step (\d+): {re.escape(str(root / 'train' / 'hazy'))}/\d+\.png: not a readable "
+                     rf"image file; checkpoints/last.pt holds step (\d+): fix the data and continue with --resume auto "
+                     rf"\(the resumed run names the pairs that changed\)$", line)
+    assert found, line
+    failed, saved = int(found[1]), int(found[2])
+    assert saved == failed - 1 == last_pt(run)["step"]
+    assert failed == 3 if workers == 0 else failed >= 3          # a loader process reads up to 2 batches ahead
 
 
 def test_a_failed_checkpoint_write_names_the_file_and_what_survives(small_root, stage1_weights, tmp_path,

@@ -20,6 +20,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from ..config import ConfigError, check_keys, config_changes, validate_config
 from ..data import DataError
+from ..imageio import ImageReadError
 from ..messages import one_line
 from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, claim_run_dir, configure_cuda, load_training_state,
@@ -58,6 +59,18 @@ def check_one_run(num_processes: int) -> None:
                           f"run ({num_processes} process seen by accelerate): each would train on all the data and "
                           f"overwrite the others' checkpoints; use train.device=cpu for a CPU run, or launch one "
                           f"process")
+
+
+def loader_error_text(exc: BaseException) -> str:
+    """The problem of a loader error in one line: a loader process's error comes back with
+    its traceback in the message ('Caught DataError in DataLoader worker process 0 ...
+    Original Traceback ...'); only its last line, the problem itself, is kept."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        name, sep, rest = last.partition(": ")
+        return rest if sep and name.replace(".", "").replace("_", "").isalnum() else last
+    return one_line(exc)
 
 
 class BaseTrainer:
@@ -414,6 +427,31 @@ class BaseTrainer:
         return {"step": self.step, "total": total, "best": self.best, "it_per_s": speed.rate(),
                 "run_dir": str(self.run_dir)}
 
+    def batches(self, loader):
+        """The loader's batches; a batch that cannot be made (an unreadable image, a pair of
+        two sizes met mid-run) first saves the steps done to last.pt (one process: a
+        distributed run cannot save while the others are in a step), then stops the run
+        with the problem and the step to continue from."""
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:
+                # loader processes are ended now: the error's traceback keeps the loader alive in a
+                # reference cycle, and an exit would wait for them for ever
+                getattr(it, "_shutdown_workers", lambda: None)()
+                if self.accelerator.num_processes == 1 and self.step > 0 and self.saved_step != self.step:
+                    self.save()
+                note = (f"; {self.last_saved()}: fix the data and continue with --resume auto "
+                        f"(the resumed run names the pairs that changed)")
+                if isinstance(exc, (DataError, ImageReadError)):
+                    raise DataError(f"at step {self.step + 1}: {loader_error_text(exc)}{note}") from exc
+                raise TrainingStopped(f"at step {self.step + 1}: {type(exc).__name__}: {loader_error_text(exc)}"
+                                      f"{note}") from exc
+            yield batch
+
     def _loop(self, loader, bar, speed: Throughput, total: int, stop: int, signals: StopSignals) -> None:
         """The steps from ``self.step`` to ``stop`` (of ``total``); a stop signal ends them
         after the step under way, saved (TrainingInterrupted)."""
@@ -423,7 +461,7 @@ class BaseTrainer:
         keep_every = int(self.tcfg.get("keep_every") or 0)
         clip = self.tcfg.get("grad_clip")
         running, count = 0.0, 0
-        for batch in loader:
+        for batch in self.batches(loader):
             if self.step >= stop:
                 break
             with self.accelerator.accumulate(self.model):
