@@ -742,6 +742,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("train-loader-traceback-shown", "a loader process's error is shown with its whole traceback on the one line",
              "dsrdmpd/training/trainer.py", '    if "Original Traceback" in text:', '    if False:',
              ("tests/test_training_audit.py::test_an_image_that_breaks_mid_run_saves_the_steps_done_first",)),
+    Mutation("train-other-length-key-ignored", "train.steps in a stage-1 run (train.epochs in stage 2) is ignored with a warning and the run trains its default length",
+             "dsrdmpd/training/trainer.py", "        if other in (cfg.get(\"train\") or {}):", "        if False:",
+             ("tests/test_training_audit.py::test_settings_a_run_cannot_use_are_refused_in_one_line",)),
 ]
 
 

@@ -216,8 +216,10 @@ def test_a_start_that_fails_leaves_the_run_folder_records_alone(small_root, stag
 
 
 def test_settings_a_run_cannot_use_are_refused_in_one_line(small_root, stage1_weights, tmp_path, capsys):
-    """Widths the networks cannot divide, --max-steps that would train nothing, and a
-    weights-only file given to --resume: refused before training, exit code 2."""
+    """Widths the networks cannot divide, the other stage's length key (stage 1 runs for
+    epochs, stage 2 for steps: the other was ignored with a warning), --max-steps that would
+    train nothing, a folder or a weights-only file given to --resume: refused before training,
+    exit code 2."""
     for key, value, multiple in (("stage1.dim", 48, 32), ("stage2.dim", 12, 8)):
         section, name = key.split(".")
         with pytest.raises(ConfigError, match=rf"^{key}: expected a multiple of {multiple}, got {value}$"):
@@ -225,6 +227,11 @@ def test_settings_a_run_cannot_use_are_refused_in_one_line(small_root, stage1_we
     validate_config({"stage1": {"dim": 64}, "stage2": {"dim": 8}})
     assert main_stage2(stage2_args(small_root, stage1_weights, tmp_path / "w", "stage2.dim=12")) == 2
     assert error_line(capsys) == "error: stage2.dim: expected a multiple of 8, got 12"
+    assert main_stage2(stage2_args(small_root, stage1_weights, tmp_path / "e", "train.epochs=2")) == 2
+    assert error_line(capsys) == ("error: train.epochs: stage 2 runs for train.steps (300000 by default), not "
+                                  "train.epochs; set train.steps, or use --max-steps to stop early")
+    assert main_stage2(stage2_args(small_root, stage1_weights, tmp_path / "d") + ["--resume", str(tmp_path)]) == 2
+    assert error_line(capsys).startswith(f"error: --resume {tmp_path} is a folder: give a checkpoint file")
     assert main_stage2(stage2_args(small_root, stage1_weights, tmp_path / "z") + ["--max-steps", "0"]) == 2
     assert error_line(capsys) == "error: --max-steps 0: must be at least 1"
     run = tmp_path / "run"
@@ -234,6 +241,8 @@ def test_settings_a_run_cannot_use_are_refused_in_one_line(small_root, stage1_we
                                                                                "--max-steps", "2"]) == 2
     assert "--max-steps 2: the run is already at step 2" in error_line(capsys)
     cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml", [f"data.root={small_root}", "data.val_split=null"])
+    with pytest.raises(ConfigError, match=r"^train.steps: stage 1 runs for train.epochs \(200 by default\)"):
+        Stage1Trainer({**cfg, "train": {**cfg["train"], "steps": 5}}, tmp_path / "s1s")
     with pytest.raises(ValueError, match=r"holds weights only \(as best.pt and the step_<N>.pt snapshots do\).*"
                                          r"resume from the run's checkpoints/last.pt"):
         Stage1Trainer(cfg, tmp_path / "s1", resume=str(stage1_weights))

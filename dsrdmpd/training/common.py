@@ -193,6 +193,9 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
         last = Path(run_dir) / "checkpoints" / "last.pt"
         return last if last.is_file() else None
     path = Path(resume)
+    if path.is_dir():
+        raise FileNotFoundError(f"--resume {path} is a folder: give a checkpoint file (a run's "
+                                f"checkpoints/last.pt), or --resume auto with that run's --run-dir")
     if not path.is_file():
         raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
     return path

@@ -76,6 +76,7 @@ def loader_error_text(exc: BaseException) -> str:
 class BaseTrainer:
     stage: int = 0
     size_multiple: int = 1
+    length_key: str = ""            # the train key that sets the run's length: 'epochs' (stage 1) or 'steps' (stage 2)
     train_defaults: Dict[str, Any] = {}
     # train keys read without a default value: device ('auto' | 'cpu'), tensorboard, val_protocol, val_every,
     # save_every (last.pt), keep_every (step_<N>.pt snapshots), tf32 and deterministic (CUDA only, see
@@ -87,6 +88,11 @@ class BaseTrainer:
 
     def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None,
                  trust: bool = False):
+        other = {"epochs": "steps", "steps": "epochs"}.get(self.length_key)
+        if other in (cfg.get("train") or {}):
+            raise ConfigError(f"train.{other}: stage {self.stage} runs for train.{self.length_key} "
+                              f"({self.train_defaults[self.length_key]} by default), not train.{other}; set "
+                              f"train.{self.length_key}, or use --max-steps to stop early")
         check_keys("train", cfg.get("train") or {}, (*self.train_defaults, *self.train_options))
         check_keys("data", cfg.get("data") or {}, self.data_keys)
         validate_config(cfg)
