@@ -5,7 +5,10 @@
     accelerate launch --multi_gpu --num_processes 4 scripts/train_stage2.py --config ... --run-dir ...
 
 A bad config, data folder or checkpoint is reported on one line naming the file or key
-(exit code 2); --debug shows the traceback.
+(exit code 2); --debug shows the traceback. Ctrl-C or SIGTERM: the step under way is
+finished and checkpoints/last.pt written before the command ends (exit code 130 / 143;
+continue with --resume auto); a NaN loss or a failed checkpoint write stops the run in one
+line naming the step (exit code 1).
 """
 from __future__ import annotations
 
