@@ -435,9 +435,10 @@ class BaseTrainer:
 
     def batches(self, loader):
         """The loader's batches; a batch that cannot be made (an unreadable image, a pair of
-        two sizes met mid-run) first saves the steps done to last.pt (one process: a
-        distributed run cannot save while the others are in a step), then stops the run
-        with the problem and the step to continue from."""
+        two sizes met mid-run) first saves the steps done to last.pt, then stops the run with
+        the problem and the step to continue from. Saved only with one process and no
+        gradient accumulation, where every batch starts a step: a distributed run cannot
+        save while the others are in a step, and half an accumulated step is no resume point."""
         it = iter(loader)
         while True:
             try:
@@ -448,7 +449,7 @@ class BaseTrainer:
                 # loader processes are ended now: the error's traceback keeps the loader alive in a
                 # reference cycle, and an exit would wait for them for ever
                 getattr(it, "_shutdown_workers", lambda: None)()
-                if self.accelerator.num_processes == 1 and self.step > 0 and self.saved_step != self.step:
+                if self.micro_per_step == 1 and self.step > 0 and self.saved_step != self.step:
                     self.save()
                 note = (f"; {self.last_saved()}: fix the data and continue with --resume auto "
                         f"(the resumed run names the pairs that changed)")
