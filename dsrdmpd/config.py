@@ -156,6 +156,10 @@ def _check_value(key: str, value: Any, kind, lo, hi) -> Any:
     return value
 
 
+# Network widths the architectures divide into groups (stage 1: grouped attention-gate
+# convolutions; stage 2: GroupNorm(8)).
+WIDTH_MULTIPLES = {"stage1.dim": 32, "stage2.dim": 8}
+
 # Top-level entries that must be sections (key: value mappings) when present.
 SECTIONS = ("stage1", "stage2", "sampling", "train", "data")
 
@@ -164,7 +168,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Check every known value's type and range in place (numbers written as strings are
     converted); the error names the key: ``train.lr: expected a number, got 'abc'``. NaN and
     infinite numbers are refused; sections must be mappings (``--set stage1=5`` is an error);
-    ``stage2.sampling_timesteps`` may not exceed ``stage2.timesteps``."""
+    widths must be multiples of :data:`WIDTH_MULTIPLES`; ``stage2.sampling_timesteps`` may not
+    exceed ``stage2.timesteps``."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"a config must be a mapping, not {type(cfg).__name__}")
     for section in SECTIONS:
@@ -180,6 +185,11 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 raise ConfigError(f"{dotted}: expected {kind if isinstance(kind, str) else 'a value'}, got null")
             continue
         node[key] = _check_value(dotted, node[key], kind, lo, hi)
+    for dotted, multiple in WIDTH_MULTIPLES.items():
+        section, key = dotted.split(".")
+        width = (cfg.get(section) or {}).get(key)
+        if _is_int(width) and width % multiple:
+            raise ConfigError(f"{dotted}: expected a multiple of {multiple}, got {width}")
     s2 = cfg.get("stage2") or {}
     if _is_int(s2.get("sampling_timesteps")) and _is_int(s2.get("timesteps")) \
             and s2["sampling_timesteps"] > s2["timesteps"]:

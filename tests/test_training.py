@@ -192,7 +192,7 @@ def test_a_run_folder_holds_one_run_and_is_never_started_over(synthetic_root, ti
 def test_resume_rejects_other_stage(data_root, stage1_ckpt, tiny_stage1, tmp_path):
     with pytest.raises(ValueError, match="stage-1 checkpoint"):
         Stage2Trainer(stage2_cfg(data_root, stage1_ckpt), tmp_path, resume=str(tiny_stage1.last))
-    with pytest.raises(ValueError, match="not a resumable dsrdmpd training checkpoint"):
+    with pytest.raises(ValueError, match="is a stage-1 checkpoint, this is the stage-2 trainer"):
         Stage2Trainer(stage2_cfg(data_root, stage1_ckpt), tmp_path / "w", resume=str(stage1_ckpt))
 
 

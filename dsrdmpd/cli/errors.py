@@ -27,7 +27,9 @@ USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 PACKAGE_USER_ERRORS = (("dsrdmpd.config", "ConfigError"), ("dsrdmpd.checkpoints", "CheckpointError"),
                        ("dsrdmpd.imageio", "ImageReadError"), ("dsrdmpd.data.pairing", "PairingError"),
                        ("dsrdmpd.data.dataset", "DataError"), ("dsrdmpd.runfolder", "RunFolderError"))
-RUN_ENDED = (("dsrdmpd.evaluation", "RunStopped"),)          # the run stopped itself: exit code 1, its reason
+# the run stopped itself: its reason, exit code 1 (or the exception's ``exit_code``: 130 / 143 for a
+# training run that saved its state on SIGINT / SIGTERM)
+RUN_ENDED = (("dsrdmpd.evaluation", "RunStopped"), ("dsrdmpd.training.stopping", "TrainingStopped"))
 
 
 def loaded_classes(names: Tuple[Tuple[str, str], ...]) -> Tuple[Type[BaseException], ...]:
@@ -52,7 +54,8 @@ def run_command(fn: Callable[[Optional[List[str]]], object], argv: Optional[List
             traceback.print_exc()
         if isinstance(exc, (ItemsFailed, *loaded_classes(RUN_ENDED))):      # the run ended; its reason
             print(f"error: {one_line(exc)}", file=sys.stderr)
-            return EXIT_FAILED
+            code = getattr(exc, "exit_code", EXIT_FAILED)
+            return code if isinstance(code, int) else EXIT_FAILED
         if isinstance(exc, (*USER_ERRORS, *loaded_classes(PACKAGE_USER_ERRORS))):
             print(f"error: {one_line(exc)}", file=sys.stderr)
             return EXIT_USAGE

@@ -5,7 +5,10 @@
     accelerate launch --multi_gpu --num_processes 4 scripts/train_stage2.py --config ... --run-dir ...
 
 A bad config, data folder or checkpoint is reported on one line naming the file or key
-(exit code 2); --debug shows the traceback.
+(exit code 2); --debug shows the traceback. Ctrl-C or SIGTERM: the step under way is
+finished and checkpoints/last.pt written before the command ends (exit code 130 / 143;
+continue with --resume auto); a NaN loss or a failed checkpoint write stops the run in one
+line naming the step (exit code 1).
 """
 from __future__ import annotations
 
@@ -42,9 +45,18 @@ def train_main(stage: int, argv: Optional[List[str]] = None) -> dict:
     trainer = trainer_cls(cfg, args.run_dir, resume=args.resume, argv=sys.argv if argv is None else list(argv),
                           trust=args.trust_checkpoint)
     summary = trainer.train(max_steps=args.max_steps)
-    trainer.accelerator.print(f"done: step {summary['step']}, best {summary['best']}, "
-                              f"{summary['it_per_s']:.2f} it/s, run folder {summary['run_dir']}")
+    trainer.accelerator.print(done_line(summary))
     return summary
+
+
+def done_line(summary: dict) -> str:
+    """What a finished (or --max-steps-stopped) run says last, in one line."""
+    step, total, best = summary["step"], summary["total"], summary["best"]
+    where = (f"step {step} of {total}" if step >= total else
+             f"stopped at step {step} of {total} (continue with --resume auto)")
+    chosen = (f"best {best.get('metric', 'psnr')} {best['psnr']:.4f} at step {best['step']} (checkpoints/best.pt)"
+              if best.get("step") is not None else "no best.pt (no validation set, no validation yet, or validation on a test split)")
+    return f"done: {where}; {chosen}; {summary['it_per_s']:.2f} it/s; run folder {summary['run_dir']}"
 
 
 def main_stage1(argv: Optional[List[str]] = None) -> int:

@@ -33,6 +33,7 @@ from ..data import ImagePair, PairedImageDataset, StepBatchSampler, collate, spl
 from ..inference import pad_to, padded_size
 from ..metrics import psnr_ssim
 from ..runfolder import RunFolder, RunFolderError
+from .stopping import ignore_stop_signals
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -198,6 +199,9 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
         last = Path(run_dir) / "checkpoints" / "last.pt"
         return last if last.is_file() else None
     path = Path(resume)
+    if path.is_dir():
+        raise FileNotFoundError(f"--resume {path} is a folder: give a checkpoint file (a run's "
+                                f"checkpoints/last.pt), or --resume auto with that run's --run-dir")
     if not path.is_file():
         raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
     return path
@@ -207,10 +211,14 @@ def load_training_state(path: Path, stage: int, trust: bool = False) -> Dict[str
     """A resumable training checkpoint of ``stage``, read without unpickling code (see
     :func:`dsrdmpd.checkpoints.read_checkpoint`; ``trust`` allows a file that needs it)."""
     state = read_checkpoint(path, trust=trust)
-    if not (isinstance(state, dict) and state.get("format") == PROJECT_FORMAT and "optimizer" in state):
+    if not (isinstance(state, dict) and state.get("format") == PROJECT_FORMAT):
         raise CheckpointError(f"{path} is not a resumable dsrdmpd training checkpoint")
     if state.get("stage") != stage:
         raise CheckpointError(f"{path} is a stage-{state.get('stage')} checkpoint, this is the stage-{stage} trainer")
+    if "optimizer" not in state:
+        raise CheckpointError(f"{path} holds weights only (as best.pt and the step_<N>.pt snapshots do), not the "
+                              f"optimizer and data state a resume needs: resume from the run's checkpoints/last.pt, "
+                              f"or start a new run")
     return state
 
 
@@ -222,8 +230,10 @@ def make_loader(pairs, data_cfg: Dict[str, Any], batch_size: int, seed: int, sta
     sampler = StepBatchSampler(len(dataset), batch_size, seed=seed, start_step=start_micro, total_steps=total_micro,
                                rank=rank, world=world)
     workers = int(data_cfg.get("num_workers", 0))
+    # loader processes leave SIGINT / SIGTERM to the trainer, which finishes its step and saves
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
 # Split names that hold a test set: validating (and choosing checkpoints) on them inflates

@@ -29,6 +29,7 @@ def stage1_loss(out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 class Stage1Trainer(BaseTrainer):
     stage = 1
     size_multiple = STAGE1_MULTIPLE
+    length_key = "epochs"
     train_defaults = STAGE1_TRAIN_DEFAULTS
 
     def build(self) -> None:

@@ -37,6 +37,7 @@ STAGE2_TRAIN_DEFAULTS = {"steps": 300_000, "batch_size": 1, "lr": 8e-5, "seed": 
 class Stage2Trainer(BaseTrainer):
     stage = 2
     size_multiple = 8           # stage 2's rule; stage 1 pads and crops back
+    length_key = "steps"
     train_defaults = STAGE2_TRAIN_DEFAULTS
     train_options = BaseTrainer.train_options + ("cache_on_cpu", "stage1_use_config", "zero_init_residual_head")
 

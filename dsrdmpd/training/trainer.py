@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -19,6 +20,8 @@ from accelerate.state import AcceleratorState, GradientState
 
 from ..config import ConfigError, check_keys, config_changes, validate_config
 from ..data import DataError
+from ..imageio import ImageReadError
+from ..messages import one_line
 from ..processes import on_main
 from ..runfolder import RunFolder
 from ..visualize import save_panel
@@ -27,6 +30,7 @@ from .common import (CSVLog, Throughput, capture_rng, claim_run_dir, configure_c
                      resolve_resume, restore_rng, save_training_checkpoint, seed_everything)
 from .step_options import (GraphedTrainingStep, apply_precision, load_optimizer_state, make_adam,
                            portable_optimizer_state, resolve_step_options, to_memory_format)
+from .stopping import StopSignals, TrainingDiverged, TrainingInterrupted, TrainingStopped
 
 
 def make_accelerator(device: str, mixed_precision: str, grad_accum: int) -> Accelerator:
@@ -59,9 +63,22 @@ def check_one_run(num_processes: int) -> None:
                           f"process")
 
 
+def loader_error_text(exc: BaseException) -> str:
+    """The problem of a loader error in one line: a loader process's error comes back with
+    its traceback in the message ('Caught DataError in DataLoader worker process 0 ...
+    Original Traceback ...'); only its last line, the problem itself, is kept."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        name, sep, rest = last.partition(": ")
+        return rest if sep and name.replace(".", "").replace("_", "").isalnum() else last
+    return one_line(exc)
+
+
 class BaseTrainer:
     stage: int = 0
     size_multiple: int = 1
+    length_key: str = ""            # the train key that sets the run's length: 'epochs' (stage 1) or 'steps' (stage 2)
     train_defaults: Dict[str, Any] = {}
     # train keys read without a default value: device ('auto' | 'cpu'), tensorboard, val_protocol, val_every,
     # save_every (last.pt), keep_every (step_<N>.pt snapshots), tf32 and deterministic (CUDA only, see
@@ -73,6 +90,11 @@ class BaseTrainer:
 
     def __init__(self, cfg: Dict[str, Any], run_dir, resume: Optional[str] = None, argv: Optional[List[str]] = None,
                  trust: bool = False):
+        other = {"epochs": "steps", "steps": "epochs"}.get(self.length_key)
+        if other in (cfg.get("train") or {}):
+            raise ConfigError(f"train.{other}: stage {self.stage} runs for train.{self.length_key} "
+                              f"({self.train_defaults[self.length_key]} by default), not train.{other}; set "
+                              f"train.{self.length_key}, or use --max-steps to stop early")
         check_keys("train", cfg.get("train") or {}, (*self.train_defaults, *self.train_options))
         check_keys("data", cfg.get("data") or {}, self.data_keys)
         validate_config(cfg)
@@ -100,9 +122,6 @@ class BaseTrainer:
         on_main(lambda: setattr(self, "run_folder", claim_run_dir(self.run_dir, resume, path)),
                 self.accelerator.process_index)
         try:
-            if self.is_main:
-                prepare_run_dir(self.run_dir, cfg, argv)
-            self.accelerator.wait_for_everyone()
             self.seed = int(self.tcfg.get("seed", 0))
             seed_everything(self.seed)
             plan = plan_data(cfg["data"])
@@ -126,16 +145,24 @@ class BaseTrainer:
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
             self.graph_step = (GraphedTrainingStep(self.loss_from, self.model, self.optimizer)
                                if self.step_options.cuda_graph else None)
+            changes: List[str] = []
             if path is not None:
                 state = load_training_state(path, self.stage, self.trust)
                 self.load_state(state)
-                self.accelerator.print(f"resumed from {path} at step {self.step}")
                 changes = self.resume_changes(state)
+            # the run folder's records are written only once the run can start: a start that
+            # fails (bad data, a wrong checkpoint) leaves an existing run's config.yaml as it was
+            if self.is_main:
+                prepare_run_dir(self.run_dir, cfg, argv)
+            self.accelerator.wait_for_everyone()
+            if path is not None:
+                self.accelerator.print(f"resumed from {path} at step {self.step}")
                 for line in changes:
                     self.accelerator.print(f"WARNING: {line}")
                 if changes:
                     self.accelerator.print("WARNING: so this run will not repeat an uninterrupted one exactly")
                 self._resume_record = (path, self.step, changes)     # into resumes.txt when training starts
+            self.saved_step = self.step if path is not None else None      # the step last.pt holds
             resume_step = self.step if path is not None else None
             self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
                                     resume_step) if self.is_main else None
@@ -289,7 +316,31 @@ class BaseTrainer:
         self.accelerator.wait_for_everyone()
         rng = self.gather_rng()
         if self.is_main:
-            save_training_checkpoint(self.run_dir / "checkpoints" / name, **self.state(rng))
+            self.write_checkpoint(name, self.state(rng))
+        if name == "last.pt":
+            self.saved_step = self.step
+
+    def last_saved(self) -> str:
+        """Where a stopped run can continue from, in words."""
+        if self.saved_step is None:
+            return "no checkpoints/last.pt was written yet"
+        return f"checkpoints/last.pt holds step {self.saved_step}"
+
+    def write_checkpoint(self, name: str, state: Dict[str, Any]) -> None:
+        """Write ``checkpoints/<name>`` atomically; a failed write (disk full, quota, a
+        vanished folder) stops the run in one line naming the file, the free space and the
+        step to continue from (the file it would have replaced is intact)."""
+        path = self.run_dir / "checkpoints" / name
+        try:
+            save_training_checkpoint(path, **state)
+        except (OSError, RuntimeError) as exc:          # torch.save reports a full disk as RuntimeError
+            try:
+                free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free there"
+            except OSError:
+                free = "free space unknown"
+            raise TrainingStopped(f"could not write {path} at step {self.step} ({free}): {one_line(exc)}; "
+                                  f"{self.last_saved()} (unchanged); make room and continue with "
+                                  f"--resume auto") from exc
 
     def val_weights(self) -> str:
         """Which weights validation scores ('model' or 'ema'); best.pt records it."""
@@ -302,8 +353,7 @@ class BaseTrainer:
             weights = self.weights_for_inference()
             if not ema:
                 weights["ema"] = None
-            save_training_checkpoint(self.run_dir / "checkpoints" / name, stage=self.stage, config=self.cfg,
-                                     step=self.step, **weights, **extra)
+            self.write_checkpoint(name, dict(stage=self.stage, config=self.cfg, step=self.step, **weights, **extra))
 
     def save_best(self) -> None:
         self.save_weights("best.pt", selected_with=self.val_weights(), selected_on=self.val_source)
@@ -344,31 +394,91 @@ class BaseTrainer:
     def train(self, max_steps: Optional[int] = None) -> Dict[str, Any]:
         """Train until the configured length (or ``max_steps``, as if interrupted there); the
         run folder is let go when it returns or fails (and taken again by a later call)."""
+        if max_steps is not None and max_steps <= self.step:
+            raise ConfigError(f"--max-steps {max_steps}: the run is already at step {self.step} (--max-steps counts "
+                              f"the run's steps from its start)" if self.step else
+                              f"--max-steps {max_steps}: must be at least 1")
         if self.run_folder is not None and not self.run_folder.locked:
             self.run_folder.lock(option="--run-dir")
         if self._resume_record is not None and self.is_main:
             record_resume(self.run_dir, *self._resume_record, self._argv)
         self._resume_record = None
         try:
-            return self._train(max_steps)
+            with StopSignals() as signals:
+                return self._train(max_steps, signals)
         finally:
             self.close()
 
-    def _train(self, max_steps: Optional[int] = None) -> Dict[str, Any]:
+    def check_loss(self, value: float) -> None:
+        """Stop on a NaN or infinite loss (training on would only turn the weights to NaN).
+        Nothing of this step is saved; last.pt keeps the last good one."""
+        if math.isfinite(value):
+            return
+        raise TrainingDiverged(
+            f"the loss is {value} at step {self.step + 1} (epoch {self.step // self.steps_per_epoch}) of the "
+            f"stage-{self.stage} run in {self.run_dir}: training stopped, nothing of this step saved "
+            f"({self.last_saved()}); train_log.csv shows the loss before it. Resuming with the same settings "
+            f"repeats this step exactly: lower train.lr, set train.grad_clip or check the data first")
+
+    def stop_requested(self, signals: StopSignals) -> bool:
+        """Whether a stop signal reached this process or, in a distributed run, any process
+        (all then stop after the same step)."""
+        flag = signals.received is not None
+        if self.accelerator.num_processes > 1:
+            t = torch.tensor([float(flag)], device=self.accelerator.device)
+            flag = bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+        return flag
+
+    def _train(self, max_steps: Optional[int], signals: StopSignals) -> Dict[str, Any]:
         total = self.total_steps()
         stop = min(total, max_steps) if max_steps else total
+        loader = make_loader(self.train_pairs, self.cfg["data"], self.batch_size, self.seed,
+                             self.step * self.micro_per_step, stop * self.micro_per_step,
+                             self.accelerator.process_index, self.accelerator.num_processes, self.size_multiple)
+        self.model.train()
+        speed = Throughput()
+        with progress(stop, self.step, f"stage {self.stage}", not self.is_main) as bar:  # closed before any message
+            self._loop(loader, bar, speed, total, stop, signals)
+        self.accelerator.wait_for_everyone()
+        return {"step": self.step, "total": total, "best": self.best, "it_per_s": speed.rate(),
+                "run_dir": str(self.run_dir)}
+
+    def batches(self, loader):
+        """The loader's batches; a batch that cannot be made (an unreadable image, a pair of
+        two sizes met mid-run) first saves the steps done to last.pt, then stops the run with
+        the problem and the step to continue from. Saved only with one process and no
+        gradient accumulation, where every batch starts a step: a distributed run cannot
+        save while the others are in a step, and half an accumulated step is no resume point."""
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:
+                # loader processes are ended now: the error's traceback keeps the loader alive in a
+                # reference cycle, and an exit would wait for them for ever
+                getattr(it, "_shutdown_workers", lambda: None)()
+                if self.micro_per_step == 1 and self.step > 0 and self.saved_step != self.step:
+                    self.save()
+                note = (f"; {self.last_saved()}: fix the data and continue with --resume auto "
+                        f"(the resumed run names the pairs that changed)")
+                if isinstance(exc, (DataError, ImageReadError)):
+                    raise DataError(f"at step {self.step + 1}: {loader_error_text(exc)}{note}") from exc
+                raise TrainingStopped(f"at step {self.step + 1}: {type(exc).__name__}: {loader_error_text(exc)}"
+                                      f"{note}") from exc
+            yield batch
+
+    def _loop(self, loader, bar, speed: Throughput, total: int, stop: int, signals: StopSignals) -> None:
+        """The steps from ``self.step`` to ``stop`` (of ``total``); a stop signal ends them
+        after the step under way, saved (TrainingInterrupted)."""
         log_every = int(self.tcfg.get("log_every", 10))
         val_every = int(self.tcfg.get("val_every") or self.steps_per_epoch)
         save_every = int(self.tcfg.get("save_every") or self.steps_per_epoch)
         keep_every = int(self.tcfg.get("keep_every") or 0)
         clip = self.tcfg.get("grad_clip")
-        loader = make_loader(self.train_pairs, self.cfg["data"], self.batch_size, self.seed,
-                             self.step * self.micro_per_step, stop * self.micro_per_step,
-                             self.accelerator.process_index, self.accelerator.num_processes, self.size_multiple)
-        self.model.train()
-        bar = progress(stop, self.step, f"stage {self.stage}", not self.is_main)
-        speed, running, count = Throughput(), 0.0, 0
-        for batch in loader:
+        running, count = 0.0, 0
+        for batch in self.batches(loader):
             if self.step >= stop:
                 break
             with self.accelerator.accumulate(self.model):
@@ -381,7 +491,9 @@ class BaseTrainer:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), float(clip))
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-            running += float(loss.detach())
+            value = float(loss.detach())
+            self.check_loss(value)
+            running += value
             count += 1
             if not self.accelerator.sync_gradients:
                 continue
@@ -409,6 +521,10 @@ class BaseTrainer:
                 self.save_weights(f"step_{self.step:07d}.pt", ema=self.val_weights() == "ema")
             if self.step % save_every == 0 or self.step == stop:
                 self.save()
-        bar.close()
-        self.accelerator.wait_for_everyone()
-        return {"step": self.step, "best": self.best, "it_per_s": speed.rate(), "run_dir": str(self.run_dir)}
+            if self.step < stop and self.stop_requested(signals):
+                if self.saved_step != self.step:
+                    self.save()
+                name = signals.received or "a stop signal (on another process)"
+                raise TrainingInterrupted(
+                    f"stopped by {name} after step {self.step} of {total}: checkpoints/last.pt in {self.run_dir} "
+                    f"holds it; continue with --resume auto", signals.signum or 15)
