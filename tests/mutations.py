@@ -756,6 +756,11 @@ MUTATIONS: List[Mutation] = [
     Mutation("train-other-length-key-ignored", "train.steps in a stage-1 run (train.epochs in stage 2) is ignored with a warning and the run trains its default length",
              "dsrdmpd/training/trainer.py", "        if other in (cfg.get(\"train\") or {}):", "        if False:",
              ("tests/test_training_audit.py::test_settings_a_run_cannot_use_are_refused_in_one_line",)),
+    Mutation("train-stop-not-agreed", "a SIGTERM reaching one process of a distributed run stops it alone; the others go on",
+             "dsrdmpd/training/trainer.py",
+             "        flag = signals.received is not None\n        if self.accelerator.num_processes > 1:",
+             "        flag = signals.received is not None\n        if False:",
+             ("tests/test_distributed_training.py::test_two_cpu_processes_resume_exactly",)),
 ]
 
 

@@ -48,6 +48,21 @@ SCRIPT = textwrap.dedent("""
         make(out / "a")
     except RunFolderError as exc:
         print(f"rank {{os.environ['RANK']}} refused: {{exc}}", flush=True)
+
+    import signal
+    from dsrdmpd.training.stopping import TrainingInterrupted
+    c = make(out / "c")                   # SIGTERM reaches process 1 only, during step 1: both stop after it
+    if os.environ["RANK"] == "1":
+        step_done = c.after_optimizer_step
+        def signalled():
+            step_done()
+            if c.step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        c.after_optimizer_step = signalled
+    try:
+        c.train()
+    except TrainingInterrupted as exc:
+        print(f"rank {{os.environ['RANK']}} interrupted: {{exc}}", flush=True)
 """).format(root=str(ROOT))
 
 
@@ -62,7 +77,8 @@ def test_two_cpu_processes_resume_exactly(synthetic_root, tiny_stage1, tmp_path)
     without (visible) GPUs: one gloo run over 2 processes (8 training pairs, batch 1 each: 4
     steps an epoch); stopped at step 2 of 5 (mid-epoch) and resumed into the next epoch (each
     process's share of the reshuffled pairs), every model and EMA tensor equals the
-    uninterrupted run's. A fresh run over a folder holding a run is refused in both processes."""
+    uninterrupted run's. A fresh run over a folder holding a run is refused in both processes;
+    a SIGTERM that reaches one process stops both after the same step, saved."""
     data, stage1 = synthetic_root, tiny_stage1.weights
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
@@ -76,6 +92,10 @@ def test_two_cpu_processes_resume_exactly(synthetic_root, tiny_stage1, tmp_path)
     assert "MULTI_CPU" in proc.stdout
     for rank in (0, 1):
         assert f"rank {rank} refused: {tmp_path / 'runs' / 'a'} holds a training run" in proc.stdout, proc.stdout
+    assert "rank 0 interrupted: stopped by a stop signal (on another process) after step 1 of 5" in proc.stdout
+    assert "rank 1 interrupted: stopped by SIGTERM after step 1 of 5" in proc.stdout
+    c = torch.load(tmp_path / "runs" / "c" / "checkpoints" / "last.pt", weights_only=True)
+    assert c["step"] == 1 and len(c["rng"]) == 2
     a = torch.load(tmp_path / "runs" / "a" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "runs" / "b" / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 5 and a["processes"] == 2
