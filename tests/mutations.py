@@ -761,6 +761,13 @@ MUTATIONS: List[Mutation] = [
              "        flag = signals.received is not None\n        if self.accelerator.num_processes > 1:",
              "        flag = signals.received is not None\n        if False:",
              ("tests/test_distributed_training.py::test_two_cpu_processes_resume_exactly",)),
+    Mutation("stage2-length-reported", "lengthening a stage-2 run at resume warns that it will not repeat, though it does",
+             "dsrdmpd/training/stage2.py", 'BOOKKEEPING_KEYS = BaseTrainer.BOOKKEEPING_KEYS + ("train.steps",)',
+             "BOOKKEEPING_KEYS = BaseTrainer.BOOKKEEPING_KEYS",
+             ("tests/test_training.py::test_resume_is_bit_exact",)),
+    Mutation("stage1-length-unreported", "lengthening a stage-1 run (its cosine schedule) at resume is taken silently",
+             "dsrdmpd/training/trainer.py", '    BOOKKEEPING_KEYS = ("train.tensorboard",', '    BOOKKEEPING_KEYS = ("train.epochs", "train.tensorboard",',
+             ("tests/test_training.py::test_resume_is_bit_exact",)),
 ]
 
 

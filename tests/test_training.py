@@ -2,6 +2,7 @@
 checkpoints, the command line."""
 from __future__ import annotations
 
+import copy
 import fnmatch
 import gc
 import subprocess
@@ -86,6 +87,9 @@ def run_straight_and_resumed(make, tmp_path, check=lambda trainer: None):
     resumed = make(tmp_path / "b", resume="auto")
     assert resumed.step == 5
     assert resumed.resume_changes(at_stop) == []          # nothing to warn of: the same settings and pairs
+    longer = copy.deepcopy(at_stop["config"])            # a longer run: stage 1's cosine schedule changes with it,
+    longer["train"][resumed.length_key] += 1             # stage 2 (constant rate) repeats the same steps
+    assert bool(resumed.resume_changes({**at_stop, "config": longer})) == (resumed.stage == 1)
     resumed.train()
     assert (tmp_path / "b" / "resumes.txt").read_text().endswith(": same settings and training pairs\n")
     load = lambda run: torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)

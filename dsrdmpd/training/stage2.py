@@ -39,6 +39,9 @@ class Stage2Trainer(BaseTrainer):
     size_multiple = 8           # stage 2's rule; stage 1 pads and crops back
     length_key = "steps"
     train_defaults = STAGE2_TRAIN_DEFAULTS
+    # a constant learning rate and batches a function of the step alone: a longer (or shorter)
+    # run repeats the shorter one's steps exactly, so train.steps may change at a resume
+    BOOKKEEPING_KEYS = BaseTrainer.BOOKKEEPING_KEYS + ("train.steps",)
     train_options = BaseTrainer.train_options + ("cache_on_cpu", "stage1_use_config", "zero_init_residual_head")
 
     def build(self) -> None:
