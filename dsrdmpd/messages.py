@@ -3,6 +3,12 @@ what went wrong and where. Free of torch: the commands use it before it loads.""
 from __future__ import annotations
 
 
+def first_few(names, n: int = 3) -> str:
+    """'a, b, c, ...': the first ``n`` of ``names``, and '...' where more follow."""
+    names = list(names)
+    return ", ".join(map(str, names[:n])) + (", ..." if len(names) > n else "")
+
+
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line: its lines stripped and joined with '; ' (spaces
     inside a line, e.g. in a path, kept); the class name where the message is empty. (An

@@ -174,6 +174,15 @@ def synthetic_root(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), n_train=8, n_test=2, size=64, seed=1, n_valid=2)
 
 
+def tiny_stage1_config(root, *more: str) -> dict:
+    """The config ``tiny_stage1`` trains with (configs/stage1_tiny.yaml, batch 2, one epoch,
+    no validation) on ``root``, plus overrides ``more``: a run resumed from its last.pt with
+    this config and the same data differs from it in nothing."""
+    from dsrdmpd.config import load_config
+    return load_config(ROOT / "configs" / "stage1_tiny.yaml",
+                       [f"data.root={root}", "train.batch_size=2", "train.epochs=1", "data.val_split=null", *more])
+
+
 @pytest.fixture(scope="session")
 def tiny_stage1(synthetic_root, tmp_path_factory):
     """A tiny stage 1 (configs/stage1_tiny.yaml, 14.7M parameters) trained one epoch (4 steps,
@@ -181,12 +190,9 @@ def tiny_stage1(synthetic_root, tmp_path_factory):
     checkpoint (with Adam's state), ``weights`` its inference weights alone (a third of the
     bytes: what the stage-2 training tests freeze, as a user's best.pt)."""
     from types import SimpleNamespace
-    from dsrdmpd.config import load_config
     from dsrdmpd.training import Stage1Trainer
     run = tmp_path_factory.mktemp("tiny_stage1")
-    cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml",
-                      [f"data.root={synthetic_root}", "train.batch_size=2", "train.epochs=1", "data.val_split=null"])
-    trainer = Stage1Trainer(cfg, run)
+    trainer = Stage1Trainer(tiny_stage1_config(synthetic_root), run)
     trainer.train()
     trainer.save_weights("weights.pt")
     return SimpleNamespace(last=run / "checkpoints" / "last.pt", weights=run / "checkpoints" / "weights.pt")

@@ -18,7 +18,7 @@ from dsrdmpd.config import load_config
 from dsrdmpd.training import Stage1Trainer, Stage2Trainer, stage1_loss
 from dsrdmpd.cli.train import train_main
 
-from conftest import ROOT
+from conftest import ROOT, tiny_stage1_config
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +129,7 @@ def test_resume_names_what_differs_from_the_checkpoint(synthetic_root, tiny_stag
     for side in ("hazy", "GT"):
         (root / "train" / side / "0003.png").unlink()
         shutil.copy(root / "train" / side / "0000.png", root / "train" / side / "extra.png")
-    cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml",
-                      [f"data.root={root}", "train.batch_size=2", "train.epochs=1", "data.val_split=null",
-                       "train.lr=0.0005", "train.log_every=3"])
+    cfg = tiny_stage1_config(root, "train.lr=0.0005", "train.log_every=3")
     Stage1Trainer(cfg, tmp_path / "run", resume=str(tiny_stage1.last)).train()      # (nothing left to train)
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
     assert out == [f"WARNING: resuming with 2 setting(s) other than the checkpoint's: data.root: {synthetic_root} -> "
@@ -153,8 +151,7 @@ def test_a_run_folder_holds_one_run_and_is_never_started_over(synthetic_root, ti
     are removed when the folder is taken."""
     import shutil
     from dsrdmpd.runfolder import RunFolder, RunFolderError
-    cfg = lambda: load_config(ROOT / "configs" / "stage1_tiny.yaml", [f"data.root={synthetic_root}",
-                              "train.batch_size=2", "train.epochs=1", "data.val_split=null"])
+    cfg = lambda: tiny_stage1_config(synthetic_root)
     run = tmp_path / "run"
     with monkeypatch.context() as m:                     # as if another process held it
         m.setattr(RunFolder, "holder_id", staticmethod(lambda: "pid 1 on elsewhere"))

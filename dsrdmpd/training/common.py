@@ -31,6 +31,7 @@ from ..checkpoints import PROJECT_FORMAT, CheckpointError, read_checkpoint, save
 from ..config import ConfigError, dump_config
 from ..data import ImagePair, PairedImageDataset, StepBatchSampler, collate, split_pairs
 from ..inference import pad_to, padded_size
+from ..messages import first_few
 from ..metrics import psnr_ssim
 from ..runfolder import RunFolder, RunFolderError
 from .stopping import ignore_stop_signals
@@ -74,7 +75,7 @@ def claim_run_dir(run_dir: Path, resume: Optional[str], checkpoint: Optional[Pat
         # the folder a checkpoint lies in, its own symbolic link not followed
         own = checkpoint is not None and Path(checkpoint).absolute().parent.resolve() == ckpts.resolve()
         if held and not own:
-            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            shown = first_few(held)
             start_again = "give another --run-dir, or delete the folder to start again"
             if checkpoint is not None:
                 raise RunFolderError(f"{run_dir} holds a training run of its own (checkpoints/{shown}): continuing "

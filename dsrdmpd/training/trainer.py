@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState, GradientState
 from ..config import ConfigError, check_keys, config_changes, validate_config
 from ..data import DataError
 from ..imageio import ImageReadError
-from ..messages import one_line
+from ..messages import first_few, one_line
 from ..processes import on_main
 from ..runfolder import RunFolder
 from ..visualize import save_panel
@@ -162,12 +162,11 @@ class BaseTrainer:
                 if changes:
                     self.accelerator.print("WARNING: so this run will not repeat an uninterrupted one exactly")
                 self._resume_record = (path, self.step, changes)     # into resumes.txt when training starts
-            self.saved_step = self.step if path is not None else None      # the step last.pt holds
-            resume_step = self.step if path is not None else None
+            self.saved_step = self.step if path is not None else None      # the step last.pt holds (None: fresh)
             self.train_log = CSVLog(self.run_dir / "train_log.csv", ["step", "epoch", "loss", "lr", "it_per_s"],
-                                    resume_step) if self.is_main else None
+                                    self.saved_step) if self.is_main else None
             self.val_fields = ["step", "epoch"] + self.val_metric_names()
-            self.val_log = CSVLog(self.run_dir / "val_log.csv", self.val_fields, resume_step) if self.is_main else None
+            self.val_log = CSVLog(self.run_dir / "val_log.csv", self.val_fields, self.saved_step) if self.is_main else None
             self.tb = optional_tensorboard(self.run_dir, bool(self.tcfg.get("tensorboard", False))) if self.is_main else None
         except BaseException:
             self.close()
@@ -294,9 +293,9 @@ class BaseTrainer:
         if isinstance(then, list) and then != now:
             added, removed = sorted(set(now) - set(then)), sorted(set(then) - set(now))
             what = ", ".join(part for part in (
-                f"{len(added)} added ({', '.join(added[:3])}{', ...' if len(added) > 3 else ''})" if added else "",
-                f"{len(removed)} removed ({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})"
-                if removed else "") if part) or "the same pairs in another order"
+                f"{len(added)} added ({first_few(added)})" if added else "",
+                f"{len(removed)} removed ({first_few(removed)})" if removed else "") if part) \
+                or "the same pairs in another order"
             lines.append(f"the training pairs differ from the checkpoint's ({len(then)} then, {len(now)} now: "
                          f"{what})")
         return lines
