@@ -157,7 +157,7 @@ def _check_value(key: str, value: Any, kind, lo, hi) -> Any:
 
 
 # Network widths the architectures divide into groups (stage 1: grouped attention-gate
-# convolutions; stage 2: GroupNorm(8)).
+# convolutions; stage 2: GroupNorm(8)); the models check their own widths against it.
 WIDTH_MULTIPLES = {"stage1.dim": 32, "stage2.dim": 8}
 
 # Top-level entries that must be sections (key: value mappings) when present.

@@ -768,6 +768,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("stage1-length-unreported", "lengthening a stage-1 run (its cosine schedule) at resume is taken silently",
              "dsrdmpd/training/trainer.py", '    BOOKKEEPING_KEYS = ("train.tensorboard",', '    BOOKKEEPING_KEYS = ("train.epochs", "train.tensorboard",',
              ("tests/test_training.py::test_resume_is_bit_exact",)),
+    # widths: one rule in config.WIDTH_MULTIPLES, checked by the models too
+    Mutation("stage2-width-zero", "a stage-2 network of width 0 is built (empty weights) instead of refused",
+             "dsrdmpd/models/rdmpd_unet.py", "if dim < multiple or dim % multiple:", "if dim % multiple:",
+             ("tests/test_models.py::test_stage2_width_rule",)),
 ]
 
 

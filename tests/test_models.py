@@ -37,9 +37,16 @@ def test_stage1_size_rule_error(h, w):
         model(torch.rand(1, 3, h, w))
 
 
-def test_stage1_width_rule():
-    with pytest.raises(ValueError, match="multiple of 32"):
-        MCESSUNet(48)
+@pytest.mark.parametrize("dim", [0, 48])
+def test_stage1_width_rule(dim):
+    with pytest.raises(ValueError, match=f"stage-1 dim must be a positive multiple of 32, got {dim}"):
+        MCESSUNet(dim)
+
+
+@pytest.mark.parametrize("dim", [0, 12])
+def test_stage2_width_rule(dim):
+    with pytest.raises(ValueError, match=rf"stage-2 dim must be a positive multiple of 8 \(GroupNorm\(8\)\), got {dim}"):
+        ResidualDiffusionUNet(dim, dim_mults=(1, 2))
 
 
 def test_stage2_size_rule_error(tiny):

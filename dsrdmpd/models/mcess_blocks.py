@@ -104,8 +104,7 @@ class AttentionGate(nn.Module):
     def __init__(self, width: int, groups: int = 32):
         super().__init__()
         if width % groups:
-            raise ValueError(f"attention gate width {width} must be a multiple of {groups} "
-                             f"(stage-1 dim must be a multiple of 32)")
+            raise ValueError(f"attention gate width {width} must be a multiple of its {groups} groups")
         self.skip_branch = _conv_bn_relu(width, width, groups)
         self.up_branch = _conv_bn_relu(width, width, groups)
         self.psi = nn.Sequential(nn.Conv2d(width, 1, 1), nn.BatchNorm2d(1), nn.Sigmoid())

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..config import WIDTH_MULTIPLES
 from .mcess_blocks import AdaptiveScatteringFusion, MSCABlock, SelectiveSynthesis, UpConv
 
 STAGE1_MULTIPLE = 16
@@ -46,8 +47,9 @@ class MCESSUNet(nn.Module):
 
     def __init__(self, dim: int = 64):
         super().__init__()
-        if dim < 32 or dim % 32:
-            raise ValueError(f"stage-1 dim must be a positive multiple of 32, got {dim}")
+        multiple = WIDTH_MULTIPLES["stage1.dim"]
+        if dim < multiple or dim % multiple:
+            raise ValueError(f"stage-1 dim must be a positive multiple of {multiple}, got {dim}")
         self.dim = dim
         widths = [dim, 2 * dim, 4 * dim, 8 * dim, 16 * dim]
         cins = [3] + widths[:-1]

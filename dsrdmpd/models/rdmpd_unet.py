@@ -17,6 +17,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from ..config import WIDTH_MULTIPLES
 from .perceptual import ConditionalFeatureFusion
 from .unet_blocks import Attention, LinearAttention, PreNormResidual, ResBlock, Resample, TimeMLP
 
@@ -94,8 +95,9 @@ class ResidualDiffusionUNet(nn.Module):
     def __init__(self, dim: int = 64, dim_mults: Sequence[int] = (1, 2, 4, 8), perceptual_decoder: bool = True,
                  input_condition: bool = True):
         super().__init__()
-        if dim % 8:
-            raise ValueError(f"stage-2 dim must be a multiple of 8 (GroupNorm(8)), got {dim}")
+        multiple = WIDTH_MULTIPLES["stage2.dim"]
+        if dim < multiple or dim % multiple:
+            raise ValueError(f"stage-2 dim must be a positive multiple of {multiple} (GroupNorm(8)), got {dim}")
         self.dim, self.dim_mults, self.perceptual_decoder = dim, tuple(dim_mults), perceptual_decoder
         self.input_condition = bool(input_condition)
         dims = [dim] + [dim * m for m in dim_mults]
