@@ -772,6 +772,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("stage2-width-zero", "a stage-2 network of width 0 is built (empty weights) instead of refused",
              "dsrdmpd/models/rdmpd_unet.py", "if dim < multiple or dim % multiple:", "if dim % multiple:",
              ("tests/test_models.py::test_stage2_width_rule",)),
+    # --help: defaults shown only where they tell something
+    Mutation("help-default-none", "--help prints '(default: None)' after every option without a default",
+             "dsrdmpd/cli/options.py", "or default is None or default is False", "or default is False",
+             ("tests/test_cli.py::test_help_shows_only_defaults_that_tell_something",)),
 ]
 
 

@@ -18,8 +18,18 @@ if TYPE_CHECKING:
     import torch
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; an option's default appended to its help only where it
+    tells something: not for flags (off), unset values (None), empty lists, or help that
+    already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text.lower() or not action.option_strings
+                or default is None or default is False or default == [] or default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
