@@ -416,8 +416,9 @@ def _fmt(v, f="{:.3f}"):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    from .cli.options import HelpFormatter
+    ap = argparse.ArgumentParser(prog="dsrdmpd-benchmark", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--sizes", type=int, nargs="*", default=[256, 512], help="square input sizes (may be empty)")
     ap.add_argument("--straightforward-max", type=int, default=1024,
                     help="largest size also timed on the straightforward path (it is slow and memory hungry)")
@@ -457,11 +458,11 @@ def main(argv=None):
     ap.add_argument("--raster-dir", type=Path, default=None, help="where the synthetic GeoTIFFs go (default: temp)")
     ap.add_argument("--scoring", type=int, nargs="*", default=[],
                     help="image sizes for the scoring table (SSIM on the CPU: 2-D window vs its two 1-D factors)")
-    ap.add_argument("--tile", type=int, default=512)
-    ap.add_argument("--overlap", type=int, default=64)
-    ap.add_argument("--tile-batch", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tile", type=int, default=512, help="tile size of the tiled scenes and rasters")
+    ap.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
+    ap.add_argument("--tile-batch", type=int, default=1, help="tiles per network call")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls (the median is reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--out", type=Path, help="folder for benchmark.md / benchmark.csv")
     args = ap.parse_args(argv)

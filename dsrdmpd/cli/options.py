@@ -122,7 +122,7 @@ def add_dataset_options(group) -> None:
     group.add_argument("--data-root", help="dataset root (with --preset and --split)")
     group.add_argument("--preset", default="rsid", choices=list(PRESET_NAMES),
                        help="dataset layout (README 'Datasets'); 'paired' with --hazy-subdir/--gt-subdir/--*-key")
-    group.add_argument("--split", default="test")
+    group.add_argument("--split", default="test", help="the split to use: a folder of the dataset (test, train, valid, ...)")
     group.add_argument("--hazy-subdir", help="with --preset paired: hazy folder under the root ('{split}' allowed)")
     group.add_argument("--gt-subdir", help="with --preset paired: GT folder under the root ('{split}' allowed)")
     group.add_argument("--list-file", help="with --preset realblur: list file under the root (default "
