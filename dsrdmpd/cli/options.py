@@ -19,7 +19,14 @@ if TYPE_CHECKING:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Shows an option's default where it says something: not for a help text that names its
+    own default, nor for None, an empty list or a flag's False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -76,7 +83,7 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graphs", action="store_true", help="CUDA: capture both stages once per size, then replay")
     g.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS,
                    help="refuse (per item, from the file's header, before decoding) images of more pixels "
-                        "(0: no limit); satellite rasters have --max-raster-pixels")
+                        "(0: no limit); dsrdmpd-dehaze's satellite rasters have --max-raster-pixels")
     g.add_argument("--max-untiled-pixels", type=parse_pixels, default=DEFAULT_MAX_UNTILED_PIXELS,
                    help="without --tile, images of more pixels run in 512 x 512 tiles (0: only when an image "
                         "runs out of memory whole, which is retried tiled either way)")
@@ -112,7 +119,7 @@ def add_dataset_options(group) -> None:
     group.add_argument("--data-root", help="dataset root (with --preset and --split)")
     group.add_argument("--preset", default="rsid", choices=list(PRESET_NAMES),
                        help="dataset layout (README 'Datasets'); 'paired' with --hazy-subdir/--gt-subdir/--*-key")
-    group.add_argument("--split", default="test")
+    group.add_argument("--split", default="test", help="the dataset's split to use (test, valid, test_a, ...)")
     group.add_argument("--hazy-subdir", help="with --preset paired: hazy folder under the root ('{split}' allowed)")
     group.add_argument("--gt-subdir", help="with --preset paired: GT folder under the root ('{split}' allowed)")
     group.add_argument("--list-file", help="with --preset realblur: list file under the root (default "

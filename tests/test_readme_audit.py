@@ -1,0 +1,133 @@
+"""What a walk through the README found: each test is a promise the README makes that the
+code did not keep (the learning rate a resumed run is told to use, the command a run folder
+records, one-line messages, the options' help)."""
+from __future__ import annotations
+
+import importlib
+import math
+import shlex
+import shutil
+import sys
+
+import pytest
+
+from dsrdmpd.config import ConfigError, load_config
+from dsrdmpd.messages import one_line
+
+from conftest import ROOT, tiny_stage1_config
+
+
+def cosine(lr: float, lr_min: float, epoch: int, epochs: int) -> float:
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def copied_run(tiny_stage1, tmp_path):
+    """A copy of the tiny stage-1 run folder (its last.pt: step 4, the end of epoch 1 of 1)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_stage1.last.parent.parent, run)
+    (run / ".lock").unlink(missing_ok=True)
+    return run
+
+
+def test_a_resumed_stage1_run_uses_the_changed_rate_and_schedule(synthetic_root, tiny_stage1, tmp_path):
+    """README (a NaN loss): 'lower train.lr ... first' and resume. The optimizer's saved state
+    used to bring the checkpoint's rate back, so a changed train.lr (or lr_min, epochs) was
+    reported and then ignored. Now the cosine schedule is this run's, at the epoch reached."""
+    from dsrdmpd.training import Stage1Trainer
+    run = copied_run(tiny_stage1, tmp_path)
+    t = Stage1Trainer(tiny_stage1_config(synthetic_root, "train.lr=5e-4", "train.lr_min=1e-5", "train.epochs=3"),
+                      run, resume="auto")
+    try:
+        assert t.scheduler.last_epoch == 1 and t.scheduler.T_max == 3
+        assert t.lr() == pytest.approx(cosine(5e-4, 1e-5, 1, 3), rel=1e-12)
+        t.scheduler.step()                          # the next epoch follows the new schedule
+        assert t.lr() == pytest.approx(cosine(5e-4, 1e-5, 2, 3), rel=1e-9)
+    finally:
+        t.close()
+
+
+def test_an_unchanged_resume_keeps_the_saved_rate_exactly(synthetic_root, tiny_stage1, tmp_path):
+    import torch
+    from dsrdmpd.training import Stage1Trainer
+    saved = torch.load(tiny_stage1.last, weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    t = Stage1Trainer(tiny_stage1_config(synthetic_root), copied_run(tiny_stage1, tmp_path), resume="auto")
+    try:
+        assert t.lr() == saved                      # bit for bit: the exact-resume promise
+    finally:
+        t.close()
+
+
+def test_a_resumed_stage2_run_uses_the_changed_rate(synthetic_root, tiny_stage1, tmp_path):
+    from dsrdmpd.training import Stage2Trainer
+    base = ROOT / "configs" / "stage2_tiny.yaml"
+    common = [f"data.root={synthetic_root}", f"train.stage1_checkpoint={tiny_stage1.weights}",
+              "data.val_split=null", "train.steps=2"]
+    first = Stage2Trainer(load_config(base, common), tmp_path / "s2")
+    first.save("last.pt")                           # a last.pt with Adam's state (rate 1e-3)
+    first.close()
+    t = Stage2Trainer(load_config(base, [*common, "train.lr=2.5e-4"]), tmp_path / "s2", resume="auto")
+    try:
+        assert t.lr() == 2.5e-4
+    finally:
+        t.close()
+
+
+def test_the_run_folder_records_the_command_with_its_program(synthetic_root, tmp_path, monkeypatch):
+    """command.txt (and resumes.txt) hold a command that can be run again: the interpreter,
+    the program and its arguments (the program used to be missing), quoted where needed."""
+    from dsrdmpd.cli.train import main_stage1
+    run = tmp_path / "a run"
+    args = ["--config", str(ROOT / "configs" / "stage1_tiny.yaml"), "--run-dir", str(run),
+            "--set", f"data.root={synthetic_root}", "--set", "train.batch_size=2", "--set", "data.val_split=null",
+            "--max-steps", "1"]
+    monkeypatch.setattr(sys, "argv", ["/opt/bin/dsrdmpd-train-stage1", *args])
+    assert main_stage1() == 0
+    text = (run / "command.txt").read_text()
+    assert shlex.split(text) == [sys.executable, "/opt/bin/dsrdmpd-train-stage1", *args]
+
+
+def test_a_heading_and_its_first_line_join_without_a_semicolon():
+    """'does not fit MCESSUNet:; wrong-shape keys' was what a model/checkpoint mismatch printed."""
+    assert one_line(ValueError("x does not fit M:\n  missing keys (1): a\n  check it")) == \
+        "x does not fit M: missing keys (1): a; check it"
+    assert one_line(ValueError("a\n\n b ")) == "a; b"
+
+
+def test_a_checkpoint_that_does_not_fit_reads_as_one_sentence():
+    from dsrdmpd.builders import build_stage1
+    from dsrdmpd.checkpoints import CheckpointError, load_into
+    small, big = build_stage1({"dim": 32}), build_stage1({"dim": 64})
+    with pytest.raises(CheckpointError) as err:
+        load_into(big, small.state_dict(), "S1.pt")
+    assert one_line(err.value).startswith("checkpoint S1.pt does not fit MCESSUNet: wrong-shape keys (")
+
+
+def test_invalid_yaml_is_one_line_with_its_place(tmp_path):
+    bad = tmp_path / "suite.yaml"
+    bad.write_text("protocol: [paper\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value) == (f"config {bad} is not valid YAML: line 2, column 1: expected ',' or ']', but got "
+                              "'<stream end>' (while parsing a flow sequence at line 1, column 11)")
+
+
+COMMANDS = ["dsrdmpd.cli.dehaze:main", "dsrdmpd.cli.evaluate:main", "dsrdmpd.cli.score:main",
+            "dsrdmpd.cli.reproduce:main", "dsrdmpd.cli.train:main_stage1", "dsrdmpd.cli.train:main_stage2",
+            "dsrdmpd.cli.convert:main", "dsrdmpd.cli.demo:main"]
+
+
+@pytest.mark.parametrize("entry", COMMANDS)
+def test_help_shows_each_default_once_and_no_empty_ones(entry, capsys):
+    module, name = entry.split(":")
+    assert getattr(importlib.import_module(module), name)(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    # (a help naming its own default, e.g. --config's '(default: sizes read off the checkpoints)', got a
+    # second '(default: None)' after it)
+    assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text
+
+
+def test_split_has_a_help_with_its_default(capsys):
+    from dsrdmpd.cli.evaluate import main
+    main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--split SPLIT the dataset's split to use (test, valid, test_a, ...) (default: test)" in text
