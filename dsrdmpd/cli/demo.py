@@ -26,7 +26,7 @@ from typing import List, Optional
 from ..atomicfile import write_text_atomic
 from ..config import load_config
 from .errors import UsageError, run_command
-from .options import add_safe_loading_options
+from .options import HelpFormatter, add_safe_loading_options
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_NOTE = ("These numbers come from TINY models (stage 1 dim 32, stage 2 dim 8) trained for a few minutes on a "
@@ -157,26 +157,25 @@ def write_seeds(results: list, out: Path, machine: str, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="demo.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output", type=Path, default=Path("demo_output"))
+    ap = argparse.ArgumentParser(prog="demo.py", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for the data, runs and results")
     ap.add_argument("--stage1", help="stage-1 checkpoint: run the given models instead of training tiny ones")
     ap.add_argument("--stage2", help="stage-2 checkpoint (with --stage1)")
     add_safe_loading_options(ap)
     ap.add_argument("--input", type=Path, help="hazy image or folder (with --stage1/--stage2 or --weights-dir)")
     ap.add_argument("--gt", type=Path, help="ground-truth folder for --input (same names), optional")
     ap.add_argument("--device", default=None, help="where to train and dehaze (default: cuda if available, else cpu)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the sampling")
     ap.add_argument("--seeds", type=int, nargs="+", help="run the whole demo once per seed (into OUTPUT/seed_N) "
                                                          "and write OUTPUT/seeds.csv and seeds.md")
     ap.add_argument("--size", type=int, default=64, help="training crop size")
     ap.add_argument("--test-size", type=int, default=TEST_SIZE, help="size of the held-out test scenes")
-    ap.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
+    ap.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="training pairs")
     ap.add_argument("--valid-images", type=int, default=4, help="validation pairs (stage 1's best.pt is chosen "
                                                                    "on them, never on the test pairs)")
-    ap.add_argument("--test-images", type=int, default=TEST_IMAGES)
-    ap.add_argument("--stage1-epochs", type=int, default=STAGE1_EPOCHS)
-    ap.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS)
+    ap.add_argument("--test-images", type=int, default=TEST_IMAGES, help="held-out test scenes")
+    ap.add_argument("--stage1-epochs", type=int, default=STAGE1_EPOCHS, help="stage-1 training epochs")
+    ap.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS, help="stage-2 training steps")
     return ap
 
 
