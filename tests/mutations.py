@@ -794,6 +794,9 @@ MUTATIONS: List[Mutation] = [
              '        if "(default" in text or action.default in (None, False, []) or action.default is argparse.SUPPRESS:',
              "        if action.default is argparse.SUPPRESS:",
              ("tests/test_readme_audit.py::test_help_shows_each_default_once_and_no_empty_ones",)),
+    Mutation("warning-python-form", "a command's warning is printed in Python's form: package file, line number, source line",
+             "dsrdmpd/cli/errors.py", "        warnings.formatwarning = one_line_warning\n", "",
+             ("tests/test_readme_audit.py::test_a_command_prints_each_warning_on_one_line",)),
 ]
 
 

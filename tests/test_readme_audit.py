@@ -142,3 +142,33 @@ def test_demo_help_shows_the_defaults_the_readme_quotes(capsys):
     for expected in ("training pairs (default: 48)", "stage-1 training epochs (default: 20)",
                      "stage-2 training steps (default: 600)", "held-out test scenes (default: 24)"):
         assert expected in text
+
+
+WARN = """
+import sys, warnings
+from dsrdmpd.cli.errors import run_command
+def command(args):
+    warnings.warn("unknown config key train.lrr (did you mean train.lr?)\\n  known keys: lr")
+    return 0
+code = run_command(command, sys.argv[1:])
+warnings.warn("after the command")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_command_prints_each_warning_on_one_line(debug):
+    """README Configs: an unknown train / data key is a warning naming the closest key. The
+    commands printed Python's form: the package file, a line number and a line of its source."""
+    import os
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", WARN, *(["--debug"] if debug else [])], env=env,
+                          capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 0
+    if debug:                                       # --debug keeps Python's form, with the place
+        assert "UserWarning: unknown config key train.lrr" in lines[0] and "<string>" in lines[0]
+    else:
+        assert lines[0] == "warning: unknown config key train.lrr (did you mean train.lr?); known keys: lr"
+    assert "UserWarning: after the command" in proc.stderr      # Python's own form is put back after
