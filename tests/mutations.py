@@ -797,6 +797,12 @@ MUTATIONS: List[Mutation] = [
     Mutation("warning-python-form", "a command's warning is printed in Python's form: package file, line number, source line",
              "dsrdmpd/cli/errors.py", "        warnings.formatwarning = one_line_warning\n", "",
              ("tests/test_readme_audit.py::test_a_command_prints_each_warning_on_one_line",)),
+    Mutation("non-checkpoint-told-to-trust", "an image or text given as a checkpoint is refused as untrusted code (use --trust-checkpoint)",
+             "dsrdmpd/checkpoints.py", "    check_torch_file(path)\n", "",
+             ("tests/test_readme_audit.py::test_a_file_that_is_no_checkpoint_is_named_as_such",)),
+    Mutation("resize-zero-accepted", "test.py --resize 0 runs at the native size without a word",
+             "dsrdmpd/cli/options.py", 'g.add_argument("--resize", type=positive_int,', 'g.add_argument("--resize", type=int,',
+             ("tests/test_readme_audit.py::test_option_values_out_of_range_are_usage_errors",)),
 ]
 
 

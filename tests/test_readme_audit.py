@@ -172,3 +172,45 @@ def test_a_command_prints_each_warning_on_one_line(debug):
     else:
         assert lines[0] == "warning: unknown config key train.lrr (did you mean train.lr?); known keys: lr"
     assert "UserWarning: after the command" in proc.stderr      # Python's own form is put back after
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"\x89PNG\r\n\x1a\n" + bytes(40), "is not a PyTorch file (neither torch.save's zip archive nor a pickle: it starts "
+                                      "with b'\\x89PNG\\r\\n\\x1a\\n')"),
+    (b"hello\n", "is not a PyTorch file"),
+    (b"", "is empty (0 bytes)"),
+    ((8).to_bytes(8, "little") + b'{"a": 1}', "it looks like a safetensors file: give it the .safetensors suffix"),
+])
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, content, words, capsys):
+    """An image or text given as a checkpoint was refused as 'not plain tensor data ...
+    unpickling it could run code ... allow it with --trust-checkpoint': advice to trust a file
+    that holds no checkpoint at all (or, for text, 'KeyError: 105')."""
+    from dsrdmpd.checkpoints import CheckpointError, read_checkpoint
+    from dsrdmpd.cli.convert import main
+    bad = tmp_path / "MCESS_UNet.pth"
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError, match="checkpoint .*MCESS_UNet.pth ") as err:
+        read_checkpoint(bad)
+    assert words in str(err.value) and "trust" not in str(err.value)
+    assert main(["--stage1", str(bad), "--output", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "--trust-checkpoint" not in err
+
+
+@pytest.mark.parametrize("entry,args,words", [
+    ("dsrdmpd.cli.evaluate:main", ["--resize", "0"], "argument --resize: 0: must be at least 1"),
+    ("dsrdmpd.cli.evaluate:main", ["--panels", "-1"], "argument --panels: -1: must be at least 0"),
+    ("dsrdmpd.cli.dehaze:main", ["--tile-batch", "0"], "argument --tile-batch: 0: must be at least 1"),
+    ("dsrdmpd.cli.score:main", ["--crop-border", "-1"], "argument --crop-border: -1: must be at least 0"),
+    ("dsrdmpd.cli.score:main", ["--resize", "0"], "argument --resize: 0: must be at least 1"),
+])
+def test_option_values_out_of_range_are_usage_errors(entry, args, words, tmp_path, capsys):
+    """test.py ran '--resize 0' at the native size, '--panels -1' without panels and
+    '--tile-batch 0' as 1, silently; score.py named both options for either one."""
+    module, name = entry.split(":")
+    common = {"dsrdmpd.cli.score:main": ["--restored", str(tmp_path), "--gt", str(tmp_path)],
+              "dsrdmpd.cli.evaluate:main": ["--hazy-dir", str(tmp_path), "--gt-dir", str(tmp_path)],
+              "dsrdmpd.cli.dehaze:main": ["--input", str(tmp_path)]}[entry]
+    code = getattr(importlib.import_module(module), name)([*common, "--output", str(tmp_path / "out"), *args])
+    assert code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

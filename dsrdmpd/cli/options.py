@@ -66,7 +66,7 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="start-noise seed (default: config sampling.seed, 0)")
     g.add_argument("--tile", type=int, default=None, help="tile size for large scenes (multiple of 16, >= 64)")
     g.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (feathered blend)")
-    g.add_argument("--tile-batch", type=int, default=1, help="tiles per network call")
+    g.add_argument("--tile-batch", type=positive_int, default=1, help="tiles per network call")
     g.add_argument("--batch", type=positive_int, default=1, metavar="N",
                    help="images of the same size per pipeline call (tiled images and satellite rasters run "
                         "alone); each image's result is its own whatever N (README: Batches)")
@@ -89,15 +89,20 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
                         "runs out of memory whole, which is retried tiled either way)")
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (argparse type)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
-    return n
+def whole_number_from(least: int):
+    """An argparse type: an integer >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < least:
+            raise argparse.ArgumentTypeError(f"{n}: must be at least {least}")
+        return n
+    return parse
+
+
+positive_int, non_negative_int = whole_number_from(1), whole_number_from(0)
 
 
 def parse_pixels(text: str) -> int | None:
@@ -142,14 +147,14 @@ def add_output_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue a killed run in the same output folder: "
                                                          "finished items are kept, the rest is done")
     g.add_argument("--save-coarse", action="store_true", help="also write the stage-1 outputs to coarse/")
-    g.add_argument("--panels", type=int, default=0, help="write side-by-side panels for the first N images")
+    g.add_argument("--panels", type=non_negative_int, default=0, help="write side-by-side panels for the first N images")
 
 
 def add_protocol_options(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("scoring")
     g.add_argument("--protocol", choices=sorted(PROTOCOLS), default="paper",
                    help="metric protocol (README: 'paper' is the authors' metric code)")
-    g.add_argument("--resize", type=int, default=None,
+    g.add_argument("--resize", type=positive_int, default=None,
                    help="resize hazy and GT to N x N first, as the authors' test scripts did (512)")
 
 
