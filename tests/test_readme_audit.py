@@ -180,7 +180,7 @@ def test_a_command_prints_each_warning_on_one_line(debug):
     (b"hello\n", "is not a PyTorch file"),
     (b"", "is empty (0 bytes)"),
     ((8).to_bytes(8, "little") + b'{"a": 1}', "it looks like a safetensors file: give it the .safetensors suffix"),
-])
+], ids=["png", "text", "empty", "safetensors"])
 def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, content, words, capsys):
     """An image or text given as a checkpoint was refused as 'not plain tensor data ...
     unpickling it could run code ... allow it with --trust-checkpoint': advice to trust a file
