@@ -803,6 +803,15 @@ MUTATIONS: List[Mutation] = [
     Mutation("resize-zero-accepted", "test.py --resize 0 runs at the native size without a word",
              "dsrdmpd/cli/options.py", 'g.add_argument("--resize", type=positive_int,', 'g.add_argument("--resize", type=int,',
              ("tests/test_readme_audit.py::test_option_values_out_of_range_are_usage_errors",)),
+    Mutation("test-key-rule-unchecked", "test.py --hazy-key 'x(' ends in 'error: error: ...' with exit code 1",
+             "dsrdmpd/cli/evaluate.py", 'src.add_argument("--hazy-key", type=key_rule,', 'src.add_argument("--hazy-key",',
+             ("tests/test_readme_audit.py::test_test_py_refuses_a_bad_key_rule_and_two_image_sources",)),
+    Mutation("two-image-sources-silent", "test.py --data-root with --hazy-dir runs the dataset and ignores the folders",
+             "dsrdmpd/cli/evaluate.py", "    if args.data_root and (args.hazy_dir or args.gt_dir):", "    if False:",
+             ("tests/test_readme_audit.py::test_test_py_refuses_a_bad_key_rule_and_two_image_sources",)),
+    Mutation("suite-values-unchecked", "a suite value test.py refuses ends the reproduce run halfway, with test.py's usage",
+             "dsrdmpd/cli/reproduce.py", "    check_dataset_values(args.suite, suite, protocol, args)\n", "",
+             ("tests/test_readme_audit.py::test_reproduce_refuses_a_dataset_value_before_any_dataset_runs",)),
 ]
 
 

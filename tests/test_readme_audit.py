@@ -214,3 +214,31 @@ def test_option_values_out_of_range_are_usage_errors(entry, args, words, tmp_pat
     code = getattr(importlib.import_module(module), name)([*common, "--output", str(tmp_path / "out"), *args])
     assert code == 2 and words in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_test_py_refuses_a_bad_key_rule_and_two_image_sources(tmp_path, capsys):
+    """'--hazy-key x(' ended test.py with 'error: error: missing ), ...' and exit code 1;
+    --data-root with --hazy-dir ran the dataset and ignored the folders."""
+    from dsrdmpd.cli.evaluate import main
+    out = str(tmp_path / "out")
+    assert main(["--hazy-dir", str(tmp_path), "--gt-dir", str(tmp_path), "--hazy-key", "x(", "--output", out]) == 2
+    assert "argument --hazy-key: 'x(': not a valid regular expression" in capsys.readouterr().err
+    assert main(["--hazy-dir", str(tmp_path), "--gt-dir", str(tmp_path), "--gt-key", "x", "--output", out]) == 2
+    assert "needs exactly one group '(...)', the key; it has 0" in capsys.readouterr().err
+    assert main(["--stage1", "a.pt", "--stage2", "b.pt", "--data-root", str(tmp_path), "--hazy-dir", str(tmp_path),
+                 "--output", out]) == 2
+    assert capsys.readouterr().err == "error: give --data-root or --hazy-dir [--gt-dir], not both\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_reproduce_refuses_a_dataset_value_before_any_dataset_runs(tmp_path, capsys):
+    """A suite value dsrdmpd-test refuses used to end the run halfway, with test.py's usage
+    text, after the datasets before it had been evaluated."""
+    from dsrdmpd.cli.reproduce import main
+    suite = ROOT / "configs" / "reproduce.yaml"
+    for setting, words in (("datasets.DHID.resize=0", "dataset DHID: argument --resize: 0: must be at least 1"),
+                           ("weights=emma", "dataset RSID: argument --weights: invalid choice: 'emma'")):
+        assert main(["--output", str(tmp_path / "t"), "--set", setting]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {suite}: ") and words in err and err.count("\n") == 1
+    assert not (tmp_path / "t").exists()

@@ -105,6 +105,18 @@ def whole_number_from(least: int):
 positive_int, non_negative_int = whole_number_from(1), whole_number_from(0)
 
 
+def key_rule(text: str) -> str:
+    """A name-key rule (argparse type): a regular expression with exactly one group."""
+    import re
+    try:
+        groups = re.compile(text).groups
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regular expression ({exc})") from None
+    if groups != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs exactly one group '(...)', the key; it has {groups}")
+    return text
+
+
 def parse_pixels(text: str) -> int | None:
     """A pixel count (0 or less: no limit -> None); '100e6' and '4096*4096' are accepted."""
     try:
