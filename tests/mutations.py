@@ -812,6 +812,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("suite-values-unchecked", "a suite value test.py refuses ends the reproduce run halfway, with test.py's usage",
              "dsrdmpd/cli/reproduce.py", "    check_dataset_values(args.suite, suite, protocol, args)\n", "",
              ("tests/test_readme_audit.py::test_reproduce_refuses_a_dataset_value_before_any_dataset_runs",)),
+    Mutation("resume-betas-kept", "a resumed run keeps the checkpoint's Adam betas, not the train.betas it was given",
+             "dsrdmpd/training/trainer.py", '                group["betas"] = tuple(float(b) for b in betas)', "                pass",
+             ("tests/test_readme_audit.py::test_a_resumed_stage1_run_uses_the_changed_rate_and_schedule",)),
 ]
 
 

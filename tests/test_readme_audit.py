@@ -35,9 +35,10 @@ def test_a_resumed_stage1_run_uses_the_changed_rate_and_schedule(synthetic_root,
     reported and then ignored. Now the cosine schedule is this run's, at the epoch reached."""
     from dsrdmpd.training import Stage1Trainer
     run = copied_run(tiny_stage1, tmp_path)
-    t = Stage1Trainer(tiny_stage1_config(synthetic_root, "train.lr=5e-4", "train.lr_min=1e-5", "train.epochs=3"),
-                      run, resume="auto")
+    t = Stage1Trainer(tiny_stage1_config(synthetic_root, "train.lr=5e-4", "train.lr_min=1e-5", "train.epochs=3",
+                                         "train.betas=[0.9, 0.99]"), run, resume="auto")
     try:
+        assert t.optimizer.param_groups[0]["betas"] == (0.9, 0.99)          # the checkpoint's: (0.5, 0.999)
         assert t.scheduler.last_epoch == 1 and t.scheduler.T_max == 3
         assert t.lr() == pytest.approx(cosine(5e-4, 1e-5, 1, 3), rel=1e-12)
         t.scheduler.step()                          # the next epoch follows the new schedule
