@@ -791,7 +791,7 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_readme_audit.py::test_invalid_yaml_is_one_line_with_its_place",)),
     Mutation("help-empty-defaults", "--help prints '(default: None)' and a second default after a help that names its own",
              "dsrdmpd/cli/options.py",
-             '        if "(default" in text or action.default in (None, False, []) or action.default is argparse.SUPPRESS:',
+             '        if "(default" in text or empty or action.default is argparse.SUPPRESS:',
              "        if action.default is argparse.SUPPRESS:",
              ("tests/test_readme_audit.py::test_help_shows_each_default_once_and_no_empty_ones",)),
     Mutation("warning-python-form", "a command's warning is printed in Python's form: package file, line number, source line",
@@ -815,6 +815,11 @@ MUTATIONS: List[Mutation] = [
     Mutation("resume-betas-kept", "a resumed run keeps the checkpoint's Adam betas, not the train.betas it was given",
              "dsrdmpd/training/trainer.py", '                group["betas"] = tuple(float(b) for b in betas)', "                pass",
              ("tests/test_readme_audit.py::test_a_resumed_stage1_run_uses_the_changed_rate_and_schedule",)),
+    Mutation("help-zero-default-hidden", "--help hides a default of 0 (0 == False): --crop-border, --panels",
+             "dsrdmpd/cli/options.py",
+             "empty = action.default is None or action.default is False or action.default == []",
+             "empty = action.default in (None, False, [])",
+             ("tests/test_readme_audit.py::test_a_zero_default_is_shown", "tests/test_readme_audit.py::test_split_has_a_help_with_its_default")),
 ]
 
 

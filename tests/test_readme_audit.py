@@ -132,6 +132,13 @@ def test_split_has_a_help_with_its_default(capsys):
     main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--split SPLIT the dataset's split to use (test, valid, test_a, ...) (default: test)" in text
+    assert "write side-by-side panels for the first N images (default: 0)" in text     # 0 is shown, not hidden
+
+
+def test_a_zero_default_is_shown(capsys):
+    from dsrdmpd.cli.score import main
+    main(["--help"])
+    assert "pixels cropped from every border before scoring (default: 0)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_demo_help_shows_the_defaults_the_readme_quotes(capsys):

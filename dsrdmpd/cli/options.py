@@ -24,7 +24,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "(default" in text or action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+        empty = action.default is None or action.default is False or action.default == []    # (0 is a value)
+        if "(default" in text or empty or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
 
