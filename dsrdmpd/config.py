@@ -235,6 +235,8 @@ def _read_yaml(path: Path, seen: tuple = ()) -> Dict[str, Any]:
         raise ConfigError(f"config {path} must hold a mapping at top level, not {type(data).__name__}")
     base = data.pop("base", None)
     if base:
+        if not (path.parent / base).is_file():
+            raise ConfigError(f"config {path}: its base {base!r} was not found (looked for {path.parent / base})")
         parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
         data = deep_merge(parent, data)
     return data

@@ -820,6 +820,9 @@ MUTATIONS: List[Mutation] = [
              "empty = action.default is None or action.default is False or action.default == []",
              "empty = action.default in (None, False, [])",
              ("tests/test_readme_audit.py::test_a_zero_default_is_shown", "tests/test_readme_audit.py::test_split_has_a_help_with_its_default")),
+    Mutation("config-base-unnamed", "a config whose base is missing is reported without naming the config that asks for it",
+             "dsrdmpd/config.py", "        if not (path.parent / base).is_file():", "        if False:",
+             ("tests/test_readme_audit.py::test_a_missing_base_names_the_config_that_asks_for_it",)),
 ]
 
 

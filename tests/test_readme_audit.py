@@ -250,3 +250,13 @@ def test_reproduce_refuses_a_dataset_value_before_any_dataset_runs(tmp_path, cap
         err = capsys.readouterr().err
         assert err.startswith(f"error: {suite}: ") and words in err and err.count("\n") == 1
     assert not (tmp_path / "t").exists()
+
+
+def test_a_missing_base_names_the_config_that_asks_for_it(tmp_path):
+    """'config file not found: nothere.yaml' did not say which file named it."""
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("base: nothere.yaml\nstage1:\n  dim: 32\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert str(err.value) == (f"config {cfg}: its base 'nothere.yaml' was not found "
+                              f"(looked for {tmp_path / 'nothere.yaml'})")
