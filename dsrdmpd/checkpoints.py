@@ -198,6 +198,25 @@ def unsafe_globals(path: PathLike) -> List[str]:
     return [n for n in names if n not in allowed]
 
 
+# how torch.save's files begin: its zip archive, or (the legacy format) a pickle's PROTO opcode
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def check_torch_file(path: Path) -> None:
+    """Refuse, naming the file, what cannot be a torch.save file at all (an image, text, an
+    empty file), before unpickling would fail in words that suggest ``trust``."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if head.startswith(TORCH_FILE_STARTS):
+        return
+    hint = ("; it looks like a safetensors file: give it the .safetensors suffix"
+            if len(head) > 8 and head[8:9] == b"{" else "")
+    raise CheckpointError(f"checkpoint {path} is not a PyTorch file (neither torch.save's zip archive nor a "
+                          f"pickle: it starts with {head[:8]!r}){hint}")
+
+
 def read_checkpoint(path: PathLike, trust: bool = False) -> object:
     """The object stored in a checkpoint, read on the CPU without running code from it.
 
@@ -211,6 +230,7 @@ def read_checkpoint(path: PathLike, trust: bool = False) -> object:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
+    check_torch_file(path)
     try:
         with torch.serialization.safe_globals(legacy_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -208,6 +208,20 @@ def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line with its place in the file: 'line 2, column 1: expected ...
+    (while parsing a flow sequence at line 1, column 11)'; PyYAML's own text spreads over
+    several lines with a copy of the offending line and a caret."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, where = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at line {where.line + 1}, column {where.column + 1})" if where else ")")
+    return text
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -216,11 +230,13 @@ def _read_yaml(path: Path, seen: tuple = ()) -> Dict[str, Any]:
     try:
         data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must hold a mapping at top level, not {type(data).__name__}")
     base = data.pop("base", None)
     if base:
+        if not (path.parent / base).is_file():
+            raise ConfigError(f"config {path}: its base {base!r} was not found (looked for {path.parent / base})")
         parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
         data = deep_merge(parent, data)
     return data

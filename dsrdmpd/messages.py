@@ -11,7 +11,12 @@ def first_few(names, n: int = 3) -> str:
 
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line: its lines stripped and joined with '; ' (spaces
-    inside a line, e.g. in a path, kept); the class name where the message is empty. (An
-    OSError that knows its file names it in its message already.)"""
+    inside a line, e.g. in a path, kept), or with a space after a line that ends in ':' (a
+    heading and its first item: 'X does not fit: missing keys ...'); the class name where the
+    message is empty. (An OSError that knows its file names it in its message already.)"""
     text = str(exc).strip() or type(exc).__name__
-    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+    out = ""
+    for part in (p.strip() for p in text.splitlines()):
+        if part:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + part
+    return out

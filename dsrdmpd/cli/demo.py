@@ -157,9 +157,8 @@ def write_seeds(results: list, out: Path, machine: str, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="demo.py", description=__doc__,
-                                 formatter_class=HelpFormatter)
-    ap.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for everything the demo writes")
+    ap = argparse.ArgumentParser(prog="demo.py", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for the data, runs and results")
     ap.add_argument("--stage1", help="stage-1 checkpoint: run the given models instead of training tiny ones")
     ap.add_argument("--stage2", help="stage-2 checkpoint (with --stage1)")
     add_safe_loading_options(ap)
@@ -171,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "and write OUTPUT/seeds.csv and seeds.md")
     ap.add_argument("--size", type=int, default=64, help="training crop size")
     ap.add_argument("--test-size", type=int, default=TEST_SIZE, help="size of the held-out test scenes")
-    ap.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="synthetic training pairs")
+    ap.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="training pairs")
     ap.add_argument("--valid-images", type=int, default=4, help="validation pairs (stage 1's best.pt is chosen "
                                                                    "on them, never on the test pairs)")
     ap.add_argument("--test-images", type=int, default=TEST_IMAGES, help="held-out test scenes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 from typing import Callable, List, Optional, Tuple, Type
 
 from ..messages import one_line
@@ -37,10 +38,21 @@ def loaded_classes(names: Tuple[Tuple[str, str], ...]) -> Tuple[Type[BaseExcepti
     return tuple(getattr(sys.modules[m], c) for m, c in names if m in sys.modules)
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the commands print it: ``warning: <message>`` on one line (Python's own
+    form adds the file, line number and a line of package source)."""
+    text = one_line(message) if isinstance(message, BaseException) else " ".join(str(message).split())
+    return f"warning: {text}\n"
+
+
 def run_command(fn: Callable[[Optional[List[str]]], object], argv: Optional[List[str]] = None) -> int:
-    """Run ``fn(argv)`` and turn what it raises into a one-line message and an exit code."""
+    """Run ``fn(argv)`` and turn what it raises into a one-line message and an exit code;
+    warnings it gives are printed as one line each (without ``--debug``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    formatwarning = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = one_line_warning
     try:
         fn([a for a in args if a != "--debug"])
         return EXIT_OK
@@ -61,3 +73,5 @@ def run_command(fn: Callable[[Optional[List[str]]], object], argv: Optional[List
             return EXIT_USAGE
         print(f"error: {type(exc).__name__}: {one_line(exc)} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED                                                      # a failure while running
+    finally:
+        warnings.formatwarning = formatwarning

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 from .errors import UsageError, run_command
 from .options import (add_dataset_options, add_model_options, add_output_options, add_protocol_options,
-                      add_run_options, dataset_split_pairs, parser)
+                      add_run_options, dataset_split_pairs, key_rule, parser)
 
 if TYPE_CHECKING:
     from ..evaluation import Item
@@ -33,8 +33,8 @@ def build_parser():
     add_dataset_options(src)
     src.add_argument("--hazy-dir", help="folder (or one file) of hazy images, instead of --data-root")
     src.add_argument("--gt-dir", help="folder of ground truth for --hazy-dir (paired by name key)")
-    src.add_argument("--hazy-key", default=r"(.+)", help="name-key rule for hazy files (regex, one group)")
-    src.add_argument("--gt-key", default=r"(.+)", help="name-key rule for GT files")
+    src.add_argument("--hazy-key", type=key_rule, default=r"(.+)", help="name-key rule for hazy files (regex, one group)")
+    src.add_argument("--gt-key", type=key_rule, default=r"(.+)", help="name-key rule for GT files")
     add_output_options(ap)
     add_protocol_options(ap)
     add_run_options(ap)
@@ -44,6 +44,8 @@ def build_parser():
 def collect_items(args) -> List[Item]:
     from ..data import find_pairs
     from ..evaluation import items_from_pairs
+    if args.data_root and (args.hazy_dir or args.gt_dir):
+        raise UsageError("give --data-root or --hazy-dir [--gt-dir], not both")
     if args.data_root:
         items = items_from_pairs(dataset_split_pairs(args))
     elif args.hazy_dir and args.gt_dir:

@@ -18,18 +18,16 @@ if TYPE_CHECKING:
     import torch
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written; an option's default appended to its help only where it
-    tells something: not for flags (off), unset values (None), empty lists, or help that
-    already names its default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for a help text that names its
+    own default, nor for None, an empty list or a flag's False."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        default = action.default
-        if ("%(default)" in text or "default" in text.lower() or not action.option_strings
-                or default is None or default is False or default == [] or default is argparse.SUPPRESS):
+        empty = action.default is None or action.default is False or action.default == []    # (0 is a value)
+        if "(default" in text or empty or action.default is argparse.SUPPRESS:
             return text
-        return text + " (default: %(default)s)"
+        return super()._get_help_string(action)
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -69,7 +67,7 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="start-noise seed (default: config sampling.seed, 0)")
     g.add_argument("--tile", type=int, default=None, help="tile size for large scenes (multiple of 16, >= 64)")
     g.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (feathered blend)")
-    g.add_argument("--tile-batch", type=int, default=1, help="tiles per network call")
+    g.add_argument("--tile-batch", type=positive_int, default=1, help="tiles per network call")
     g.add_argument("--batch", type=positive_int, default=1, metavar="N",
                    help="images of the same size per pipeline call (tiled images and satellite rasters run "
                         "alone); each image's result is its own whatever N (README: Batches)")
@@ -86,21 +84,38 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graphs", action="store_true", help="CUDA: capture both stages once per size, then replay")
     g.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS,
                    help="refuse (per item, from the file's header, before decoding) images of more pixels "
-                        "(0: no limit); satellite rasters have --max-raster-pixels")
+                        "(0: no limit); dsrdmpd-dehaze's satellite rasters have --max-raster-pixels")
     g.add_argument("--max-untiled-pixels", type=parse_pixels, default=DEFAULT_MAX_UNTILED_PIXELS,
                    help="without --tile, images of more pixels run in 512 x 512 tiles (0: only when an image "
                         "runs out of memory whole, which is retried tiled either way)")
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (argparse type)."""
+def whole_number_from(least: int):
+    """An argparse type: an integer >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < least:
+            raise argparse.ArgumentTypeError(f"{n}: must be at least {least}")
+        return n
+    return parse
+
+
+positive_int, non_negative_int = whole_number_from(1), whole_number_from(0)
+
+
+def key_rule(text: str) -> str:
+    """A name-key rule (argparse type): a regular expression with exactly one group."""
+    import re
     try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
-    return n
+        groups = re.compile(text).groups
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regular expression ({exc})") from None
+    if groups != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs exactly one group '(...)', the key; it has {groups}")
+    return text
 
 
 def parse_pixels(text: str) -> int | None:
@@ -122,7 +137,7 @@ def add_dataset_options(group) -> None:
     group.add_argument("--data-root", help="dataset root (with --preset and --split)")
     group.add_argument("--preset", default="rsid", choices=list(PRESET_NAMES),
                        help="dataset layout (README 'Datasets'); 'paired' with --hazy-subdir/--gt-subdir/--*-key")
-    group.add_argument("--split", default="test", help="the split to use: a folder of the dataset (test, train, valid, ...)")
+    group.add_argument("--split", default="test", help="the dataset's split to use (test, valid, test_a, ...)")
     group.add_argument("--hazy-subdir", help="with --preset paired: hazy folder under the root ('{split}' allowed)")
     group.add_argument("--gt-subdir", help="with --preset paired: GT folder under the root ('{split}' allowed)")
     group.add_argument("--list-file", help="with --preset realblur: list file under the root (default "
@@ -145,14 +160,14 @@ def add_output_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue a killed run in the same output folder: "
                                                          "finished items are kept, the rest is done")
     g.add_argument("--save-coarse", action="store_true", help="also write the stage-1 outputs to coarse/")
-    g.add_argument("--panels", type=int, default=0, help="write side-by-side panels for the first N images")
+    g.add_argument("--panels", type=non_negative_int, default=0, help="write side-by-side panels for the first N images")
 
 
 def add_protocol_options(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("scoring")
     g.add_argument("--protocol", choices=sorted(PROTOCOLS), default="paper",
                    help="metric protocol (README: 'paper' is the authors' metric code)")
-    g.add_argument("--resize", type=int, default=None,
+    g.add_argument("--resize", type=positive_int, default=None,
                    help="resize hazy and GT to N x N first, as the authors' test scripts did (512)")
 
 

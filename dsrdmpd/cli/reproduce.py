@@ -297,6 +297,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     peers = {**{k: Path(v) for k, v in (suite.get("peers") or {}).items()}, **parse_peers(args.peer)}
     check_output_folder(args.output)
     check_peer_folders(peers, list(suite.get("datasets") or {}))
+    check_dataset_values(args.suite, suite, protocol, args)
     rows, problems, evaluated = [], [], {}
     for name, ds in (suite.get("datasets") or {}).items():
         missing = [k for k in ("root", "stage1", "stage2") if not ds.get(k) or not Path(ds[k]).exists()]
@@ -305,14 +306,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
             note = "skipped: not found: " + ", ".join(f"{k}={ds.get(k)}" for k in missing)
             print(f"{name}: {note}")
         else:
-            cli = ["--stage1", str(ds["stage1"]), "--stage2", str(ds["stage2"]), "--output", str(args.output / name),
-                   "--protocol", protocol, "--device", args.device, "--weights", suite.get("weights", "model"),
-                   "--seed", str(suite.get("seed", 0))]
-            for key, option in DATASET_OPTIONS.items():
-                if ds.get(key) is not None:
-                    cli += [option, str(ds[key])]
-            if args.config:
-                cli += ["--config", args.config]
+            cli = dataset_cli(name, ds, suite, protocol, args)
             note = f"{ds.get('split', 'test')} split" + (f", resized to {ds['resize']}" if ds.get("resize") else "")
             try:
                 ours = evaluate.run(cli)
@@ -365,6 +359,29 @@ def ours_origin(evaluated: Dict[str, tuple], suite: Dict[str, Any], out: Path) -
                      f"{suite.get('weights', 'model')}, seed {suite.get('seed', 0)}); "
                      + (f"{n} image(s) scored, " if n is not None else "") + f"per image in `{name}/metrics.csv`")
     return lines
+
+
+def dataset_cli(name: str, ds: Dict[str, Any], suite: Dict[str, Any], protocol: str, args) -> List[str]:
+    """The dsrdmpd-test arguments that evaluate dataset ``name`` of the suite."""
+    cli = ["--stage1", str(ds.get("stage1")), "--stage2", str(ds.get("stage2")), "--output", str(args.output / name),
+           "--protocol", protocol, "--device", args.device, "--weights", str(suite.get("weights", "model")),
+           "--seed", str(suite.get("seed", 0))]
+    for key, option in DATASET_OPTIONS.items():
+        if ds.get(key) is not None:
+            cli += [option, str(ds[key])]
+    return cli + (["--config", args.config] if args.config else [])
+
+
+def check_dataset_values(path, suite: Dict[str, Any], protocol: str, args) -> None:
+    """Every dataset's settings read as dsrdmpd-test reads them, before any dataset runs: a
+    value it refuses (resize 0, a key rule that is no regular expression, weights 'emma') is a
+    UsageError naming the suite file, the dataset and the problem, not an exit halfway through."""
+    def refuse(message: str):
+        raise UsageError(f"{path}: dataset {name}: {message}")
+    ap = evaluate.build_parser()
+    ap.error = refuse
+    for name, ds in (suite.get("datasets") or {}).items():
+        ap.parse_args(dataset_cli(name, ds, suite, protocol, args))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

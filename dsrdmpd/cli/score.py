@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 from ..choices import PROTOCOLS
 from .errors import ItemsFailed, UsageError, run_command
-from .options import add_dataset_options, dataset_split_pairs, parser
+from .options import add_dataset_options, dataset_split_pairs, non_negative_int, parser, positive_int
 
 DEFAULT_KEY = r"(.+)"
 
@@ -38,8 +38,8 @@ def build_parser():
     g = ap.add_argument_group("scoring")
     g.add_argument("--protocol", default="paper",
                    help=f"one or more of {', '.join(sorted(PROTOCOLS))}, comma-separated (e.g. paper,y)")
-    g.add_argument("--crop-border", type=int, default=0, help="pixels cropped from every border before scoring")
-    g.add_argument("--resize", type=int, default=None,
+    g.add_argument("--crop-border", type=non_negative_int, default=0, help="pixels cropped from every border before scoring")
+    g.add_argument("--resize", type=positive_int, default=None,
                    help="resize the ground truth to N x N first (as dsrdmpd-test --resize); outputs must be N x N")
     g.add_argument("--output", required=True, type=Path, help="folder for metrics.csv and summary.md")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,8 +94,6 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, float]:
         protocols = parse_protocols(args.protocol)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.crop_border < 0 or (args.resize is not None and args.resize < 1):
-        raise UsageError("--crop-border must be >= 0 and --resize >= 1")
     check_output_folder(args.output)
     check_key_rules(args)
     refs = references(args)

@@ -42,8 +42,8 @@ def train_main(stage: int, argv: Optional[List[str]] = None) -> dict:
     cfg = load_config(args.config, args.overrides)
     from ..training import Stage1Trainer, Stage2Trainer      # torch loads once the arguments and config are read
     trainer_cls = Stage1Trainer if stage == 1 else Stage2Trainer
-    trainer = trainer_cls(cfg, args.run_dir, resume=args.resume, argv=sys.argv if argv is None else list(argv),
-                          trust=args.trust_checkpoint)
+    command = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]     # as typed: the program, its arguments
+    trainer = trainer_cls(cfg, args.run_dir, resume=args.resume, argv=command, trust=args.trust_checkpoint)
     summary = trainer.train(max_steps=args.max_steps)
     trainer.accelerator.print(done_line(summary))
     return summary

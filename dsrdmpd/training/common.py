@@ -15,6 +15,7 @@ import datetime
 import math
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -49,11 +50,18 @@ def git_revision() -> str:
         return "unknown"
 
 
+def command_line(argv: Optional[List[str]] = None) -> str:
+    """The command that started this process, as a shell would take it back: the interpreter,
+    then ``argv`` (the program and its arguments; default ``sys.argv``), each word quoted
+    where needed."""
+    return shlex.join([sys.executable, *(sys.argv if argv is None else argv)])
+
+
 def prepare_run_dir(run_dir: Path, cfg: Dict[str, Any], argv: Optional[List[str]] = None) -> Path:
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    (run_dir / "command.txt").write_text(" ".join([sys.executable] + list(argv if argv is not None else sys.argv)) + "\n")
+    (run_dir / "command.txt").write_text(command_line(argv) + "\n")
     (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
     return run_dir
 
@@ -98,7 +106,7 @@ def record_resume(run_dir: Path, checkpoint: Path, step: int, changes: List[str]
     (absolute), with which command, and what differs from the checkpoint (config.yaml and
     command.txt show only the latest segment of a run; this keeps the history)."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    command = " ".join([sys.executable] + list(argv if argv is not None else sys.argv))
+    command = command_line(argv)
     with open(Path(run_dir) / "resumes.txt", "a", encoding="utf-8") as f:
         f.write(f"{when} resumed at step {step} from {Path(checkpoint).absolute()} by `{command}`: "
                 + ("; ".join(changes) if changes else "same settings and training pairs") + "\n")

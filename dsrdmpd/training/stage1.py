@@ -6,6 +6,7 @@ BatchNorm init N(1, 0.02); validation PSNR / SSIM each epoch; best + last checkp
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -15,6 +16,7 @@ from ..builders import build_stage1
 from ..models import init_stage1_weights
 from ..models.mcess_unet import STAGE1_MULTIPLE
 from .common import padded_forward
+from .step_options import set_group_lr
 from .trainer import BaseTrainer
 
 STAGE1_TRAIN_DEFAULTS = {"epochs": 200, "batch_size": 6, "lr": 2e-4, "betas": [0.5, 0.999], "lr_min": 1e-6,
@@ -67,3 +69,19 @@ class Stage1Trainer(BaseTrainer):
 
     def load_extra_state(self, state: Dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def apply_configured_rates(self, saved: Dict[str, Any]) -> None:
+        """As the base class, for the cosine schedule too: where ``train.lr``, ``lr_min`` or
+        ``epochs`` changed, the schedule becomes this run's (base, floor, length) and the rate
+        its value at the epoch reached; betas as the base class."""
+        super().apply_configured_rates(saved)
+        lr, lr_min, epochs = float(self.tcfg["lr"]), float(self.tcfg["lr_min"]), int(self.tcfg["epochs"])
+        if (float(saved["lr"]), float(saved["lr_min"]), int(saved["epochs"])) == (lr, lr_min, epochs):
+            return
+        sched = self.scheduler
+        sched.base_lrs, sched.eta_min, sched.T_max = [lr] * len(sched.base_lrs), lr_min, epochs
+        now = lr_min + (lr - lr_min) * (1 + math.cos(math.pi * sched.last_epoch / epochs)) / 2
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = lr
+            set_group_lr(group, now)
+        sched._last_lr = [now] * len(sched.base_lrs)

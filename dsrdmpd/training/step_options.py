@@ -100,6 +100,15 @@ def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[str, Any]
     return {"state": state, "param_groups": groups}
 
 
+def set_group_lr(group: Dict[str, Any], lr: float) -> None:
+    """Set a param group's learning rate to ``lr``; a tensor rate is filled in place (a
+    captured CUDA-graph step reads its address)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> None:
     """Load ``saved`` (any implementation's state dict) and keep this optimizer's own
     implementation: ``load_state_dict`` would take the file's fused / foreach / capturable
@@ -108,11 +117,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]
     optimizer.load_state_dict(saved)
     for group, (flags, lr) in zip(optimizer.param_groups, kept):
         group.update(flags)
-        if isinstance(lr, torch.Tensor):            # keep the tensor (a captured step reads its address)
-            lr.fill_(_plain(group["lr"]))
-            group["lr"] = lr
-        else:
-            group["lr"] = _plain(group["lr"])
+        saved_lr, group["lr"] = group["lr"], lr
+        set_group_lr(group, _plain(saved_lr))
         on_device = bool(group.get("capturable") or group.get("fused"))
         for p in group["params"]:
             st = optimizer.state.get(p, {})

@@ -28,7 +28,7 @@ from ..visualize import save_panel
 from .common import (CSVLog, Throughput, capture_rng, claim_run_dir, configure_cuda, load_training_state,
                      make_loader, optional_tensorboard, plan_data, prepare_run_dir, progress, record_resume,
                      resolve_resume, restore_rng, save_training_checkpoint, seed_everything)
-from .step_options import (GraphedTrainingStep, apply_precision, load_optimizer_state, make_adam,
+from .step_options import (GraphedTrainingStep, apply_precision, load_optimizer_state, make_adam, set_group_lr,
                            portable_optimizer_state, resolve_step_options, to_memory_format)
 from .stopping import StopSignals, TrainingDiverged, TrainingInterrupted, TrainingStopped
 
@@ -149,6 +149,8 @@ class BaseTrainer:
             if path is not None:
                 state = load_training_state(path, self.stage, self.trust)
                 self.load_state(state)
+                saved_train = (state.get("config") or {}).get("train") or {}
+                self.apply_configured_rates({**self.train_defaults, **saved_train})
                 changes = self.resume_changes(state)
             # the run folder's records are written only once the run can start: a start that
             # fails (bad data, a wrong checkpoint) leaves an existing run's config.yaml as it was
@@ -230,6 +232,18 @@ class BaseTrainer:
 
     def load_extra_state(self, state: Dict[str, Any]) -> None:
         pass
+
+    def apply_configured_rates(self, saved: Dict[str, Any]) -> None:
+        """After a resume, train with this run's ``train.lr`` and ``betas``, not the checkpoint's
+        (which the optimizer's state brought back): lowering ``train.lr`` after a NaN loss must
+        take effect. Only a setting that changed is touched, so an unchanged resume stays exact.
+        ``saved``: the checkpoint's ``train`` section."""
+        lr, betas = self.tcfg.get("lr"), self.tcfg.get("betas")
+        for group in self.optimizer.param_groups:
+            if lr is not None and saved.get("lr") is not None and float(saved["lr"]) != float(lr):
+                set_group_lr(group, float(lr))
+            if betas is not None and saved.get("betas") is not None and list(saved["betas"]) != list(betas):
+                group["betas"] = tuple(float(b) for b in betas)
 
     def weights_for_inference(self) -> Dict[str, Any]:
         return {"model": self.unwrapped_state(), "ema": None}
