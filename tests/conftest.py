@@ -40,9 +40,12 @@ PARITY_DIRS = [Path(p) for p in _ENV_PARITY.split(os.pathsep) if p.strip()] if C
 REALDATA_DIR = Path(os.environ.get("DSRDMPD_REALDATA_DIR", ROOT.parent / "shared" / "realdata"))
 REQUIRE_REALDATA = os.environ.get("DSRDMPD_REQUIRE_REALDATA") == "1" or os.environ.get("CI") == "true"
 
-# 2 threads: the development machine's cores; a GPU machine's check (scripts/gpu_check.sh) gives
-# its CPU-side parts (CPU reference runs, fixtures) more with DSRDMPD_TEST_THREADS
-torch.set_num_threads(int(os.environ.get("DSRDMPD_TEST_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1)))
+# 2 threads: the development machine's cores, shared by the pytest-xdist workers (-n 2: one
+# each); a GPU machine's check (scripts/gpu_check.sh) gives its CPU-side parts (CPU reference
+# runs, fixtures) more with DSRDMPD_TEST_THREADS
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+torch.set_num_threads(int(os.environ.get("DSRDMPD_TEST_THREADS") or 0)
+                      or max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
 
 def parity_paths(pattern: str) -> list:
