@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..atomicfile import write_text_atomic
 from ..checkpoints import PROJECT_FORMAT, CheckpointError, read_checkpoint, save_atomic
 from ..config import ConfigError, dump_config
 from ..data import ImagePair, PairedImageDataset, StepBatchSampler, collate, split_pairs
@@ -60,9 +61,9 @@ def command_line(argv: Optional[List[str]] = None) -> str:
 def prepare_run_dir(run_dir: Path, cfg: Dict[str, Any], argv: Optional[List[str]] = None) -> Path:
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    (run_dir / "command.txt").write_text(command_line(argv) + "\n")
-    (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    write_text_atomic(run_dir / "command.txt", command_line(argv) + "\n")
+    write_text_atomic(run_dir / "git_revision.txt", git_revision() + "\n")
     return run_dir
 
 

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
+from ..atomicfile import write_text_atomic
 from ..config import ConfigError, check_keys, config_changes, validate_config
 from ..data import DataError
 from ..imageio import ImageReadError
@@ -185,7 +186,7 @@ class BaseTrainer:
                f"Use a validation split (data.val_split) or a hold-out of the training set (data.val_holdout).")
         self.accelerator.print(msg)
         if self.is_main:
-            (self.run_dir / "VALIDATION_ON_TEST_SPLIT.txt").write_text(msg + "\n")
+            write_text_atomic(self.run_dir / "VALIDATION_ON_TEST_SPLIT.txt", msg + "\n")
 
     # ---- subclass interface
     def build(self) -> None:
