@@ -827,6 +827,12 @@ MUTATIONS: List[Mutation] = [
     Mutation("config-base-unnamed", "a config whose base is missing is reported without naming the config that asks for it",
              "dsrdmpd/config.py", "        if not (path.parent / base).is_file():", "        if False:",
              ("tests/test_readme_audit.py::test_a_missing_base_names_the_config_that_asks_for_it",)),
+    # review of the session: an unchanged resume keeps the scheduler's own rate
+    Mutation("resume-rate-recomputed", "an unchanged stage-1 resume recomputes the cosine rate in closed form (last-bit drift)",
+             "dsrdmpd/training/stage1.py",
+             "        if (float(saved[\"lr\"]), float(saved[\"lr_min\"]), int(saved[\"epochs\"])) == (lr, lr_min, epochs):\n            return\n",
+             "",
+             ("tests/test_readme_audit.py::test_an_unchanged_resume_mid_schedule_keeps_the_rate_exactly",)),
 ]
 
 

@@ -45,7 +45,7 @@ def test_stage1_width_rule(dim):
 
 @pytest.mark.parametrize("dim", [0, 12])
 def test_stage2_width_rule(dim):
-    with pytest.raises(ValueError, match=rf"stage-2 dim must be a positive multiple of 8 \(GroupNorm\(8\)\), got {dim}"):
+    with pytest.raises(ValueError, match=rf"stage-2 dim must be a positive multiple of 8 \(its GroupNorm groups\), got {dim}"):
         ResidualDiffusionUNet(dim, dim_mults=(1, 2))
 
 

@@ -97,7 +97,7 @@ class ResidualDiffusionUNet(nn.Module):
         super().__init__()
         multiple = WIDTH_MULTIPLES["stage2.dim"]
         if dim < multiple or dim % multiple:
-            raise ValueError(f"stage-2 dim must be a positive multiple of {multiple} (GroupNorm(8)), got {dim}")
+            raise ValueError(f"stage-2 dim must be a positive multiple of {multiple} (its GroupNorm groups), got {dim}")
         self.dim, self.dim_mults, self.perceptual_decoder = dim, tuple(dim_mults), perceptual_decoder
         self.input_condition = bool(input_condition)
         dims = [dim] + [dim * m for m in dim_mults]
