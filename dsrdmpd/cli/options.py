@@ -106,15 +106,22 @@ def whole_number_from(least: int):
 positive_int, non_negative_int = whole_number_from(1), whole_number_from(0)
 
 
-def key_rule(text: str) -> str:
-    """A name-key rule (argparse type): a regular expression with exactly one group."""
+def key_rule_problem(text: str) -> str | None:
+    """What is wrong with a name-key rule (a regular expression with exactly one group, the
+    key), or None."""
     import re
     try:
         groups = re.compile(text).groups
     except re.error as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regular expression ({exc})") from None
-    if groups != 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: needs exactly one group '(...)', the key; it has {groups}")
+        return f"not a valid regular expression ({exc})"
+    return None if groups == 1 else f"needs exactly one group '(...)', the key; it has {groups}"
+
+
+def key_rule(text: str) -> str:
+    """A name-key rule (argparse type): a regular expression with exactly one group."""
+    problem = key_rule_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return text
 
 

@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 
 from ..choices import PROTOCOLS
 from .errors import ItemsFailed, UsageError, run_command
-from .options import add_dataset_options, dataset_split_pairs, non_negative_int, parser, positive_int
+from .options import (add_dataset_options, dataset_split_pairs, key_rule_problem, non_negative_int, parser,
+                      positive_int)
 
 DEFAULT_KEY = r"(.+)"
 
@@ -58,15 +59,11 @@ def check_output_folder(folder: Path) -> None:
 def check_key_rules(args) -> None:
     """Each --*-key given must be a regex with exactly one group and must apply: --hazy-key
     only with --preset paired, --gt-key with --gt or --preset paired (UsageError otherwise)."""
-    import re
     for option, value in (("--restored-key", args.restored_key), ("--gt-key", args.gt_key),
                           ("--hazy-key", args.hazy_key)):
-        try:
-            groups = re.compile(value).groups
-        except re.error as exc:
-            raise UsageError(f"{option} {value!r}: not a valid regular expression ({exc})") from None
-        if groups != 1:
-            raise UsageError(f"{option} {value!r}: needs exactly one group '(...)', the key; it has {groups}")
+        problem = key_rule_problem(value)
+        if problem:
+            raise UsageError(f"{option} {value!r}: {problem}")
     paired = args.data_root and args.preset == "paired"
     if args.hazy_key != DEFAULT_KEY and not paired:
         raise UsageError("--hazy-key applies only with --data-root and --preset paired (presets name their files)")
