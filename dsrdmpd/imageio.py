@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .atomicfile import write_atomic, write_text_atomic  # noqa: F401  (re-exported)
 from .choices import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, TIFF_EXTENSIONS, is_image_file  # noqa: F401  (re-exported)
+from .messages import megapixels
 
 
 
@@ -220,8 +221,8 @@ def check_pixel_limit(path: Union[str, Path], max_pixels: Optional[int]) -> Tupl
     """(height, width) of the image, or ImageReadError when it has more than ``max_pixels``."""
     h, w = image_size(path)
     if max_pixels is not None and h * w > max_pixels:
-        raise ImageReadError(f"{path}: {w} x {h} pixels ({h * w / 1e6:.0f} Mpx) is above the pixel limit of "
-                             f"{max_pixels / 1e6:g} Mpx (--max-pixels); not decoded")
+        raise ImageReadError(f"{path}: {w} x {h} pixels ({megapixels(h * w)}) is above the pixel limit of "
+                             f"{megapixels(max_pixels)} (--max-pixels); not decoded")
     return h, w
 
 

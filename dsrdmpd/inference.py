@@ -12,7 +12,8 @@ generator seeded with ``seed``, at the padded size, so results do not depend on 
 device or on batch-mates.
 
 Large scenes: with ``tile`` set, the padded image is cut into overlapping tiles of
-``tile`` x ``tile`` pixels (stride ``tile - overlap``, the last tile flush with the edge);
+``tile`` x ``tile`` pixels (stride ``tile - overlap``, the last tile flush with the edge;
+``overlap`` defaults to 64 pixels, 32 for 64-pixel tiles: :func:`default_overlap`);
 each tile runs through both stages, ``tile_batch`` tiles per network call, and the
 results are blended with feathered (linearly ramped) weights across each overlap, so
 seams do not show and network memory stays bounded by the tile size. A scene that fits
@@ -91,6 +92,24 @@ def pad_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+DEFAULT_OVERLAP = 64      # tile overlap in pixels when none is given
+
+
+def default_overlap(tile: Optional[int]) -> int:
+    """The overlap used when none is given: :data:`DEFAULT_OVERLAP` where it is smaller than
+    the tile (every tile size but 64), else half the tile."""
+    return DEFAULT_OVERLAP if tile is None or DEFAULT_OVERLAP < tile else tile // 2
+
+
+def check_tiling(tile: int, overlap: int) -> None:
+    """ConfigError unless ``tile`` is a valid tile size (a multiple of 16, at least 64) and
+    ``overlap`` lies in [0, tile)."""
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
+        raise ConfigError(f"tile size {tile} must be a multiple of {STAGE1_MULTIPLE} and at least {STAGE1_MIN_SIZE}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+        raise ConfigError(f"tile overlap {overlap} must be in [0, tile size {tile})")
+
+
 class SlowPrecisionWarning(UserWarning):
     """A precision this device runs far slower than float32 (bfloat16 on a CPU without oneDNN bf16)."""
 
@@ -100,7 +119,7 @@ class Dehazer:
 
     def __init__(self, stage1: MCESSUNet, stage2: ResidualDiffusion, device: Union[str, torch.device] = "cpu",
                  seed: int = 0, eta: float = 0.0, fast: bool = True, steps: Optional[int] = None,
-                 tile: Optional[int] = None, overlap: int = 64, tile_batch: int = 1,
+                 tile: Optional[int] = None, overlap: Optional[int] = None, tile_batch: int = 1,
                  precision: str = "fp32", channels_last: bool = False, compile: bool = False,
                  fast_norm: bool = False, cuda_graphs: bool = False, max_graphs: int = 4,
                  compile_cache: Optional[str] = None):
@@ -134,12 +153,11 @@ class Dehazer:
         self.graphs = (GraphRunner(self._run_eager, (self.stage1, self.stage2), max_graphs)
                        if cuda_graphs and self.device.type == "cuda" and not compile else None)
         self.steps = stage2.sampling_timesteps if steps is None else steps
+        self.overlap_given = overlap            # None: default_overlap of whichever tile size runs
+        if overlap is None:
+            overlap = default_overlap(tile)
         if tile is not None:
-            if tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
-                raise ConfigError(f"tile size {tile} must be a multiple of {STAGE1_MULTIPLE} and at least "
-                                 f"{STAGE1_MIN_SIZE}")
-            if not 0 <= overlap < tile:
-                raise ConfigError(f"tile overlap {overlap} must be in [0, tile size {tile})")
+            check_tiling(tile, overlap)
         self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, int(tile_batch))
 
     @classmethod
@@ -293,8 +311,11 @@ class Dehazer:
         return c[..., :h, :w], r[..., :h, :w]
 
     def tile_plan(self, h: int, w: int, tile: Optional[int] = None) -> "TilePlan":
-        """The tiles of an h x w scene (``tile`` defaults to this Dehazer's)."""
-        return TilePlan.make(h, w, tile or self.tile, self.overlap)
+        """The tiles of an h x w scene (``tile`` defaults to this Dehazer's; another tile size
+        takes the default overlap for it unless this Dehazer was given one)."""
+        tile = tile or self.tile
+        overlap = self.overlap if tile == self.tile or self.overlap_given is not None else default_overlap(tile)
+        return TilePlan.make(h, w, tile, overlap)
 
     def tile_noise(self, plan: "TilePlan", y: int, x: int, seed: Optional[int] = None) -> torch.Tensor:
         """(1, 3, th, tw) start noise of the tile at (y, x): the untiled noise when one tile
@@ -360,6 +381,7 @@ class TilePlan:
 
     @classmethod
     def make(cls, h: int, w: int, tile: int, overlap: int) -> "TilePlan":
+        check_tiling(tile, overlap)
         hp, wp = padded_size(h, w)
         th, tw = min(tile, hp), min(tile, wp)
         windows = [(y, x) for y in tile_starts(hp, th, overlap) for x in tile_starts(wp, tw, overlap)]

@@ -9,6 +9,13 @@ def first_few(names, n: int = 3) -> str:
     return ", ".join(map(str, names[:n])) + (", ..." if len(names) > n else "")
 
 
+def megapixels(pixels: float) -> str:
+    """'16.8 Mpx', '0.0041 Mpx', '4000 Mpx': a pixel count in millions, three significant
+    digits below 100 Mpx, whole millions above (never '0 Mpx' for a few pixels)."""
+    mpx = pixels / 1e6
+    return f"{mpx:.0f} Mpx" if mpx >= 100 else f"{mpx:.3g} Mpx"
+
+
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line: its lines stripped and joined with '; ' (spaces
     inside a line, e.g. in a path, kept), or with a space after a line that ends in ':' (a

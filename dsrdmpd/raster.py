@@ -52,6 +52,7 @@ from .atomicfile import atomic_path
 from .choices import DEFAULT_MAX_RASTER_PIXELS, parse_bands  # noqa: F401  (re-exported)
 from .data import DataError
 from .inference import Dehazer
+from .messages import megapixels
 from .radiometry import BandScale, ScaleError, ScaleSpec, resolve_scale
 
 RASTER_EXTENSIONS = (".tif", ".tiff")
@@ -273,8 +274,8 @@ def _dehaze_raster(dehazer: Dehazer, src_path, dst_path, options: Optional[Raste
         raise RasterError(f"{name}: cannot be read as a raster ({' '.join(str(exc).split())})") from None
     with src, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=GDAL_CACHE_MB):
         if options.max_pixels is not None and src.width * src.height > options.max_pixels:
-            raise RasterError(f"{name}: {src.width} x {src.height} pixels ({src.width * src.height / 1e6:.0f} Mpx) "
-                              f"is above the raster size limit of {options.max_pixels / 1e6:g} Mpx "
+            raise RasterError(f"{name}: {src.width} x {src.height} pixels ({megapixels(src.width * src.height)}) "
+                              f"is above the raster size limit of {megapixels(options.max_pixels)} "
                               f"(--max-raster-pixels)")
         if len(set(src.dtypes)) != 1:
             raise RasterError(f"{name}: bands of different data types ({', '.join(src.dtypes)}) are not supported")

@@ -833,6 +833,25 @@ MUTATIONS: List[Mutation] = [
              "        if (float(saved[\"lr\"]), float(saved[\"lr_min\"]), int(saved[\"epochs\"])) == (lr, lr_min, epochs):\n            return\n",
              "",
              ("tests/test_readme_audit.py::test_an_unchanged_resume_mid_schedule_keeps_the_rate_exactly",)),
+    # small oddities: the default tile overlap, megapixel wording
+    Mutation("overlap-default-too-big", "with --tile 64 and no --overlap the default 64 is used (a stride of 0: refused)",
+             "dsrdmpd/inference.py", "return DEFAULT_OVERLAP if tile is None or DEFAULT_OVERLAP < tile else tile // 2",
+             "return DEFAULT_OVERLAP",
+             ("tests/test_evaluation.py::test_the_default_overlap_fits_every_tile_size",
+              "tests/test_evaluation.py::test_tile_64_on_the_command_line_takes_the_fitting_overlap")),
+    Mutation("overlap-per-call-tile", "a per-call tile size (rasters' default 512) keeps the Dehazer's overlap instead of its own default",
+             "dsrdmpd/inference.py",
+             "overlap = self.overlap if tile == self.tile or self.overlap_given is not None else default_overlap(tile)",
+             "overlap = self.overlap",
+             ("tests/test_evaluation.py::test_the_default_overlap_fits_every_tile_size",)),
+    Mutation("tile-plan-unchecked", "a tile plan made with a bad tile size or overlap is not refused",
+             "dsrdmpd/inference.py", "        check_tiling(tile, overlap)\n        hp, wp = padded_size(h, w)",
+             "        hp, wp = padded_size(h, w)",
+             ("tests/test_evaluation.py::test_the_default_overlap_fits_every_tile_size",)),
+    Mutation("megapixels-rounded-to-zero", "a small pixel count is worded '0 Mpx'",
+             "dsrdmpd/messages.py", 'else f"{mpx:.3g} Mpx"', 'else f"{mpx:.0f} Mpx"',
+             ("tests/test_cli.py::test_pixel_counts_are_worded_in_megapixels_that_never_read_zero",
+              "tests/test_batch_survival.py::test_pixel_limit_is_read_from_the_header_before_decoding")),
 ]
 
 

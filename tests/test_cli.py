@@ -125,6 +125,12 @@ def test_problems_are_worded_on_one_line_everywhere():
     assert errors.one_line is evaluation.one_line is scoring.one_line is one_line
 
 
+def test_pixel_counts_are_worded_in_megapixels_that_never_read_zero():
+    from dsrdmpd.messages import megapixels
+    assert [megapixels(n) for n in (2000, 4100, 16_777_216, 99_950_000, 100_000_000, 4_000_000_000)] == \
+        ["0.002 Mpx", "0.0041 Mpx", "16.8 Mpx", "100 Mpx", "100 Mpx", "4000 Mpx"]
+
+
 def test_usage_errors_are_one_line_with_exit_code_2(ckpts, tmp_path, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
     s1, s2 = map(str, ckpts)

@@ -15,7 +15,8 @@ from dsrdmpd.builders import build_stage1, build_stage2, save_stage
 from dsrdmpd.data.pairing import find_pairs
 from dsrdmpd.imageio import read_image, write_image
 from dsrdmpd.diffusion import NOISE_BLOCK, window_noise
-from dsrdmpd.inference import Dehazer, tile_starts
+from dsrdmpd.config import ConfigError
+from dsrdmpd.inference import Dehazer, TilePlan, default_overlap, tile_starts
 from dsrdmpd.metrics import psnr_ssim
 
 from conftest import REALDATA_DIR, REQUIRE_REALDATA, ROOT, realdata_sets, require_realdata
@@ -213,6 +214,40 @@ def test_feathered_blend_ramps_linearly_from_one_tile_to_the_next():
         expected[48 + j] = (a * (k - j) + b * (j + 1)) / (k + 1)
     torch.testing.assert_close(out.restored[0, 0, 10], expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.coarse, x + rows, rtol=0, atol=1e-6)    # same coarse from both tiles
+
+
+def test_the_default_overlap_fits_every_tile_size():
+    """No overlap given: 64 pixels, or 32 for 64-pixel tiles (64 would leave a stride of 0);
+    a 64-pixel tile runs as if 32 were given, larger tiles as if 64 were (as before); a
+    per-call tile size takes its own default, a given overlap is kept (and still checked)."""
+    assert [default_overlap(t) for t in (None, 64, 80, 128, 512)] == [64, 32, 64, 64, 64]
+    x = torch.rand(1, 3, 64, 176, generator=torch.Generator().manual_seed(1))
+    defaulted = Dehazer(RowRampStage1(), TileMeanStage2(), tile=64)
+    assert defaulted.overlap == 32 and defaulted.tile_plan(64, 176).windows == [(0, 0), (0, 32), (0, 64), (0, 96), (0, 112)]
+    given = Dehazer(RowRampStage1(), TileMeanStage2(), tile=64, overlap=32)(x).restored
+    assert torch.equal(defaulted(x).restored, given)
+    assert Dehazer(RowRampStage1(), TileMeanStage2(), tile=128).overlap == 64
+    untiled = Dehazer(RowRampStage1(), TileMeanStage2())
+    assert untiled.overlap == 64 and untiled.tile_plan(64, 176, 64).overlap == 32
+    assert untiled.tile_plan(64, 176, 256).overlap == 64
+    assert Dehazer(RowRampStage1(), TileMeanStage2(), overlap=16).tile_plan(64, 176, 64).overlap == 16
+    with pytest.raises(ConfigError, match=r"tile overlap 64 must be in \[0, tile size 64\)"):
+        Dehazer(RowRampStage1(), TileMeanStage2(), tile=64, overlap=64)
+    with pytest.raises(ConfigError, match=r"tile overlap 64 must be in \[0, tile size 64\)"):
+        Dehazer(RowRampStage1(), TileMeanStage2(), overlap=64).tile_plan(64, 176, 64)
+    with pytest.raises(ConfigError, match="tile size 48 must be a multiple of 16 and at least 64"):
+        TilePlan.make(64, 176, 48, 0)
+
+
+def test_tile_64_on_the_command_line_takes_the_fitting_overlap():
+    import argparse
+    from dsrdmpd.cli.options import add_run_options, dehazer_options
+    ap = argparse.ArgumentParser()
+    add_run_options(ap)
+    opts = dehazer_options(ap.parse_args(["--tile", "64"]))
+    assert opts["overlap"] is None
+    assert Dehazer(RowRampStage1(), TileMeanStage2(), **opts).overlap == 32
+    assert dehazer_options(ap.parse_args(["--tile", "64", "--overlap", "8"]))["overlap"] == 8
 
 
 @pytest.mark.parametrize("tile", [None, 64])

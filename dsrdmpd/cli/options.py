@@ -66,7 +66,8 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
                                                     "takes its own GPU")
     g.add_argument("--seed", type=int, default=None, help="start-noise seed (default: config sampling.seed, 0)")
     g.add_argument("--tile", type=int, default=None, help="tile size for large scenes (multiple of 16, >= 64)")
-    g.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (feathered blend)")
+    g.add_argument("--overlap", type=int, default=None,
+                   help="tile overlap in pixels (feathered blend; default 64, 32 with --tile 64)")
     g.add_argument("--tile-batch", type=positive_int, default=1, help="tiles per network call")
     g.add_argument("--batch", type=positive_int, default=1, metavar="N",
                    help="images of the same size per pipeline call (tiled images and satellite rasters run "
