@@ -129,19 +129,26 @@ if triton is not None:
         """Program row: merge the K partials of one (image, group) -> mean, 1/sqrt(var + eps)."""
         row = tl.program_id(0)
         base = row.to(tl.int64) * K
+        # while loops over the runtime K, not range(0, K, BLOCK): Triton 3.6's interpreter makes
+        # a range bound of a scalar argument with int() of a 1-element array, which numpy >= 2.4
+        # refuses (triton-lang/triton#9171); `start` starts as an int32 scalar, not a constant
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, K, BLOCK):
+        start = row * 0
+        while start < K:
             j = start + tl.arange(0, BLOCK)
             m = j < K
             acc += tl.load(count_ptr + base + j, mask=m, other=0.0) * tl.load(mean_ptr + base + j, mask=m, other=0.0)
+            start += BLOCK
         total = tl.sum(acc, axis=0) / N
         acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, K, BLOCK):
+        start = row * 0
+        while start < K:
             j = start + tl.arange(0, BLOCK)
             m = j < K
             cnt = tl.load(count_ptr + base + j, mask=m, other=0.0)
             d = tl.load(mean_ptr + base + j, mask=m, other=0.0) - total
             acc2 += tl.load(m2_ptr + base + j, mask=m, other=0.0) + cnt * d * d
+            start += BLOCK
         var = tl.sum(acc2, axis=0) / N
         tl.store(out_mean_ptr + row, total)
         tl.store(out_rstd_ptr + row, 1.0 / tl.sqrt(var + eps))
