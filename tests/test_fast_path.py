@@ -229,8 +229,9 @@ def test_run_options_pass_the_fast_paths_to_the_dehazer():
 
 def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     """Triton's compiler (ptxas included, no GPU needed) turns every kernel into sm_90 machine
-    code in each specialisation the launch code asks for: float32 and bfloat16 input, NCHW
-    and channels-last, with and without scale/shift, and the merge with one partial per row
+    code in each specialisation the launch code asks for: float32 and bfloat16 input (bfloat16
+    output, or float32 under autocast), NCHW and channels-last, with and without scale/shift,
+    and the merge with one partial per row
     (Triton makes an integer argument equal to 1 a constant). Needs the ``triton`` package,
     like the interpreter test; catches what the interpreter accepts and the compiler refuses."""
     pytest.importorskip("triton")
@@ -240,12 +241,14 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     from dsrdmpd.models import norm
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))       # a real compile, not an earlier cache entry
 
-    def compile_(fn, consts, dtype="fp32"):
+    def compile_(fn, consts, dtype="fp32", out_dtype=None):
         def kind(a):
             if a in consts:
                 return "constexpr"
+            if a == "y_ptr":
+                return f"*{out_dtype or dtype}"
             if a.endswith("_ptr"):
-                return f"*{dtype}" if a in ("x_ptr", "y_ptr", "scale_ptr", "shift_ptr") else "*fp32"
+                return f"*{dtype}" if a in ("x_ptr", "scale_ptr", "shift_ptr") else "*fp32"
             return "fp32" if a == "eps" else "i32"
         signature = {a: kind(a) for a in fn.arg_names}
         src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
@@ -258,6 +261,8 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
             for ss in (False, True):
                 kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": cl, "HAS_SS": ss, "ACT": ss,
                                                              "BLOCK": norm.APPLY_BLOCK}, dtype))
+    kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": True, "HAS_SS": True, "ACT": True,
+                                                 "BLOCK": norm.APPLY_BLOCK}, "bf16", "fp32"))
     kernels.append(compile_(norm._merge_kernel, {"BLOCK": 256}))
     kernels.append(compile_(norm._merge_kernel, {"BLOCK": 256, "K": 1}))
-    assert len(kernels) == 14 and all(len(k.asm["cubin"]) > 1000 for k in kernels)
+    assert len(kernels) == 15 and all(len(k.asm["cubin"]) > 1000 for k in kernels)
