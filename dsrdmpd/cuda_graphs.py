@@ -28,6 +28,12 @@ from typing import Callable, Hashable, Iterable, Tuple
 import torch
 from torch import nn
 
+# What the capture forbids: "thread_local" restricts the capturing thread only. Under
+# PyTorch's default, "global", CUDA refuses other threads' unsafe calls too (cudaHostAlloc
+# among them, which a DataLoader's pin-memory thread makes while staging the next batch)
+# and invalidates the capture. Inductor captures its graphs in "thread_local" too.
+CAPTURE_MODE = "thread_local"
+
 
 @dataclass
 class CapturedGraph:
@@ -106,7 +112,7 @@ class GraphRunner:
                 self.fn(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
             outputs = self.fn(*inputs)
         self.captures += 1
         return CapturedGraph(graph, inputs, tuple(outputs), _cached_weights(self.modules))

@@ -282,3 +282,58 @@ def test_graphed_step_leaves_no_trace_of_its_warm_up_in_batchnorm_statistics():
     for a, b in zip(list(graphed.parameters()) + list(graphed.buffers()),
                     list(eager.parameters()) + list(eager.buffers())):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _PinningThread:
+    """Each call pins a host buffer of a size not pinned before (so PyTorch's host allocator
+    must call cudaHostAlloc) from another thread, as a DataLoader's pin-memory thread does
+    while a step is captured; errors that thread meets are kept in ``errors``."""
+
+    def __init__(self):
+        self.calls, self.errors = 0, []
+
+    def __call__(self):
+        import threading
+
+        def pin(n):
+            try:
+                torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            except Exception as e:        # noqa: BLE001  (kept and asserted on)
+                self.errors.append(repr(e))
+        t = threading.Thread(target=pin, args=((1 << 20) << self.calls,))
+        self.calls += 1
+        t.start()
+        t.join()
+
+
+def test_graph_capture_survives_another_thread_pinning_memory():
+    """Dehazer graphs (GraphRunner) and the captured training step: another thread's
+    cudaHostAlloc during capture neither fails that thread nor the capture (PyTorch's default
+    capture mode, 'global', fails both), and the replay is still right."""
+    from dsrdmpd.cuda_graphs import GraphRunner
+    from dsrdmpd.training.step_options import GraphedTrainingStep, StepOptions, make_adam
+    pinning = _PinningThread()
+
+    def fn(x, noise):
+        pinning()
+        return (x * 2 + noise,)
+    runner = GraphRunner(fn)
+    x, noise = torch.rand(2, 3, 8, 8, device="cuda"), torch.rand(2, 3, 8, 8, device="cuda")
+    for _ in range(2):                                        # capture, then a replay
+        out, = runner(x, noise)
+        assert torch.equal(out, x * 2 + noise)
+    assert runner.captures == 1 and pinning.calls == runner.warmup + 1 and not pinning.errors
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1).cuda()
+    opt = make_adam(net.parameters(), 1e-2, StepOptions(cuda_graph=True), torch.device("cuda"))
+
+    def loss_fn(a, b):
+        pinning()
+        return F.mse_loss(net(a), b)
+    step = GraphedTrainingStep(loss_fn, net, opt)
+    a, b = torch.rand(8, 4, device="cuda"), torch.rand(8, 1, device="cuda")
+    first = F.mse_loss(net(a), b).item()
+    losses = [step(a, b).item() for _ in range(3)]
+    assert step.captures == 1 and not pinning.errors
+    assert losses[0] == pytest.approx(first, rel=1e-6) and losses[-1] < losses[0]

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Optional, Tuple
 import torch
 
 from ..config import ConfigError
+from ..cuda_graphs import CAPTURE_MODE
 
 # param-group entries that choose Adam's implementation: this run's choice, never the file's
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
@@ -186,7 +187,7 @@ class GraphedTrainingStep:
                     t.zero_()
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):    # the loader's pin thread runs on
             loss = self.loss_fn(*self.static_inputs)
             loss.backward()
             self.optimizer.step()
