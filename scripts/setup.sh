@@ -18,6 +18,16 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
 .venv/bin/python -m pip install -q ${PIN[@]+"${PIN[@]}"} -r requirements.txt -r requirements-dev.txt
+# Triton, for the tests of the GPU kernels: its CPU interpreter runs them and its compiler builds
+# them for sm_90, no GPU needed. A CUDA torch brings its own Triton; a CPU torch on Linux x86-64
+# gets TRITON_SPEC (default triton==3.6.0, the version on the project's GPU machine);
+# TRITON_SPEC= (empty) leaves it out (those two tests then skip).
+TRITON_SPEC=${TRITON_SPEC-triton==3.6.0}
+if [ -n "$TRITON_SPEC" ] && .venv/bin/python -c "import platform, sys, torch
+sys.exit(0 if torch.version.cuda is None and sys.platform == 'linux' and platform.machine() == 'x86_64' else 1)"; then
+  # shellcheck disable=SC2086
+  .venv/bin/python -m pip install -q $TRITON_SPEC
+fi
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || .venv/bin/python -m pip install -q --no-deps -e .
 echo "environment ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

@@ -852,6 +852,17 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/messages.py", 'else f"{mpx:.3g} Mpx"', 'else f"{mpx:.0f} Mpx"',
              ("tests/test_cli.py::test_pixel_counts_are_worded_in_megapixels_that_never_read_zero",
               "tests/test_batch_survival.py::test_pixel_limit_is_read_from_the_header_before_decoding")),
+    # the Triton kernels, checked in Triton's CPU interpreter (setup.sh installs Triton with a CPU torch)
+    Mutation("triton-masked-deviation", "Triton GroupNorm: the masked tail of a short last chunk counts in its M2",
+             "dsrdmpd/models/norm.py", "dev = tl.where(valid, v - mean, 0.0)", "dev = v - mean",
+             ("tests/test_fast_path.py::test_triton_kernels_in_the_interpreter",)),
+    Mutation("triton-cl-channel", "Triton GroupNorm apply: channels-last elements take the NCHW channel index",
+             "dsrdmpd/models/norm.py", "            ch = offs % C\n", "            ch = (offs // HW) % C\n",
+             ("tests/test_fast_path.py::test_triton_kernels_in_the_interpreter",)),
+    Mutation("triton-merge-within-only", "Triton GroupNorm merge: the spread between chunk means left out of the variance",
+             "dsrdmpd/models/norm.py", "acc2 += tl.load(m2_ptr + base + j, mask=m, other=0.0) + cnt * d * d",
+             "acc2 += tl.load(m2_ptr + base + j, mask=m, other=0.0)",
+             ("tests/test_fast_path.py::test_triton_kernels_in_the_interpreter",)),
 ]
 
 
