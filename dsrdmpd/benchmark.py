@@ -416,7 +416,7 @@ def _fmt(v, f="{:.3f}"):
 
 
 def main(argv=None):
-    from .cli.options import HelpFormatter
+    from .cli.options import HelpFormatter, non_negative_int, positive_int
     ap = argparse.ArgumentParser(prog="dsrdmpd-benchmark", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--sizes", type=int, nargs="*", default=[256, 512], help="square input sizes (may be empty)")
@@ -431,7 +431,7 @@ def main(argv=None):
                     help=f"pipeline variants among {list(VARIANTS)} ('all': every one)")
     ap.add_argument("--variant-sizes", type=int, nargs="*", help="sizes for the variants table (default: --sizes)")
     ap.add_argument("--scene-variant", default=None, help="variant for the tiled scenes (default: the last variant)")
-    ap.add_argument("--batch", type=int, default=1, help="images per pipeline call")
+    ap.add_argument("--batch", type=positive_int, default=1, help="images per pipeline call")
     ap.add_argument("--batches", type=int, nargs="*", help="several batch sizes for the variants table "
                     "(default: --batch)")
     ap.add_argument("--pairs", nargs="*", default=None, metavar="SIZExBATCH",
@@ -447,8 +447,8 @@ def main(argv=None):
     ap.add_argument("--compile-variant", default="fp32+compile",
                     help="variant for --compile-sizes")
     ap.add_argument("--case-timeout", type=float, default=0.0, help="seconds before a case is stopped (0: never)")
-    ap.add_argument("--train-size", type=int, default=256, help="stage-2 training crop (0: skip training)")
-    ap.add_argument("--train-batch", type=int, default=1, help="stage-2 training batch (paper: 1)")
+    ap.add_argument("--train-size", type=non_negative_int, default=256, help="stage-2 training crop (0: skip training)")
+    ap.add_argument("--train-batch", type=positive_int, default=1, help="stage-2 training batch (paper: 1)")
     ap.add_argument("--scene", type=int, nargs="*", default=[], help="tiled scene sizes, e.g. 1024 2048 4096")
     ap.add_argument("--raster", type=int, nargs="*", default=[],
                     help="square uint16 GeoTIFF sizes streamed through dehaze_raster, e.g. 10000 20000")
@@ -460,10 +460,10 @@ def main(argv=None):
                     help="image sizes for the scoring table (SSIM on the CPU: 2-D window vs its two 1-D factors)")
     ap.add_argument("--tile", type=int, default=512, help="tile size of the tiled scenes and rasters")
     ap.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
-    ap.add_argument("--tile-batch", type=int, default=1, help="tiles per network call")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls (the median is reported)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--tile-batch", type=positive_int, default=1, help="tiles per network call")
+    ap.add_argument("--warmup", type=non_negative_int, default=1, help="untimed calls before the timed ones")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed calls (the median is reported)")
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--out", type=Path, help="folder for benchmark.md / benchmark.csv")
     args = ap.parse_args(argv)
     try:
@@ -489,6 +489,17 @@ def main(argv=None):
         write_rows_csv(args.out / "benchmark.csv", records, sorted({k for r in records for k in r}))
 
     import torch
+    from .config import ConfigError
+    from .inference import check_tiling
+    from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE
+    if args.train_size and (args.train_size % STAGE1_MULTIPLE or args.train_size < STAGE1_MIN_SIZE):
+        ap.error(f"--train-size {args.train_size}: a training crop must be a multiple of {STAGE1_MULTIPLE} and at "
+                 f"least {STAGE1_MIN_SIZE} (0: no training table)")
+    if args.scene or args.raster:
+        try:
+            check_tiling(args.tile, args.overlap)
+        except ConfigError as exc:
+            ap.error(f"--tile / --overlap: {exc}")
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but CUDA is not available")

@@ -863,6 +863,12 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/models/norm.py", "acc2 += tl.load(m2_ptr + base + j, mask=m, other=0.0) + cnt * d * d",
              "acc2 += tl.load(m2_ptr + base + j, mask=m, other=0.0)",
              ("tests/test_fast_path.py::test_triton_kernels_in_the_interpreter",)),
+    # benchmark arguments checked up front
+    Mutation("benchmark-train-size-unchecked", "the benchmark starts training cases with a crop the networks refuse",
+             "dsrdmpd/benchmark.py",
+             "    if args.train_size and (args.train_size % STAGE1_MULTIPLE or args.train_size < STAGE1_MIN_SIZE):",
+             "    if False:",
+             ("tests/test_benchmark.py::test_bad_arguments_are_refused_before_any_case_runs",)),
 ]
 
 

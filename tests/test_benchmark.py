@@ -3,6 +3,7 @@ count, peaks, time limit. Speed itself is not asserted."""
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -115,3 +116,19 @@ def test_scoring_table_times_both_window_forms(tmp_path):
         # the speed-up rounds the unrounded ratio to 0.01x; old / new carries the CSV's 5e-7 s roundings:
         # the two errors add up
         assert abs(speedup - old / new) <= 0.005 + (old / new) * (5e-7 / old + 5e-7 / new) + 1e-9
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train-size", "48"], "--train-size 48: a training crop must be a multiple of 16 and at least 64"),
+    (["--train-size", "0", "--scene", "512", "--tile", "64", "--overlap", "64"],
+     r"--tile / --overlap: tile overlap 64 must be in \[0, tile size 64\)"),
+    (["--train-size", "0", "--repeats", "0"], "argument --repeats: 0: must be at least 1"),
+])
+def test_bad_arguments_are_refused_before_any_case_runs(argv, message, capsys):
+    """A training crop the networks refuse, or a tiling the Dehazer refuses, is a one-line
+    usage error at once (it used to fail in every case's child process with a traceback)."""
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["--device", "cpu", "--sizes", "--variants", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, err[-1]) and "Traceback" not in "\n".join(err)
