@@ -43,6 +43,7 @@ import math
 import multiprocessing as mp
 import queue
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -419,7 +420,8 @@ def main(argv=None):
     from .cli.options import HelpFormatter, non_negative_int, positive_int
     ap = argparse.ArgumentParser(prog="dsrdmpd-benchmark", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--sizes", type=int, nargs="*", default=[256, 512], help="square input sizes (may be empty)")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[256, 512],
+                    help="square input sizes, multiples of 16 and at least 64 (may be empty)")
     ap.add_argument("--straightforward-max", type=int, default=1024,
                     help="largest size also timed on the straightforward path (it is slow and memory hungry)")
     ap.add_argument("--dim1", type=int, default=64, help="stage-1 width (paper: 64)")
@@ -432,7 +434,7 @@ def main(argv=None):
     ap.add_argument("--variant-sizes", type=int, nargs="*", help="sizes for the variants table (default: --sizes)")
     ap.add_argument("--scene-variant", default=None, help="variant for the tiled scenes (default: the last variant)")
     ap.add_argument("--batch", type=positive_int, default=1, help="images per pipeline call")
-    ap.add_argument("--batches", type=int, nargs="*", help="several batch sizes for the variants table "
+    ap.add_argument("--batches", type=positive_int, nargs="*", help="several batch sizes for the variants table "
                     "(default: --batch)")
     ap.add_argument("--pairs", nargs="*", default=None, metavar="SIZExBATCH",
                     help="explicit size x batch pairs for the variants table, e.g. 256x1 256x32 512x8 "
@@ -449,8 +451,8 @@ def main(argv=None):
     ap.add_argument("--case-timeout", type=float, default=0.0, help="seconds before a case is stopped (0: never)")
     ap.add_argument("--train-size", type=non_negative_int, default=256, help="stage-2 training crop (0: skip training)")
     ap.add_argument("--train-batch", type=positive_int, default=1, help="stage-2 training batch (paper: 1)")
-    ap.add_argument("--scene", type=int, nargs="*", default=[], help="tiled scene sizes, e.g. 1024 2048 4096")
-    ap.add_argument("--raster", type=int, nargs="*", default=[],
+    ap.add_argument("--scene", type=positive_int, nargs="*", default=[], help="tiled scene sizes, e.g. 1024 2048 4096")
+    ap.add_argument("--raster", type=positive_int, nargs="*", default=[],
                     help="square uint16 GeoTIFF sizes streamed through dehaze_raster, e.g. 10000 20000")
     ap.add_argument("--raster-networks", choices=["passthrough", "models"], default="passthrough",
                     help="passthrough: stand-ins that return their input (the streaming, I/O and mapping alone); "
@@ -459,7 +461,8 @@ def main(argv=None):
     ap.add_argument("--scoring", type=int, nargs="*", default=[],
                     help="image sizes for the scoring table (SSIM on the CPU: 2-D window vs its two 1-D factors)")
     ap.add_argument("--tile", type=int, default=512, help="tile size of the tiled scenes and rasters")
-    ap.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
+    ap.add_argument("--overlap", type=non_negative_int, default=None,
+                    help="tile overlap in pixels (default 64, 32 with --tile 64)")
     ap.add_argument("--tile-batch", type=positive_int, default=1, help="tiles per network call")
     ap.add_argument("--warmup", type=non_negative_int, default=1, help="untimed calls before the timed ones")
     ap.add_argument("--repeats", type=positive_int, default=3, help="timed calls (the median is reported)")
@@ -490,16 +493,30 @@ def main(argv=None):
 
     import torch
     from .config import ConfigError
-    from .inference import check_tiling
+    from .inference import check_tiling, default_overlap
     from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE
-    if args.train_size and (args.train_size % STAGE1_MULTIPLE or args.train_size < STAGE1_MIN_SIZE):
+
+    def network_size(n: int) -> bool:
+        return n % STAGE1_MULTIPLE == 0 and n >= STAGE1_MIN_SIZE
+    if args.train_size and not network_size(args.train_size):
         ap.error(f"--train-size {args.train_size}: a training crop must be a multiple of {STAGE1_MULTIPLE} and at "
                  f"least {STAGE1_MIN_SIZE} (0: no training table)")
+    for flag, sizes in (("--sizes", args.sizes), ("--variant-sizes", args.variant_sizes or []),
+                        ("--pairs", [size for size, _ in pairs or []]), ("--compile-sizes", args.compile_sizes)):
+        bad = [n for n in sizes if not network_size(n)]
+        if bad:
+            ap.error(f"{flag} {' '.join(map(str, bad))}: the networks run at sizes that are multiples of "
+                     f"{STAGE1_MULTIPLE} and at least {STAGE1_MIN_SIZE}")
+    if args.overlap is None:
+        args.overlap = default_overlap(args.tile)
     if args.scene or args.raster:
         try:
             check_tiling(args.tile, args.overlap)
         except ConfigError as exc:
             ap.error(f"--tile / --overlap: {exc}")
+    scene_variant = args.scene_variant or (args.variants[-1] if args.variants else "fp32")
+    if args.scene and scene_variant not in VARIANTS:
+        ap.error(f"unknown scene variant {scene_variant!r} (choose from {list(VARIANTS)})")
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but CUDA is not available")
@@ -517,10 +534,16 @@ def main(argv=None):
                   "pipeline img/s fast | pipeline img/s straightforward | peak S1 / S2 fast / S2 straightf. |",
                   "|---|---|---|---|---|---|---|---|"]
         for size in args.sizes:
-            s1 = run_case(args, kind="stage1", size=size)
-            fast = run_case(args, kind="stage2_fast", size=size)
-            slow = (run_case(args, kind="stage2_straightforward", size=size)
-                    if size <= args.straightforward_max else None)
+            try:
+                s1 = run_case(args, kind="stage1", size=size)
+                fast = run_case(args, kind="stage2_fast", size=size)
+                slow = (run_case(args, kind="stage2_straightforward", size=size)
+                        if size <= args.straightforward_max else None)
+            except CaseFailed as e:           # a row saying so; the other sizes and tables still run
+                records.append(dict(kind="sizes", size=size, error=str(e)))
+                lines.append(f"| {size} | {e} | | | | | | |")
+                save(lines, records)
+                continue
             records += [s1, fast] + ([slow] if slow else [])
             sp = slow["seconds"] / fast["seconds"] if slow else None
             lines.append(f"| {size} | {_fmt(s1['seconds'])} | {_fmt(fast['seconds'])} | "
@@ -632,17 +655,21 @@ def main(argv=None):
         save(lines, records)
 
     if args.scene:
-        v = args.scene_variant or (args.variants[-1] if args.variants else "fp32")
-        if v not in VARIANTS:
-            ap.error(f"unknown scene variant {v!r}")
+        v = scene_variant
         lines += [f"Tiled scenes (tile {args.tile}, overlap {args.overlap}, {args.tile_batch} tile(s) per call, "
                   f"variant {v}; one run each):", "", "| scene | tiles | seconds | peak |", "|---|---|---|---|"]
         from .inference import padded_size, tile_starts
         for size in args.scene:
-            r = run_case(args, kind="scene", size=size, variant=v)
-            records.append(r)
             n = len(tile_starts(padded_size(size, size)[0], args.tile, args.overlap)) ** 2
-            lines.append(f"| {size}x{size} | {n} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |")
+            try:
+                r = run_case(args, kind="scene", size=size, variant=v)
+            except CaseFailed as e:
+                records.append(dict(kind="scene", size=size, variant=v, error=str(e)))
+                lines.append(f"| {size}x{size} | {n} | {e} | |")
+            else:
+                records.append(r)
+                lines.append(f"| {size}x{size} | {n} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |")
+            save(lines, records)
         lines.append("")
 
     if args.raster:
@@ -657,14 +684,21 @@ def main(argv=None):
         for size in args.raster:
             path = folder / f"scene_{size}.tif"
             make_geotiff(path, size)
-            r = run_case(args, kind="raster", size=size, path=str(path), networks=args.raster_networks)
-            r["file_mib"] = path.stat().st_size / 2 ** 20
-            path.unlink()
-            records.append(r)
-            lines.append(f"| {size}x{size} | {r['megapixels']:.0f} | {r['file_mib']:.0f} | {r['seconds']:.1f} | "
-                         f"{r['seconds'] / r['megapixels']:.2f} | {r['peak_mib']:.0f} |")
+            file_mib = path.stat().st_size / 2 ** 20
+            try:
+                r = run_case(args, kind="raster", size=size, path=str(path), networks=args.raster_networks)
+            except CaseFailed as e:
+                records.append(dict(kind="raster", size=size, file_mib=file_mib, error=str(e)))
+                lines.append(f"| {size}x{size} | {size * size / 1e6:.0f} | {file_mib:.0f} | {e} | | |")
+            else:
+                r["file_mib"] = file_mib
+                records.append(r)
+                lines.append(f"| {size}x{size} | {r['megapixels']:.0f} | {r['file_mib']:.0f} | {r['seconds']:.1f} | "
+                             f"{r['seconds'] / r['megapixels']:.2f} | {r['peak_mib']:.0f} |")
+            finally:
+                path.unlink(missing_ok=True)
             save(lines, records)
-        folder.rmdir()
+        shutil.rmtree(folder, ignore_errors=True)      # a failed case may leave its output behind
         lines.append("")
 
     if args.scoring:

@@ -101,12 +101,23 @@ def default_overlap(tile: Optional[int]) -> int:
     return DEFAULT_OVERLAP if tile is None or DEFAULT_OVERLAP < tile else tile // 2
 
 
+def _whole(value: Any, what: str) -> int:
+    """``value`` as a Python int (any integer type, numpy's too; not bool), else ConfigError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{what} must be a whole number, got {value!r}") from None
+
+
 def check_tiling(tile: int, overlap: int) -> None:
     """ConfigError unless ``tile`` is a valid tile size (a multiple of 16, at least 64) and
-    ``overlap`` lies in [0, tile)."""
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
+    ``overlap`` lies in [0, tile); both any integer type."""
+    tile, overlap = _whole(tile, "tile size"), _whole(overlap, "tile overlap")
+    if tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
         raise ConfigError(f"tile size {tile} must be a multiple of {STAGE1_MULTIPLE} and at least {STAGE1_MIN_SIZE}")
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+    if not 0 <= overlap < tile:
         raise ConfigError(f"tile overlap {overlap} must be in [0, tile size {tile})")
 
 

@@ -2,6 +2,8 @@
 what went wrong and where. Free of torch: the commands use it before it loads."""
 from __future__ import annotations
 
+import math
+
 
 def first_few(names, n: int = 3) -> str:
     """'a, b, c, ...': the first ``n`` of ``names``, and '...' where more follow."""
@@ -10,10 +12,15 @@ def first_few(names, n: int = 3) -> str:
 
 
 def megapixels(pixels: float) -> str:
-    """'16.8 Mpx', '0.0041 Mpx', '4000 Mpx': a pixel count in millions, three significant
-    digits below 100 Mpx, whole millions above (never '0 Mpx' for a few pixels)."""
+    """'16.8 Mpx', '0.0041 Mpx', '0.00005 Mpx', '4000 Mpx': a pixel count in millions, up to
+    three significant digits below 100 Mpx, whole millions above; plain decimals throughout
+    (never '0 Mpx' for a few pixels, never an exponent)."""
     mpx = pixels / 1e6
-    return f"{mpx:.0f} Mpx" if mpx >= 100 else f"{mpx:.3g} Mpx"
+    if mpx >= 100:
+        return f"{mpx:.0f} Mpx"
+    if mpx >= 0.01 or mpx <= 0:
+        return f"{mpx:.3g} Mpx"
+    return f"{mpx:.{2 - math.floor(math.log10(mpx))}f}".rstrip("0").rstrip(".") + " Mpx"
 
 
 def one_line(exc: BaseException) -> str:

@@ -19,12 +19,14 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 .venv/bin/python -m pip install -q ${PIN[@]+"${PIN[@]}"} -r requirements.txt -r requirements-dev.txt
 # Triton, for the tests of the GPU kernels: its CPU interpreter runs them and its compiler builds
-# them for sm_90, no GPU needed. A CUDA torch brings its own Triton; a CPU torch on Linux x86-64
-# gets TRITON_SPEC (default triton==3.6.0, the version on the project's GPU machine);
-# TRITON_SPEC= (empty) leaves it out (those two tests then skip).
+# them for sm_90, no GPU needed. Where no Triton is importable yet (a CUDA, ROCm or XPU torch
+# brings its own) and the machine is Linux x86-64, TRITON_SPEC is installed (default
+# triton==3.6.0, the version on the project's GPU machine); TRITON_SPEC= (empty) leaves it out
+# (those tests then skip).
 TRITON_SPEC=${TRITON_SPEC-triton==3.6.0}
-if [ -n "$TRITON_SPEC" ] && .venv/bin/python -c "import platform, sys, torch
-sys.exit(0 if torch.version.cuda is None and sys.platform == 'linux' and platform.machine() == 'x86_64' else 1)"; then
+if [ -n "$TRITON_SPEC" ] && .venv/bin/python -c "import importlib.util, platform, sys
+sys.exit(0 if importlib.util.find_spec('triton') is None and sys.platform == 'linux'
+         and platform.machine() == 'x86_64' else 1)"; then
   # shellcheck disable=SC2086
   .venv/bin/python -m pip install -q $TRITON_SPEC
 fi

@@ -839,7 +839,7 @@ MUTATIONS: List[Mutation] = [
              "return DEFAULT_OVERLAP",
              ("tests/test_evaluation.py::test_the_default_overlap_fits_every_tile_size",
               "tests/test_evaluation.py::test_tile_64_on_the_command_line_takes_the_fitting_overlap")),
-    Mutation("overlap-per-call-tile", "a per-call tile size (rasters' default 512) keeps the Dehazer's overlap instead of its own default",
+    Mutation("overlap-per-call-tile", "a per-call tile size (a raster's RasterOptions.tile of 64) keeps the Dehazer's overlap instead of its own default",
              "dsrdmpd/inference.py",
              "overlap = self.overlap if tile == self.tile or self.overlap_given is not None else default_overlap(tile)",
              "overlap = self.overlap",
@@ -869,6 +869,16 @@ MUTATIONS: List[Mutation] = [
              "    if args.train_size and (args.train_size % STAGE1_MULTIPLE or args.train_size < STAGE1_MIN_SIZE):",
              "    if False:",
              ("tests/test_benchmark.py::test_bad_arguments_are_refused_before_any_case_runs",)),
+    # review of the session: the merge loop's later passes, an untiled run's explicit overlap
+    Mutation("triton-merge-one-pass", "Triton GroupNorm merge: the mean reads only the first 256 partials of a group",
+             "dsrdmpd/models/norm.py",
+             "mask=m, other=0.0) * tl.load(mean_ptr + base + j, mask=m, other=0.0)\n            start += BLOCK",
+             "mask=m, other=0.0) * tl.load(mean_ptr + base + j, mask=m, other=0.0)\n            start += K",
+             ("tests/test_fast_path.py::test_triton_merge_over_many_partials_in_the_interpreter",)),
+    Mutation("untiled-overlap-not-fingerprinted", "an untiled run resumed with another --overlap mixes two overlaps in its auto-tiled images",
+             "dsrdmpd/cli/batch.py", "if dehazer.tile is None and dehazer.overlap_given is not None else {}",
+             "if False else {}",
+             ("tests/test_runfolder.py::test_resume_refuses_another_fingerprint_and_names_the_field",)),
 ]
 
 

@@ -79,6 +79,21 @@ def test_a_training_case_past_its_time_limit_becomes_a_row(tmp_path):
     assert "| straightforward (stage 1 every step, full network) | stopped after" in md
 
 
+def test_sizes_and_scene_cases_past_their_time_limit_become_rows(tmp_path):
+    """A case of the sizes table or a tiled scene that fails or runs too long is a row saying
+    so, and the run goes on to the next table (gpu_check.sh's scene step used to end in a
+    traceback with no table)."""
+    out = tmp_path / "bench"
+    assert benchmark.main(["--sizes", "64", "--variants", "--case-timeout", "0.3", "--train-size", "0",
+                           "--scene", "128", "--tile", "64", "--out", str(out)] + TINY) == 0
+    md = (out / "benchmark.md").read_text()
+    assert re.search(r"\| 64 \| stopped after \d s \|", md)
+    assert re.search(r"\| 128x128 \| 9 \| stopped after \d s \|", md)      # 3 x 3 64-px tiles: default overlap 32
+    rows = list(csv.DictReader(open(out / "benchmark.csv")))
+    assert {(r["kind"], r["size"]) for r in rows if r["error"].startswith("stopped after")} == \
+        {("sizes", "64"), ("scene", "128")}
+
+
 def test_a_variant_group_keeps_the_rows_measured_before_a_failure():
     """On CUDA the variants of one size and batch share a process: each row comes back as it
     is measured, so a variant that crashes (here one the process does not know) or runs out
@@ -123,6 +138,8 @@ def test_scoring_table_times_both_window_forms(tmp_path):
     (["--train-size", "0", "--scene", "512", "--tile", "64", "--overlap", "64"],
      r"--tile / --overlap: tile overlap 64 must be in \[0, tile size 64\)"),
     (["--train-size", "0", "--repeats", "0"], "argument --repeats: 0: must be at least 1"),
+    (["--train-size", "0", "--variant-sizes", "64", "100"], "--variant-sizes 100: the networks run at sizes that are"),
+    (["--train-size", "0", "--scene", "256", "--scene-variant", "nope"], "unknown scene variant 'nope'"),
 ])
 def test_bad_arguments_are_refused_before_any_case_runs(argv, message, capsys):
     """A training crop the networks refuse, or a tiling the Dehazer refuses, is a one-line

@@ -127,8 +127,10 @@ def test_problems_are_worded_on_one_line_everywhere():
 
 def test_pixel_counts_are_worded_in_megapixels_that_never_read_zero():
     from dsrdmpd.messages import megapixels
-    assert [megapixels(n) for n in (2000, 4100, 16_777_216, 99_950_000, 100_000_000, 4_000_000_000)] == \
-        ["0.002 Mpx", "0.0041 Mpx", "16.8 Mpx", "100 Mpx", "100 Mpx", "4000 Mpx"]
+    assert [megapixels(n) for n in (0, 50, 2000, 4100, 12_345, 16_777_216, 99_950_000, 100_000_000,
+                                    4_000_000_000)] == \
+        ["0 Mpx", "0.00005 Mpx", "0.002 Mpx", "0.0041 Mpx", "0.0123 Mpx", "16.8 Mpx", "100 Mpx", "100 Mpx",
+         "4000 Mpx"]
 
 
 def test_usage_errors_are_one_line_with_exit_code_2(ckpts, tmp_path, capsys, monkeypatch):

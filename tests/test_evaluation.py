@@ -237,6 +237,12 @@ def test_the_default_overlap_fits_every_tile_size():
         Dehazer(RowRampStage1(), TileMeanStage2(), overlap=64).tile_plan(64, 176, 64)
     with pytest.raises(ConfigError, match="tile size 48 must be a multiple of 16 and at least 64"):
         TilePlan.make(64, 176, 48, 0)
+    numpy_ints = Dehazer(RowRampStage1(), TileMeanStage2(), tile=np.int64(64), overlap=np.int32(32))
+    assert torch.equal(numpy_ints(x).restored, given)              # any integer type, as before
+    with pytest.raises(ConfigError, match="tile overlap must be a whole number, got True"):
+        Dehazer(RowRampStage1(), TileMeanStage2(), tile=64, overlap=True)
+    with pytest.raises(ConfigError, match="tile size must be a whole number, got 64.0"):
+        Dehazer(RowRampStage1(), TileMeanStage2(), tile=64.0)
 
 
 def test_tile_64_on_the_command_line_takes_the_fitting_overlap():

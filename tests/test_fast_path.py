@@ -215,6 +215,48 @@ def test_triton_kernels_in_the_interpreter():
         assert err < 3e-5 and layout_kept
 
 
+MERGE_CHECK = r"""
+import json, torch
+from dsrdmpd.models import norm
+g = torch.Generator().manual_seed(0)
+errs = []
+for k in (1, 2, 257, 600):                  # one partial (a constant to Triton), one pass, several passes of 256
+    rows = 3
+    count = torch.full((rows, k), 4096.0)
+    count[:, -1] = 1000.0                    # a short last chunk
+    mean = torch.randn(rows, k, generator=g) * 0.5 + 100
+    m2 = torch.rand(rows, k, generator=g) * count
+    n = int(count[0].sum())
+    out_mean, out_rstd = torch.empty(rows), torch.empty(rows)
+    norm._merge_kernel[(rows,)](count, mean, m2, out_mean, out_rstd, k, n, 1e-5, BLOCK=256)
+    c, m, q = count.double(), mean.double(), m2.double()
+    total = (c * m).sum(1) / n
+    var = (q + c * (m - total[:, None]) ** 2).sum(1) / n
+    errs.append([(out_mean.double() - total).abs().max().item(),
+                 (out_rstd.double() * (var + 1e-5).sqrt() - 1).abs().max().item()])
+print(json.dumps(errs))
+"""
+
+
+def test_triton_merge_over_many_partials_in_the_interpreter():
+    """The merge kernel over 1, 2, 257 and 600 partials per (image, group) (a 512-px tile with
+    8 channels per group has 512; the GroupNorm cases above have at most 3, one pass of its
+    256-wide loop), run by Triton's CPU interpreter against float64: the mean within 1e-4
+    (of ~100), 1/sqrt(var + eps) within 1e-4 relative."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", MERGE_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errs) == 4
+    for mean_err, rstd_rel_err in errs:
+        assert mean_err < 1e-4 and rstd_rel_err < 1e-4
+
+
 def test_run_options_pass_the_fast_paths_to_the_dehazer():
     import argparse
     from dsrdmpd.cli.options import add_run_options, dehazer_options
@@ -232,7 +274,7 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     code in each specialisation the launch code asks for: float32 and bfloat16 input (bfloat16
     output, or float32 under autocast), NCHW and channels-last, with and without scale/shift,
     and the merge with one partial per row
-    (Triton makes an integer argument equal to 1 a constant). Needs the ``triton`` package,
+    (Triton makes an integer argument equal to 1 a constant); every SiLU / scale-shift pairing. Needs the ``triton`` package,
     like the interpreter test; catches what the interpreter accepts and the compiler refuses."""
     pytest.importorskip("triton")
     import triton
@@ -259,10 +301,11 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
         for cl in (False, True):
             kernels.append(compile_(norm._partials_kernel, {"CHANNELS_LAST": cl, "BLOCK": norm.CHUNK}, dtype))
             for ss in (False, True):
-                kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": cl, "HAS_SS": ss, "ACT": ss,
-                                                             "BLOCK": norm.APPLY_BLOCK}, dtype))
+                for act in (False, True):
+                    kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": cl, "HAS_SS": ss, "ACT": act,
+                                                                 "BLOCK": norm.APPLY_BLOCK}, dtype))
     kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": True, "HAS_SS": True, "ACT": True,
                                                  "BLOCK": norm.APPLY_BLOCK}, "bf16", "fp32"))
     kernels.append(compile_(norm._merge_kernel, {"BLOCK": 256}))
     kernels.append(compile_(norm._merge_kernel, {"BLOCK": 256, "K": 1}))
-    assert len(kernels) == 15 and all(len(k.asm["cubin"]) > 1000 for k in kernels)
+    assert len(kernels) == 23 and all(len(k.asm["cubin"]) > 1000 for k in kernels)

@@ -109,6 +109,11 @@ def test_resume_refuses_another_fingerprint_and_names_the_field(setup, capsys):
     (setup / "s2.pt").write_bytes(b"stage two")
     assert run(setup, "--seed", "3", "--resume", "--tile", "64", "--overlap", "16") == 2
     assert "tile: None then, 64 now" in _errors(capsys)[0]
+    # untiled, an explicit --overlap still shapes auto-tiled images and rasters: part of the
+    # fingerprint, but only when given (a run without it keeps its earlier fingerprint)
+    assert "untiled_overlap" not in fingerprint["fingerprint"]
+    assert run(setup, "--seed", "3", "--resume", "--overlap", "16") == 2
+    assert "untiled_overlap: None then, 16 now" in _errors(capsys)[0]
     assert run(setup, "--seed", "3", "--resume") == 0
     # a fresh run with another seed starts afresh, and its summary says its own seed
     assert run(setup, "--seed", "7") == 0

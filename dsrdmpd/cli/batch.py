@@ -123,6 +123,10 @@ def _run_locked(group: ProcessGroup, folder: RunFolder, cfg, opts, args, items, 
             precision=dehazer.precision, config=cfg, protocol=protocol, resize=resize,
             raster=raster_fingerprint(raster),
             extra={"max_untiled_pixels": args.max_untiled_pixels if dehazer.tile is None else None,
+                   # an untiled run's --overlap still shapes its auto-tiled images and rasters; the
+                   # key only when given, so that earlier run folders keep their fingerprint
+                   **({"untiled_overlap": int(dehazer.overlap_given)}
+                      if dehazer.tile is None and dehazer.overlap_given is not None else {}),
                    "fast_norm": bool(getattr(args, "fast_norm", False)),
                    "channels_last": bool(args.channels_last)})
         # --batch (like --tile-batch, --device and the number of processes) is not part of the

@@ -187,7 +187,7 @@ class GraphedTrainingStep:
                     t.zero_()
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):    # the loader's pin thread runs on
+        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):    # the loader's pin thread may allocate
             loss = self.loss_fn(*self.static_inputs)
             loss.backward()
             self.optimizer.step()
