@@ -493,17 +493,14 @@ def main(argv=None):
 
     import torch
     from .config import ConfigError
-    from .inference import check_tiling, default_overlap
-    from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE
-
-    def network_size(n: int) -> bool:
-        return n % STAGE1_MULTIPLE == 0 and n >= STAGE1_MIN_SIZE
-    if args.train_size and not network_size(args.train_size):
+    from .inference import check_tiling, default_overlap, padded_size, tile_starts
+    from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE, is_stage1_size
+    if args.train_size and not is_stage1_size(args.train_size):
         ap.error(f"--train-size {args.train_size}: a training crop must be a multiple of {STAGE1_MULTIPLE} and at "
                  f"least {STAGE1_MIN_SIZE} (0: no training table)")
     for flag, sizes in (("--sizes", args.sizes), ("--variant-sizes", args.variant_sizes or []),
                         ("--pairs", [size for size, _ in pairs or []]), ("--compile-sizes", args.compile_sizes)):
-        bad = [n for n in sizes if not network_size(n)]
+        bad = [n for n in sizes if not is_stage1_size(n)]
         if bad:
             ap.error(f"{flag} {' '.join(map(str, bad))}: the networks run at sizes that are multiples of "
                      f"{STAGE1_MULTIPLE} and at least {STAGE1_MIN_SIZE}")
@@ -658,7 +655,6 @@ def main(argv=None):
         v = scene_variant
         lines += [f"Tiled scenes (tile {args.tile}, overlap {args.overlap}, {args.tile_batch} tile(s) per call, "
                   f"variant {v}; one run each):", "", "| scene | tiles | seconds | peak |", "|---|---|---|---|"]
-        from .inference import padded_size, tile_starts
         for size in args.scene:
             n = len(tile_starts(padded_size(size, size)[0], args.tile, args.overlap)) ** 2
             try:

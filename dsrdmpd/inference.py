@@ -63,7 +63,7 @@ from .config import DEFAULTS, ConfigError, load_config
 from .diffusion import ResidualDiffusion, start_noise, window_noise
 from .machine import cpu_has_bf16_kernels
 from .models import MCESSUNet
-from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE
+from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE, is_stage1_size
 from .models.norm import set_fast_norm
 from .models.unet_blocks import set_weight_cache
 
@@ -115,7 +115,7 @@ def check_tiling(tile: int, overlap: int) -> None:
     """ConfigError unless ``tile`` is a valid tile size (a multiple of 16, at least 64) and
     ``overlap`` lies in [0, tile); both any integer type."""
     tile, overlap = _whole(tile, "tile size"), _whole(overlap, "tile overlap")
-    if tile % STAGE1_MULTIPLE or tile < STAGE1_MIN_SIZE:
+    if not is_stage1_size(tile):
         raise ConfigError(f"tile size {tile} must be a multiple of {STAGE1_MULTIPLE} and at least {STAGE1_MIN_SIZE}")
     if not 0 <= overlap < tile:
         raise ConfigError(f"tile overlap {overlap} must be in [0, tile size {tile})")

@@ -866,7 +866,7 @@ MUTATIONS: List[Mutation] = [
     # benchmark arguments checked up front
     Mutation("benchmark-train-size-unchecked", "the benchmark starts training cases with a crop the networks refuse",
              "dsrdmpd/benchmark.py",
-             "    if args.train_size and not network_size(args.train_size):",
+             "    if args.train_size and not is_stage1_size(args.train_size):",
              "    if False:",
              ("tests/test_benchmark.py::test_bad_arguments_are_refused_before_any_case_runs",)),
     # review of the session: the merge loop's later passes, an untiled run's explicit overlap

@@ -196,20 +196,26 @@ print(json.dumps(errs))
 """
 
 
-def test_triton_kernels_in_the_interpreter():
-    """The Triton kernels themselves, run by Triton's CPU interpreter (needs the ``triton``
-    package; CPU builds of torch lack it, so this skips there and runs where Triton is):
-    float32 error against float64 GroupNorm + scale/shift + SiLU within 3e-5, NCHW and
-    channels-last (PyTorch's own CPU channels-last kernel is 1.5e-3 off on this input)."""
+def _in_triton_interpreter(script: str):
+    """Run ``script`` in a fresh process under Triton's CPU interpreter (TRITON_INTERPRET=1,
+    read when Triton loads); its last printed line, parsed as JSON. Skips without ``triton``."""
     pytest.importorskip("triton")
     import json
     import os
     import subprocess
     import sys
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_triton_kernels_in_the_interpreter():
+    """The Triton kernels themselves, run by Triton's CPU interpreter (needs the ``triton``
+    package; CPU builds of torch lack it, so this skips there and runs where Triton is):
+    float32 error against float64 GroupNorm + scale/shift + SiLU within 3e-5, NCHW and
+    channels-last (PyTorch's own CPU channels-last kernel is 1.5e-3 off on this input)."""
+    errs = _in_triton_interpreter(TRITON_CHECK)
     assert len(errs) == 4
     for err, layout_kept in errs:
         assert err < 3e-5 and layout_kept
@@ -243,15 +249,7 @@ def test_triton_merge_over_many_partials_in_the_interpreter():
     8 channels per group has 512; the GroupNorm cases above have at most 3, one pass of its
     256-wide loop), run by Triton's CPU interpreter against float64: the mean within 1e-4
     (of ~100), 1/sqrt(var + eps) within 1e-4 relative."""
-    pytest.importorskip("triton")
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", MERGE_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    errs = _in_triton_interpreter(MERGE_CHECK)
     assert len(errs) == 4
     for mean_err, rstd_rel_err in errs:
         assert mean_err < 1e-4 and rstd_rel_err < 1e-4

@@ -17,9 +17,14 @@ STAGE1_MULTIPLE = 16
 STAGE1_MIN_SIZE = 64
 
 
+def is_stage1_size(n: int) -> bool:
+    """The stage-1 size rule for one side: a multiple of STAGE1_MULTIPLE, at least STAGE1_MIN_SIZE."""
+    return n % STAGE1_MULTIPLE == 0 and n >= STAGE1_MIN_SIZE
+
+
 def check_stage1_size(h: int, w: int) -> None:
     """Raise ValueError unless (h, w) satisfies the stage-1 size rule."""
-    if h % STAGE1_MULTIPLE or w % STAGE1_MULTIPLE or h < STAGE1_MIN_SIZE or w < STAGE1_MIN_SIZE:
+    if not (is_stage1_size(h) and is_stage1_size(w)):
         raise ValueError(
             f"MCESS-UNet input size {h}x{w} is not allowed: height and width must be multiples "
             f"of {STAGE1_MULTIPLE} and at least {STAGE1_MIN_SIZE} (use dsrdmpd.inference, which "
