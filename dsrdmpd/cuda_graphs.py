@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Tuple
+from typing import Callable, Hashable, Iterable, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from torch import nn
 # among them, which a DataLoader's pin-memory thread makes while staging the next batch)
 # and invalidates the capture. Inductor captures its graphs in "thread_local" too.
 CAPTURE_MODE = "thread_local"
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +48,34 @@ def _memory_format(t: torch.Tensor):
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def require_cuda(tensors: Iterable[torch.Tensor]) -> None:
+    """ValueError unless every tensor is on a CUDA device."""
+    if not all(t.is_cuda for t in tensors):
+        raise ValueError("CUDA graphs need CUDA tensors")
+
+
+def warm_up(body: Callable[[], object], times: int) -> None:
+    """``body()`` run ``times`` times on a side stream, as PyTorch's capture recipe asks
+    (cuDNN and cuBLAS choose their kernels, lazy caches fill); the current stream then
+    waits for it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def record(body: Callable[[], T]) -> Tuple["torch.cuda.CUDAGraph", T]:
+    """``body()``'s GPU work captured in a new CUDA graph (``CAPTURE_MODE``): the graph, and
+    what ``body`` returned, tensors in the graph's memory pool that every replay rewrites.
+    Nothing runs during the capture; the first replay computes the first result."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
+        out = body()
+    return graph, out
 
 
 def weights_key(modules: Iterable[nn.Module]) -> Tuple:
@@ -82,8 +111,7 @@ class GraphRunner:
         self.graphs.clear()
 
     def __call__(self, *tensors: torch.Tensor, extra: Hashable = ()) -> Tuple[torch.Tensor, ...]:
-        if not all(t.is_cuda for t in tensors):
-            raise ValueError("CUDA graphs need CUDA tensors")
+        require_cuda(tensors)
         weights = weights_key(self.modules)
         if weights != self._weights:
             self.clear()
@@ -105,14 +133,7 @@ class GraphRunner:
 
     def _capture(self, tensors: Tuple[torch.Tensor, ...]) -> CapturedGraph:
         inputs = tuple(t.clone(memory_format=torch.preserve_format) for t in tensors)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.fn(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
-            outputs = self.fn(*inputs)
+        warm_up(lambda: self.fn(*inputs), self.warmup)
+        graph, outputs = record(lambda: self.fn(*inputs))
         self.captures += 1
         return CapturedGraph(graph, inputs, tuple(outputs), _cached_weights(self.modules))

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Optional, Tuple
 import torch
 
 from ..config import ConfigError
-from ..cuda_graphs import CAPTURE_MODE
+from ..cuda_graphs import record, warm_up
 
 # param-group entries that choose Adam's implementation: this run's choice, never the file's
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
@@ -159,6 +159,18 @@ class GraphedTrainingStep:
         self.graph.replay()
         return self.static_loss.detach().clone()
 
+    def _backward_and_step(self) -> torch.Tensor:
+        """The step's work on the static inputs: the loss, its backward, the optimizer step."""
+        loss = self.loss_fn(*self.static_inputs)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def _step(self) -> None:
+        """A whole eager step (the warm-up's): gradients cleared first."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._backward_and_step()
+
     def _tensors(self):
         """(weights and buffers, Adam's state tensors)"""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -171,14 +183,7 @@ class GraphedTrainingStep:
         params, state = self._tensors()
         saved = [t.detach().clone() for t in params + state]
         had_state = set(map(id, state))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.loss_fn(*self.static_inputs).backward()
-                self.optimizer.step()
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(self._step, self.warmup)
         with torch.no_grad():                  # undo the warm-up: weights and Adam state as before it
             for t, s in zip(params + state, saved):
                 t.copy_(s)
@@ -186,12 +191,7 @@ class GraphedTrainingStep:
                 if id(t) not in had_state:     # state Adam created in the warm-up: fresh is all zeros
                     t.zero_()
         self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):    # the loader's pin thread may allocate
-            loss = self.loss_fn(*self.static_inputs)
-            loss.backward()
-            self.optimizer.step()
-        self.graph, self.static_loss = graph, loss
+        self.graph, self.static_loss = record(self._backward_and_step)
         self.captures += 1
 
 
