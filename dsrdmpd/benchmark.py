@@ -212,9 +212,24 @@ def _pipeline(args, spec, dev, torch, emit):
         del d
 
 
+# Dynamo's phases of a first compiled call, as torch._dynamo.utils.compilation_time_metrics
+# names them (seconds per compiled frame): tracing the Python code, the backend (inductor's
+# compile, or its load from the cache) and building the guards
+COMPILE_PHASES = {"tracing_s": "bytecode_tracing", "backend_s": "OutputGraph.call_user_compiler",
+                  "guards_s": "build_guards"}
+
+
+def compile_phases(metrics) -> dict:
+    """{column: seconds} of each phase in ``COMPILE_PHASES``, summed over the frames of
+    ``metrics`` ({phase name: [seconds per frame]}); a phase it lacks is left out."""
+    return {col: float(sum(metrics[name])) for col, name in COMPILE_PHASES.items() if metrics.get(name)}
+
+
 def _first_call(args, spec, dev, torch):
-    """Seconds to the end of the first compiled call, then the steady call (inductor cache in
-    spec['cache_dir'], empty for 'cold', filled by an earlier process for 'warm')."""
+    """Seconds to the end of the first compiled call and in Dynamo's phases of it, then the
+    steady call (inductor cache in spec['cache_dir'], empty for 'cold', filled by an
+    earlier process for 'warm')."""
+    from torch._dynamo import utils as dynamo_utils
     from .inference import Dehazer
     x = torch.rand(1, 3, spec["size"], spec["size"], generator=torch.Generator().manual_seed(0))
     d = Dehazer(*_models(args), device=dev, **VARIANTS[spec["variant"]])
@@ -222,7 +237,8 @@ def _first_call(args, spec, dev, torch):
     d(x)
     _sync(dev)
     first = time.perf_counter() - t0
-    return dict(spec, first_call_s=first, seconds=_timed(lambda: d(x), dev, 1, args.repeats))
+    phases = compile_phases(getattr(dynamo_utils, "compilation_time_metrics", {}))   # private: may be absent
+    return dict(spec, first_call_s=first, **phases, seconds=_timed(lambda: d(x), dev, 1, args.repeats))
 
 
 def _case(args, spec, queue):
@@ -599,8 +615,11 @@ def main(argv=None):
         if v not in VARIANTS or not VARIANTS[v].get("compile"):
             ap.error(f"--compile-variant must be a compile variant, got {v!r}")
         lines += [f"torch.compile ({v}, batch 1): first call in a fresh process with an empty inductor cache "
-                  "(cold), then in another fresh process with the cache the first one filled (warm):", "",
-                  "| size | cache | first call (s) | then ms / image |", "|---|---|---|---|"]
+                  "(cold), then in another fresh process with the cache the first one filled (warm); "
+                  "of the first call, Dynamo's phases: tracing the Python code, the backend (inductor's "
+                  "compile, or loading it from the cache) and building guards:", "",
+                  "| size | cache | first call (s) | tracing (s) | backend (s) | guards (s) | then ms / image |",
+                  "|---|---|---|---|---|---|---|"]
         for size in args.compile_sizes:
             with tempfile.TemporaryDirectory(prefix="dsrdmpd-inductor-") as cache_dir:
                 for state in ("cold", "warm"):
@@ -608,10 +627,11 @@ def main(argv=None):
                         r = run_case(args, kind="compile", size=size, variant=v, cache=state, cache_dir=cache_dir)
                     except CaseFailed as e:
                         records.append(dict(kind="compile", size=size, cache=state, error=str(e)))
-                        lines.append(f"| {size} | {state} | {e} | |")
+                        lines.append(f"| {size} | {state} | {e} | | | | |")
                         break
                     records.append(r)
-                    lines.append(f"| {size} | {state} | {r['first_call_s']:.1f} | {1000 * r['seconds']:.1f} |")
+                    phases = " | ".join(f"{r[c]:.1f}" if c in r else "" for c in COMPILE_PHASES)
+                    lines.append(f"| {size} | {state} | {r['first_call_s']:.1f} | {phases} | {1000 * r['seconds']:.1f} |")
                     save(lines, records)
         lines.append("")
         save(lines, records)

@@ -917,6 +917,13 @@ MUTATIONS: List[Mutation] = [
     Mutation("graphed-step-one-capture", "the captured training step is not captured again for a new input shape",
              "dsrdmpd/training/step_options.py", "        if key != self.key:\n            self._capture(inputs)",
              "        if self.key is None:\n            self._capture(inputs)", ("tests/test_graphs_on_cpu.py::test_graphed_step_equals_eager_steps_warm_up_undone_and_recaptured_per_shape",)),
+    # the compile table's phases of the first call
+    Mutation("compile-phase-first-frame", "the compile table's phase times count only the first compiled frame",
+             "dsrdmpd/benchmark.py", "float(sum(metrics[name]))", "float(metrics[name][0])",
+             ("tests/test_benchmark.py::test_compile_phases_are_summed_over_frames",)),
+    Mutation("compile-phase-misnamed", "the compile table reads a guard-phase name torch does not record (a blank column)",
+             "dsrdmpd/benchmark.py", '"guards_s": "build_guards"', '"guards_s": "guards"',
+             ("tests/test_benchmark.py::test_this_torch_records_the_compile_phases_the_benchmark_reads",)),
 ]
 
 

@@ -41,6 +41,22 @@ def test_peak_table_and_override():
     assert benchmark.peak_tflops("Some GPU", "fp32", 100.0) == 100.0
 
 
+def test_compile_phases_are_summed_over_frames():
+    metrics = {"bytecode_tracing": [1.5, 2.0], "OutputGraph.call_user_compiler": [10.0],
+               "build_guards": [0.25, 0.5], "compile_file": [99.0]}
+    assert benchmark.compile_phases(metrics) == {"tracing_s": 3.5, "backend_s": 10.0, "guards_s": 0.75}
+    assert benchmark.compile_phases({"bytecode_tracing": [1.0], "build_guards": []}) == {"tracing_s": 1.0}
+    assert benchmark.compile_phases({}) == {}
+
+
+def test_this_torch_records_the_compile_phases_the_benchmark_reads():
+    """The phase names are torch's (a private table): one compile fills all three here, so a
+    torch that renames one fails this test instead of leaving a blank column on a GPU."""
+    from torch._dynamo import utils as dynamo_utils
+    torch.compile(lambda x: torch.sin(x) + 1, backend="eager")(torch.rand(3))
+    assert set(benchmark.compile_phases(dynamo_utils.compilation_time_metrics)) == set(benchmark.COMPILE_PHASES)
+
+
 def test_variants_table_on_the_cpu(tmp_path):
     out = tmp_path / "bench"
     assert benchmark.main(["--sizes", "--variants", "fp32", "fp32+fastnorm", "--pairs", "64x2",
