@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from dsrdmpd import cuda_graphs
-from dsrdmpd.training import step_options
-from dsrdmpd.training.step_options import GraphedTrainingStep, StepOptions, make_adam
 from dsrdmpd.builders import build_stage1, build_stage2
 from dsrdmpd.cuda_graphs import GraphRunner
 from dsrdmpd.inference import Dehazer
+from dsrdmpd.training import step_options
+from dsrdmpd.training.step_options import GraphedTrainingStep, StepOptions, make_adam
 
 
 class FakeGraph:
@@ -40,8 +40,9 @@ class FakeGraph:
 
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    """CUDA's graph calls in ``dsrdmpd.cuda_graphs`` replaced by CPU stand-ins; yields the
-    list of FakeGraphs recorded."""
+    """CUDA's graph calls in ``dsrdmpd.cuda_graphs`` replaced by CPU stand-ins (the capture
+    runs the pure function once, for its output shapes); returns the list of FakeGraphs
+    recorded."""
     recorded = []
 
     def record(body):
