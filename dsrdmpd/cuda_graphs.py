@@ -21,6 +21,7 @@ host-side randomness and synchronisation (the Dehazer uses graphs only with eta 
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Tuple, TypeVar
@@ -133,7 +134,8 @@ class GraphRunner:
 
     def _capture(self, tensors: Tuple[torch.Tensor, ...]) -> CapturedGraph:
         inputs = tuple(t.clone(memory_format=torch.preserve_format) for t in tensors)
-        warm_up(lambda: self.fn(*inputs), self.warmup)
-        graph, outputs = record(lambda: self.fn(*inputs))
+        body = functools.partial(self.fn, *inputs)
+        warm_up(body, self.warmup)
+        graph, outputs = record(body)
         self.captures += 1
         return CapturedGraph(graph, inputs, tuple(outputs), _cached_weights(self.modules))

@@ -166,9 +166,15 @@ def test_tiles_of_a_scene_share_one_graph_and_eta_runs_eager(fake_graphs):
 # --- the captured training step ---------------------------------------------------------
 
 def _adam(net):
-    """The Adam ``train.cuda_graph`` makes (learning rate a tensor, ``capturable`` set), run
-    as PyTorch's plain Adam: capturable Adam refuses CPU tensors."""
+    """The Adam ``train.cuda_graph`` makes (learning rate a tensor, ``capturable`` set)."""
     return make_adam(net.parameters(), 1e-2, StepOptions(cuda_graph=True), torch.device("cpu"))
+
+
+def _run_plain(optimizer):
+    """``optimizer`` switched to PyTorch's plain Adam path: capturable Adam refuses CPU tensors."""
+    for g in optimizer.param_groups:
+        g["capturable"] = False
+    return optimizer
 
 
 @pytest.fixture
@@ -176,8 +182,6 @@ def fake_train_graphs(monkeypatch):
     """Stand-ins for the captured training step, for one (model, optimizer) at a time: the
     capture traces the step and puts back what it changed; a replay is a fresh step whose
     gradients start from none (a real replay writes them, it does not add to them)."""
-    made = []
-
     def use(model, optimizer):
         def record(body):
             tensors = lambda: ([*model.parameters(), *model.buffers()]            # noqa: E731
@@ -189,16 +193,12 @@ def fake_train_graphs(monkeypatch):
                 for t, old in before:
                     t.copy_(old)
             optimizer.zero_grad(set_to_none=True)
-            graph = FakeTrainGraph(body, optimizer, loss)
-            made.append(graph)
-            return graph, loss
+            return FakeTrainGraph(body, optimizer, loss), loss
         monkeypatch.setattr(step_options, "record", record)
         monkeypatch.setattr(step_options, "warm_up", lambda body, times: [body() for _ in range(times)])
         step = GraphedTrainingStep(lambda x, y: F.l1_loss(model(x), y), model, optimizer)
-        for g in optimizer.param_groups:             # past the capturable check: plain Adam on the CPU
-            g["capturable"] = False
+        _run_plain(optimizer)                          # after the step's capturable check
         return step
-    use.made = made
     return use
 
 
@@ -228,9 +228,7 @@ def test_graphed_step_equals_eager_steps_warm_up_undone_and_recaptured_per_shape
     a new input shape captures again, with the state the earlier steps left."""
     eager, graphed = _net(), _net()
     batches = _batches([(2, 3, 8, 8)] * 3 + [(1, 3, 12, 8)] * 2 + [(2, 3, 8, 8)])
-    opt_e = _adam(eager)
-    for g in opt_e.param_groups:
-        g["capturable"] = False
+    opt_e = _run_plain(_adam(eager))
     ref = []
     for x, y in batches:
         opt_e.zero_grad(set_to_none=True)
