@@ -24,7 +24,8 @@ attention) and their fraction of the card's peak for the variant's precision (th
 datasheet table ``PEAK_TFLOPS`` or ``--peak-tflops``), the PSNR against the fp32
 output, and peak memory. ``--compile-sizes`` times the first call of a compiled
 pipeline with an empty and then with a filled inductor cache (cold / warm), each in a
-fresh process.
+fresh process; ``--aot-sizes`` the first call through an ahead-of-time compiled package
+(:mod:`dsrdmpd.aot`): its build, then its load in a fresh process.
 
 Each case runs in a fresh process (CPU peak memory = that process's peak RSS; GPU =
 max allocated). On CUDA the variants of one size and batch share a process (peak memory
@@ -241,6 +242,29 @@ def _first_call(args, spec, dev, torch):
     return dict(spec, first_call_s=first, **phases, seconds=_timed(lambda: d(x), dev, 1, args.repeats))
 
 
+def _first_aot_call(args, spec, dev, torch):
+    """Seconds to the end of the first call through an ahead-of-time compiled pipeline (a
+    build with spec['aot_dir'] empty, a load from a fresh process once an earlier one built
+    it) and the parts of it (export_s, compile_s, load_s), then the steady call and the
+    PSNR against the eager fp32 pipeline."""
+    from .inference import Dehazer
+    x = torch.rand(1, 3, spec["size"], spec["size"], generator=torch.Generator().manual_seed(0))
+    d = Dehazer(*_models(args), device=dev, aot=spec["aot_dir"], **VARIANTS[spec["variant"]])
+    t0 = time.perf_counter()
+    out = d(x).restored
+    _sync(dev)
+    first = time.perf_counter() - t0
+    parts = next(iter(d.aot.timings.values()), {})
+    row = dict(spec, first_call_s=first, **parts, builds=d.aot.builds,
+               seconds=_timed(lambda: d(x), dev, 1, args.repeats), peak_mib=_peak(dev))
+    del row["aot_dir"]                                   # a temporary folder, gone after the run
+    eager = Dehazer(*_models(args), device=dev)
+    mse = ((out - eager(x).restored) ** 2).mean().item()
+    row["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+    row["eager_fp32_seconds"] = _timed(lambda: eager(x), dev, 1, args.repeats)    # side by side, same process
+    return row
+
+
 def _case(args, spec, queue):
     """One measurement in this (fresh) process: puts ("row", dict) on ``queue`` for each row
     measured (one, or one per variant of a pipeline group), then ("end", None)."""
@@ -283,6 +307,8 @@ def _case(args, spec, queue):
         return
     elif kind == "compile":
         out = _first_call(args, spec, dev, torch)
+    elif kind == "aot":
+        out = _first_aot_call(args, spec, dev, torch)
     elif kind in ("train_fast", "train_straightforward"):
         fast = kind == "train_fast"
         if dev.startswith("cuda"):
@@ -395,7 +421,7 @@ class CaseFailed(RuntimeError):
 
 def _label(row) -> dict:
     """What a progress line names: the case, and the options that tell cases apart."""
-    return {k: v for k, v in row.items() if k not in ("flops", "variants", "path", "cache_dir") and
+    return {k: v for k, v in row.items() if k not in ("flops", "variants", "path", "cache_dir", "aot_dir") and
             not isinstance(v, float)}
 
 
@@ -464,6 +490,10 @@ def main(argv=None):
                     help="time the first compiled call, cold and warm inductor cache, at these sizes")
     ap.add_argument("--compile-variant", default="fp32+compile",
                     help="variant for --compile-sizes")
+    ap.add_argument("--aot-sizes", type=int, nargs="*", default=[],
+                    help="time the ahead-of-time compiled pipeline (Dehazer(aot=...)) at these sizes: its build "
+                         "in a fresh process, then its load in another")
+    ap.add_argument("--aot-variant", default="fp32", help="variant for --aot-sizes (no compile, no graphs)")
     ap.add_argument("--case-timeout", type=float, default=0.0, help="seconds before a case is stopped (0: never)")
     ap.add_argument("--train-size", type=non_negative_int, default=256, help="stage-2 training crop (0: skip training)")
     ap.add_argument("--train-batch", type=positive_int, default=1, help="stage-2 training batch (paper: 1)")
@@ -515,7 +545,8 @@ def main(argv=None):
         ap.error(f"--train-size {args.train_size}: a training crop must be a multiple of {STAGE1_MULTIPLE} and at "
                  f"least {STAGE1_MIN_SIZE} (0: no training table)")
     for flag, sizes in (("--sizes", args.sizes), ("--variant-sizes", args.variant_sizes or []),
-                        ("--pairs", [size for size, _ in pairs or []]), ("--compile-sizes", args.compile_sizes)):
+                        ("--pairs", [size for size, _ in pairs or []]), ("--compile-sizes", args.compile_sizes),
+                        ("--aot-sizes", args.aot_sizes)):
         bad = [n for n in sizes if not is_stage1_size(n)]
         if bad:
             ap.error(f"{flag} {' '.join(map(str, bad))}: the networks run at sizes that are multiples of "
@@ -632,6 +663,34 @@ def main(argv=None):
                     records.append(r)
                     phases = " | ".join(f"{r[c]:.1f}" if c in r else "" for c in COMPILE_PHASES)
                     lines.append(f"| {size} | {state} | {r['first_call_s']:.1f} | {phases} | {1000 * r['seconds']:.1f} |")
+                    save(lines, records)
+        lines.append("")
+        save(lines, records)
+
+    if args.aot_sizes:
+        import tempfile
+        v = args.aot_variant
+        if v not in VARIANTS or any(VARIANTS[v].get(k) for k in ("compile", "cuda_graphs")):
+            ap.error(f"--aot-variant must be a variant without compile or graphs, got {v!r}")
+        lines += [f"Ahead-of-time compiled pipeline ({v}, batch 1; `Dehazer(aot=DIR)`): the first call in a fresh "
+                  "process with DIR empty (build: export, AOTInductor compile, load), then in another fresh "
+                  "process with the package that build left (load):", "",
+                  "| size | package | first call (s) | export (s) | compile (s) | load (s) | then ms / image | "
+                  "eager fp32 ms / image | PSNR vs fp32 (dB) |", "|---|---|---|---|---|---|---|---|---|"]
+        for size in args.aot_sizes:
+            with tempfile.TemporaryDirectory(prefix="dsrdmpd-aot-") as aot_dir:
+                for phase in ("build", "load"):
+                    try:
+                        r = run_case(args, kind="aot", size=size, variant=v, package=phase, aot_dir=aot_dir)
+                    except CaseFailed as e:
+                        records.append(dict(kind="aot", size=size, package=phase, error=str(e)))
+                        lines.append(f"| {size} | {phase} | {e} | | | | | | |")
+                        break
+                    records.append(r)
+                    lines.append(f"| {size} | {phase} | {r['first_call_s']:.1f} | {_fmt(r.get('export_s'), '{:.1f}')} | "
+                                 f"{_fmt(r.get('compile_s'), '{:.1f}')} | {_fmt(r.get('load_s'), '{:.2f}')} | "
+                                 f"{1000 * r['seconds']:.1f} | {1000 * r['eager_fp32_seconds']:.1f} | "
+                                 f"{_fmt(r['psnr_vs_fp32'], '{:.1f}')} |")
                     save(lines, records)
         lines.append("")
         save(lines, records)

@@ -37,6 +37,12 @@ the split-reduction kernels of :mod:`dsrdmpd.models.norm` on CUDA (the CPU keeps
 (:mod:`dsrdmpd.cuda_graphs`; at most ``max_graphs`` graphs, least recently used dropped;
 CUDA only, eta = 0, not with ``compile``). Standardised conv weights are computed once per
 weight version (:class:`dsrdmpd.models.unet_blocks.WeightStandardizedConv2d`; exact).
+``aot`` (a folder) runs stage 1 and the whole sampler through an ahead-of-time compiled
+package built once per (batch, height, width, precision, channels-last, steps, fast) and
+weights, kept in that folder and loaded by later processes in seconds (:mod:`dsrdmpd.aot`;
+its first use per size compiles for minutes; eta = 0, else eager; not with ``compile`` or
+``cuda_graphs``; at most ``max_graphs`` packages held in memory; the fast GroupNorm is not
+traced, the compiler fuses PyTorch's).
 ``tile_batch`` > 1 runs several tiles per network call. Everything runs under
 ``torch.inference_mode``; the outputs are copied out of it (plain tensors).
 """
@@ -48,6 +54,7 @@ import itertools
 import math
 import os
 import operator
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
@@ -55,6 +62,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .aot import AOTRunner
 from .builders import load_stage1, load_stage2
 from .choices import PRECISIONS
 from .cuda_graphs import GraphRunner
@@ -64,7 +72,7 @@ from .diffusion import ResidualDiffusion, start_noise, window_noise
 from .machine import cpu_has_bf16_kernels
 from .models import MCESSUNet
 from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE, is_stage1_size
-from .models.norm import set_fast_norm
+from .models.norm import native_norm, set_fast_norm
 from .models.unet_blocks import set_weight_cache
 
 
@@ -121,6 +129,10 @@ def check_tiling(tile: int, overlap: int) -> None:
         raise ConfigError(f"tile overlap {overlap} must be in [0, tile size {tile})")
 
 
+def _to_stderr(line: str) -> None:
+    print(f"dsrdmpd: {line}", file=sys.stderr, flush=True)
+
+
 class SlowPrecisionWarning(UserWarning):
     """A precision this device runs far slower than float32 (bfloat16 on a CPU without oneDNN bf16)."""
 
@@ -133,7 +145,7 @@ class Dehazer:
                  tile: Optional[int] = None, overlap: Optional[int] = None, tile_batch: int = 1,
                  precision: str = "fp32", channels_last: bool = False, compile: bool = False,
                  fast_norm: bool = False, cuda_graphs: bool = False, max_graphs: int = 4,
-                 compile_cache: Optional[str] = None):
+                 compile_cache: Optional[str] = None, aot: Union[None, str, "os.PathLike"] = None):
         self.device = torch.device(device)
         self.stage1 = stage1.to(self.device).eval()
         self.stage2 = stage2.to(self.device).eval()
@@ -147,6 +159,9 @@ class Dehazer:
         if self.channels_last:
             self.stage1.to(memory_format=torch.channels_last)
             self.stage2.to(memory_format=torch.channels_last)
+        if aot is not None and (compile or cuda_graphs):
+            raise ConfigError(f"aot (ahead-of-time compiled pipelines) runs without {'compile' if compile else 'cuda_graphs'}:"
+                              f" leave one of them out")
         if compile:
             use_compile_cache(compile_cache)
             self.stage1.compile()
@@ -163,6 +178,9 @@ class Dehazer:
             set_weight_cache(set_fast_norm(net, fast_norm), True)
         self.graphs = (GraphRunner(self._run_eager, (self.stage1, self.stage2), max_graphs)
                        if cuda_graphs and self.device.type == "cuda" and not compile else None)
+        self.aot = (AOTRunner(self._run_traced, (self.stage1, self.stage2), aot, max_graphs, notify=_to_stderr)
+                    if aot is not None else None)
+        self._aot_batch: Dict[Tuple[int, int], int] = {}     # (H, W) -> largest batch run through aot
         self.steps = stage2.sampling_timesteps if steps is None else steps
         self.overlap_given = overlap            # None: default_overlap of whichever tile size runs
         if overlap is None:
@@ -234,7 +252,31 @@ class Dehazer:
         (replayed from a CUDA graph with ``cuda_graphs``, equal to the eager run)."""
         if self.graphs is not None and self.eta == 0:
             return self.graphs(x, noise, extra=(self.precision, self.channels_last, self.steps, self.fast))
+        if self.aot is not None and self.eta == 0:
+            return self._run_aot(x, noise)
         return self._run_eager(x, noise)
+
+    def _run_aot(self, x: torch.Tensor, noise: torch.Tensor):
+        """Through the compiled package of this size. A batch smaller than the largest one run
+        at its size (a folder's last batch, a scene's last tiles) is filled up to it with
+        copies of its last image, whose results are dropped: one package serves them all
+        (each image's result does not depend on its batch-mates beyond float32 rounding)."""
+        schedule = getattr(self.stage2, "schedule", None)
+        if schedule is not None:
+            schedule.sampling_times(self.steps)        # the time grid as plain ints, computed before any tracing
+        b, size = x.shape[0], tuple(x.shape[-2:])
+        full = max(b, self._aot_batch.get(size, 0))
+        self._aot_batch[size] = full
+        if full > b:
+            x, noise = (torch.cat([t, t[-1:].expand(full - b, *t.shape[1:])]) for t in (x, noise))
+        c, r = self.aot(x, noise, extra=dict(precision=self.precision, channels_last=self.channels_last,
+                                             steps=self.steps, fast=bool(self.fast)))
+        return c[:b], r[:b]
+
+    def _run_traced(self, x: torch.Tensor, noise: torch.Tensor):
+        """:meth:`_run_eager` as the ahead-of-time compiler traces it (PyTorch's GroupNorm)."""
+        with native_norm(self.stage1, self.stage2):
+            return self._run_eager(x, noise)
 
     def _run_eager(self, x: torch.Tensor, noise: torch.Tensor):
         # the layout is ours, not the caller's: a channels-last or strided input runs as a contiguous one

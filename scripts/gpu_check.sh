@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One short GPU session (under 7 minutes on an H100/H200): the CUDA tests of the fast paths,
 # the GPU benchmark tables (size x batch x precision with the fast GroupNorm and CUDA graphs,
-# training steps/s), the older CUDA tests, and torch.compile cold/warm if time is left.
+# training steps/s), the older CUDA tests, and, if time is left, the ahead-of-time compiled
+# pipeline (build, then load in a fresh process) and torch.compile cold/warm.
 # Every part has its own time limit and writes its raw output to OUT_DIR as it goes, so a
 # hang or a slow part cannot eat the session; BUDGET (seconds, default 400) bounds the whole, so
 # that a lent GPU's 15 minutes (start-up included) leave room to run it a second time.
 # OUT_DIR gets check.txt (machine, test output, total time), bench.log (benchmark progress) and
 # benchmark.md + benchmark.csv in inference/, scene/, training/ and, if time was left,
-# inference_more/ and compile/.
+# inference_more/, aot/ and compile/.
 # tests/test_speed_options.py's GPU cases (measured on the H200 before) are not rerun here.
 #
 # Usage (on a CUDA machine, in the repo root):
@@ -45,7 +46,7 @@ stop() { timeout -s INT -k 10 "$@"; }
 
 # 1. the fast paths against the float32 reference (norm, graphs; Triton kernels in the interpreter too)
 stop "$(limit "${FAST_TEST_LIMIT:-70}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda_fast.py \
-    -k "not compile_cache" "tests/test_fast_path.py::test_triton_kernels_in_the_interpreter" 2>&1 \
+    -k "not compile_cache and not aot" "tests/test_fast_path.py::test_triton_kernels_in_the_interpreter" 2>&1 \
     | tee -a "$out/check.txt" || status=1
 
 # 2. inference: the issue's target cases first (256 x 1, 256 x 32, 512 x 1; true float32, TF32 and
@@ -67,9 +68,10 @@ stop "$(limit "${TRAIN_LIMIT:-75}")" "$py" scripts/benchmark.py --device cuda --
 stop "$(limit "${TEST_LIMIT:-90}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda.py 2>&1 \
     | tee -a "$out/check.txt" || status=1
 
-# 4. if time is left: the rest of the grid (256 x 8, 1024 x 1), then torch.compile with the persistent
-#    cache (DSRDMPD_COMPILE_CACHE): the warm-start test and the first call with an empty and with a
-#    filled cache at paper width
+# 4. if time is left: the rest of the grid (256 x 8, 1024 x 1); the compile-cache and AOT-package
+#    tests; the AOT package at paper width (build, then load in a fresh process); then
+#    torch.compile with the persistent cache (DSRDMPD_COMPILE_CACHE): the first call with an
+#    empty and with a filled cache at paper width
 if (( $(left) >= ${GRID_MIN:-60} )); then
     stop "$(limit 60)" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 --pairs 256x8 1024x1 \
         --variants fp32 tf32 tf32+fastnorm+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs \
@@ -77,8 +79,15 @@ if (( $(left) >= ${GRID_MIN:-60} )); then
         || status=1
 fi
 if (( $(left) >= ${COMPILE_MIN:-60} )); then
-    stop "$(limit 120)" "$py" -m pytest -q -s tests/test_cuda_fast.py -k compile_cache 2>&1 \
+    stop "$(limit 150)" "$py" -m pytest -q -s tests/test_cuda_fast.py -k "compile_cache or aot" 2>&1 \
         | tee -a "$out/check.txt" || status=1
+fi
+if (( $(left) >= ${AOT_MIN:-100} )); then
+    stop "$(limit $(( $(left) / 2 )))" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
+        --aot-sizes 256 --aot-variant tf32 --repeats 3 --case-timeout $(( $(left) / 3 )) --out "$out/aot" 2>&1 \
+        | tee -a "$out/bench.log" || status=1
+else
+    echo "aot: skipped, $(left) s left of $budget" | tee -a "$out/bench.log"
 fi
 if (( $(left) >= ${COMPILE_MIN:-100} )); then
     stop "$(limit "$(left)")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \

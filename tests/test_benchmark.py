@@ -122,6 +122,26 @@ def test_a_variant_group_keeps_the_rows_measured_before_a_failure():
     assert failure.value.rows[0]["seconds"] > 0
 
 
+def test_aot_rows_build_then_load(tmp_path, monkeypatch):
+    """The AOT table's case, in this process with the compile replaced by the stand-in of
+    tests/test_aot.py (a real build takes minutes): the first call builds (export, compile
+    and load times in the row), a later one loads only; both beside eager fp32."""
+    from dsrdmpd import aot
+    from test_aot import StandIn
+    stand_in = StandIn()
+    monkeypatch.setattr(aot, "compile_package", stand_in.compile)
+    monkeypatch.setattr(aot, "load_package", stand_in.load)
+    args = SimpleNamespace(stage1=None, stage2=None, dim1=32, dim2=8, plain=False, repeats=1)
+    rows = [benchmark._first_aot_call(args, dict(kind="aot", size=64, variant="fp32", package=phase,
+                                                 aot_dir=str(tmp_path)), "cpu", torch) for phase in ("build", "load")]
+    build, load = rows
+    assert build["builds"] == 1 and load["builds"] == 0 and stand_in.compiles == 1
+    assert {"export_s", "compile_s", "load_s"} <= set(build) and "compile_s" not in load and "load_s" in load
+    assert build["first_call_s"] >= build["export_s"] + build["compile_s"] + build["load_s"]
+    for r in rows:
+        assert "aot_dir" not in r and r["eager_fp32_seconds"] > 0 and r["psnr_vs_fp32"] > 100
+
+
 def test_script_is_a_thin_entry_point():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--pairs", "64by2"],
                           capture_output=True, text=True, timeout=120)
@@ -156,6 +176,9 @@ def test_scoring_table_times_both_window_forms(tmp_path):
     (["--train-size", "0", "--repeats", "0"], "argument --repeats: 0: must be at least 1"),
     (["--train-size", "0", "--variant-sizes", "64", "100"], "--variant-sizes 100: the networks run at sizes that are"),
     (["--train-size", "0", "--scene", "256", "--scene-variant", "nope"], "unknown scene variant 'nope'"),
+    (["--train-size", "0", "--aot-sizes", "64", "--aot-variant", "fp32+graphs"],
+     "--aot-variant must be a variant without compile or graphs"),
+    (["--train-size", "0", "--aot-sizes", "72"], "--aot-sizes 72: the networks run at sizes that are"),
 ])
 def test_bad_arguments_are_refused_before_any_case_runs(argv, message, capsys):
     """A training crop the networks refuse, or a tiling the Dehazer refuses, is a one-line

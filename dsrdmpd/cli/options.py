@@ -81,6 +81,10 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="with --compile: keep the compiled code in DIR, so that a later run with the same torch and "
                         "sizes loads it instead of compiling (default: $DSRDMPD_COMPILE_CACHE, else none)")
+    g.add_argument("--aot", metavar="DIR", default=None,
+                   help="run both stages through ahead-of-time compiled pipelines kept in DIR (a folder of your "
+                        "own): the first run of each batch and size builds one (minutes), later runs load it in "
+                        "seconds (README: Ahead-of-time compiled pipelines)")
     g.add_argument("--fast-norm", action="store_true", help="split-reduction GroupNorm on CUDA (CPU: PyTorch's)")
     g.add_argument("--cuda-graphs", action="store_true", help="CUDA: capture both stages once per size, then replay")
     g.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS,
@@ -240,9 +244,15 @@ def dehazer_options(args) -> Dict[str, Any]:
     compile_cache = getattr(args, "compile_cache", None)
     if compile_cache and not args.compile:
         raise UsageError("--compile-cache is for --compile runs: add --compile, or leave it out")
+    aot = getattr(args, "aot", None)
+    for flag, given in (("--compile", args.compile), ("--cuda-graphs", getattr(args, "cuda_graphs", False))):
+        if aot and given:
+            raise UsageError(f"--aot runs ahead-of-time compiled pipelines, without {flag}: leave one of them out")
     opts = dict(tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch, precision=args.precision,
                 channels_last=args.channels_last, compile=args.compile, compile_cache=compile_cache)
     opts.update(fast_norm=getattr(args, "fast_norm", False), cuda_graphs=getattr(args, "cuda_graphs", False))
+    if aot:
+        opts["aot"] = aot
     if args.seed is not None:
         opts["seed"] = args.seed
     return opts

@@ -5,6 +5,7 @@ arithmetic of the sampler matches it bit for bit.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +37,19 @@ class RDDMSchedule:
         """Official DDIM-style time grid, descending, ending at -1 (e.g. 999, 799, ..., 199, -1)."""
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"sampling steps must be in [1, {self.timesteps}], got {steps}")
-        times = torch.linspace(-1, self.timesteps - 1, steps=steps + 1).int().tolist()
-        return list(reversed(times))
+        return list(time_grid(self.timesteps, steps))
 
     def official_buffers(self) -> dict:
         """The float32 buffers an official ``ResidualDiffusion`` state dict carries that are
         used to check a loaded checkpoint against this schedule."""
         return {"alphas_cumsum": self.alphas_cumsum, "betas2_cumsum": self.betas2_cumsum,
                 "betas_cumsum": self.betas_cumsum}
+
+
+@functools.lru_cache(maxsize=None)
+def time_grid(timesteps: int, steps: int) -> tuple:
+    """The descending sampling grid of ``steps`` steps over ``timesteps``, computed once per
+    pair. A sampler traced by ``torch.export`` runs on fake tensors, where this computation
+    would give symbols, not ints; the Dehazer therefore computes the grid it is about to
+    have traced before tracing (:mod:`dsrdmpd.aot`), and the trace reads it from here."""
+    return tuple(reversed(torch.linspace(-1, timesteps - 1, steps=steps + 1).int().tolist()))

@@ -30,7 +30,8 @@ promoted with scale/shift's.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -259,3 +260,22 @@ def set_fast_norm(module: nn.Module, enabled: bool) -> nn.Module:
         if isinstance(m, GroupNormAct):
             m.fast = bool(enabled)
     return module
+
+
+@contextmanager
+def native_norm(*modules: nn.Module) -> Iterator[None]:
+    """Every :class:`GroupNormAct` inside ``modules`` on the native path for the block (what
+    a tracer for ahead-of-time compilation needs: the fast kernels are not traceable, and
+    the compiler fuses the native form itself); each one's setting is restored after."""
+    norms = [m for module in modules for m in module.modules() if isinstance(m, GroupNormAct)]
+    saved = [m.__dict__.get("fast") for m in norms]
+    try:
+        for m in norms:
+            m.fast = False
+        yield
+    finally:
+        for m, fast in zip(norms, saved):
+            if fast is None:
+                m.__dict__.pop("fast", None)
+            else:
+                m.fast = fast
