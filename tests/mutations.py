@@ -965,7 +965,7 @@ MUTATIONS: List[Mutation] = [
     Mutation("aot-norm-left-native", "the fast GroupNorm stays switched off after a package is traced",
              "dsrdmpd/models/norm.py", "            if fast is None:\n                m.__dict__.pop(\"fast\", None)\n            else:\n                m.fast = fast",
              "            pass",
-             ("tests/test_aot.py::test_the_dehazer_through_a_package_equals_eager",)),
+             ("tests/test_aot.py::test_native_norm_switches_the_fast_norm_off_for_the_trace_and_back",)),
     Mutation("aot-cli-with-compile", "--aot with --compile or --cuda-graphs is not refused",
              "dsrdmpd/cli/options.py", "        if aot and given:", "        if False:",
              ("tests/test_aot.py::test_the_command_line_option",)),

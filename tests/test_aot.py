@@ -314,6 +314,19 @@ def test_eta_runs_eager_and_other_options_are_refused(built, models, tmp_path):
         Dehazer(*models, aot=tmp_path, cuda_graphs=True)
 
 
+def test_native_norm_switches_the_fast_norm_off_for_the_trace_and_back():
+    """What the Dehazer traces under: every GroupNormAct native inside the block, each one's
+    own setting back after it (also after an error), one never switched keeps no setting of its own."""
+    from dsrdmpd.models.norm import native_norm
+    on, untouched = nn.Sequential(GroupNormAct(2, 4), GroupNormAct(2, 4)), GroupNormAct(2, 4)
+    set_fast_norm(on, True)
+    with pytest.raises(KeyError):
+        with native_norm(on, untouched):
+            assert not any(m.fast for m in [*on, untouched])
+            raise KeyError("inside")
+    assert all(m.fast for m in on) and not untouched.fast and "fast" not in vars(untouched)
+
+
 def test_eager_runs_after_a_build_are_untouched(built, models):
     """Tracing reads the weight caches and the norm switches under fake tensors: an eager run
     of the same modules afterwards still gives the reference."""

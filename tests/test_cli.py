@@ -142,7 +142,13 @@ def test_usage_errors_are_one_line_with_exit_code_2(ckpts, tmp_path, capsys, mon
         (["--stage1", s1, "--stage2", s1], "looks like a stage-1 (MCESS-UNet) file"),
         (["--stage1", s1, "--stage2", s2, "--device", "cuda:7"], "'cuda:7' is not available"),
         (["--stage1", s1, "--stage2", s2, "--tile", "50"], "tile size 50"),
+        (["--stage1", s1, "--stage2", s2, "--aot", str(tmp_path / "aot"), "--compile"], "without --compile"),
     ]
+    if os.name == "posix":                 # a folder of compiled code others may write is refused
+        (tmp_path / "shared").mkdir(mode=0o777)
+        (tmp_path / "shared").chmod(0o777)
+        cases.append((["--stage1", s1, "--stage2", s2, "--aot", str(tmp_path / "shared")],
+                      f"{tmp_path / 'shared'}: others may write it"))
     for extra, expected in cases:
         code = dehaze.main([*extra, "--input", str(ROOT / "tests" / "fixtures" / "official" / "chain" / "data" /
                                                    "hazy"), "--output", str(tmp_path / "o")])
