@@ -640,8 +640,24 @@ def main(argv=None):
                 save(lines, records)
         lines.append("")
 
-    if args.compile_sizes:
+    def first_calls(kind, size, variant, label, phases, folder_key, columns, cells):
+        """One fresh process per phase, all sharing one temporary folder (``folder_key`` in the
+        case; the first fills it, the later ones find what it left): a table row and a record
+        each, or one row saying why a phase stopped, and the phases after it are skipped."""
         import tempfile
+        with tempfile.TemporaryDirectory(prefix=f"dsrdmpd-{kind}-") as folder:
+            for phase in phases:
+                try:
+                    r = run_case(args, kind=kind, size=size, variant=variant, **{label: phase, folder_key: folder})
+                except CaseFailed as e:
+                    records.append(dict(kind=kind, size=size, **{label: phase}, error=str(e)))
+                    lines.append(f"| {size} | {phase} | {e} |" + " |" * (columns - 3))
+                    break
+                records.append(r)
+                lines.append(f"| {size} | {phase} | " + " | ".join(cells(r)) + " |")
+                save(lines, records)
+
+    if args.compile_sizes:
         v = args.compile_variant
         if v not in VARIANTS or not VARIANTS[v].get("compile"):
             ap.error(f"--compile-variant must be a compile variant, got {v!r}")
@@ -652,23 +668,13 @@ def main(argv=None):
                   "| size | cache | first call (s) | tracing (s) | backend (s) | guards (s) | then ms / image |",
                   "|---|---|---|---|---|---|---|"]
         for size in args.compile_sizes:
-            with tempfile.TemporaryDirectory(prefix="dsrdmpd-inductor-") as cache_dir:
-                for state in ("cold", "warm"):
-                    try:
-                        r = run_case(args, kind="compile", size=size, variant=v, cache=state, cache_dir=cache_dir)
-                    except CaseFailed as e:
-                        records.append(dict(kind="compile", size=size, cache=state, error=str(e)))
-                        lines.append(f"| {size} | {state} | {e} | | | | |")
-                        break
-                    records.append(r)
-                    phases = " | ".join(f"{r[c]:.1f}" if c in r else "" for c in COMPILE_PHASES)
-                    lines.append(f"| {size} | {state} | {r['first_call_s']:.1f} | {phases} | {1000 * r['seconds']:.1f} |")
-                    save(lines, records)
+            first_calls("compile", size, v, "cache", ("cold", "warm"), "cache_dir", 7, lambda r: [
+                f"{r['first_call_s']:.1f}", *(f"{r[c]:.1f}" if c in r else "" for c in COMPILE_PHASES),
+                f"{1000 * r['seconds']:.1f}"])
         lines.append("")
         save(lines, records)
 
     if args.aot_sizes:
-        import tempfile
         v = args.aot_variant
         if v not in VARIANTS or any(VARIANTS[v].get(k) for k in ("compile", "cuda_graphs")):
             ap.error(f"--aot-variant must be a variant without compile or graphs, got {v!r}")
@@ -678,20 +684,10 @@ def main(argv=None):
                   "| size | package | first call (s) | export (s) | compile (s) | load (s) | then ms / image | "
                   "eager fp32 ms / image | PSNR vs fp32 (dB) |", "|---|---|---|---|---|---|---|---|---|"]
         for size in args.aot_sizes:
-            with tempfile.TemporaryDirectory(prefix="dsrdmpd-aot-") as aot_dir:
-                for phase in ("build", "load"):
-                    try:
-                        r = run_case(args, kind="aot", size=size, variant=v, package=phase, aot_dir=aot_dir)
-                    except CaseFailed as e:
-                        records.append(dict(kind="aot", size=size, package=phase, error=str(e)))
-                        lines.append(f"| {size} | {phase} | {e} | | | | | | |")
-                        break
-                    records.append(r)
-                    lines.append(f"| {size} | {phase} | {r['first_call_s']:.1f} | {_fmt(r.get('export_s'), '{:.1f}')} | "
-                                 f"{_fmt(r.get('compile_s'), '{:.1f}')} | {_fmt(r.get('load_s'), '{:.2f}')} | "
-                                 f"{1000 * r['seconds']:.1f} | {1000 * r['eager_fp32_seconds']:.1f} | "
-                                 f"{_fmt(r['psnr_vs_fp32'], '{:.1f}')} |")
-                    save(lines, records)
+            first_calls("aot", size, v, "package", ("build", "load"), "aot_dir", 9, lambda r: [
+                f"{r['first_call_s']:.1f}", _fmt(r.get("export_s"), "{:.1f}"), _fmt(r.get("compile_s"), "{:.1f}"),
+                _fmt(r.get("load_s"), "{:.2f}"), f"{1000 * r['seconds']:.1f}", f"{1000 * r['eager_fp32_seconds']:.1f}",
+                _fmt(r["psnr_vs_fp32"], "{:.1f}")])
         lines.append("")
         save(lines, records)
 

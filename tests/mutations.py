@@ -924,6 +924,12 @@ MUTATIONS: List[Mutation] = [
     Mutation("compile-phase-misnamed", "the compile table reads a guard-phase name torch does not record (a blank column)",
              "dsrdmpd/benchmark.py", '"guards_s": "build_guards"', '"guards_s": "guards"',
              ("tests/test_benchmark.py::test_this_torch_records_the_compile_phases_the_benchmark_reads",)),
+    Mutation("first-call-phase-not-skipped", "after a compile / AOT phase that stopped, the next phase still runs (a warm run of a cache never filled)",
+             "dsrdmpd/benchmark.py", '" |" * (columns - 3))\n                    break', '" |" * (columns - 3))\n                    continue',
+             ("tests/test_benchmark.py::test_first_call_tables_stop_at_a_phase_past_its_time_limit",)),
+    Mutation("first-call-row-short", "a stopped compile / AOT phase's row lacks a column (the markdown table breaks)",
+             "dsrdmpd/benchmark.py", '" |" * (columns - 3)', '" |" * (columns - 4)',
+             ("tests/test_benchmark.py::test_first_call_tables_stop_at_a_phase_past_its_time_limit",)),
     # ahead-of-time compiled pipelines (dsrdmpd.aot)
     Mutation("aot-key-without-weights", "a package's key leaves out the weights (new weights run the old package)",
              "dsrdmpd/aot.py", '"weights": digest,', '"weights": "",',

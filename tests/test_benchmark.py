@@ -110,6 +110,20 @@ def test_sizes_and_scene_cases_past_their_time_limit_become_rows(tmp_path):
         {("sizes", "64"), ("scene", "128")}
 
 
+def test_first_call_tables_stop_at_a_phase_past_its_time_limit(tmp_path):
+    """The compile and AOT tables run their phases in fresh processes; a phase that runs too
+    long is a row saying so, with every column of the table, and the phases after it are skipped."""
+    out = tmp_path / "bench"
+    assert benchmark.main(["--sizes", "--variants", "--compile-sizes", "64", "--aot-sizes", "64",
+                           "--case-timeout", "0.3", "--out", str(out)] + TINY) == 0
+    md = (out / "benchmark.md").read_text()
+    assert re.search(r"^\| 64 \| cold \| stopped after \d s \| \| \| \| \|$", md, re.M)
+    assert re.search(r"^\| 64 \| build \| stopped after \d s \| \| \| \| \| \| \|$", md, re.M)
+    assert "| warm |" not in md and "| load |" not in md
+    rows = list(csv.DictReader(open(out / "benchmark.csv")))
+    assert [(r["kind"], r.get("cache") or r.get("package")) for r in rows] == [("compile", "cold"), ("aot", "build")]
+
+
 def test_a_variant_group_keeps_the_rows_measured_before_a_failure():
     """On CUDA the variants of one size and batch share a process: each row comes back as it
     is measured, so a variant that crashes (here one the process does not know) or runs out
