@@ -8,29 +8,41 @@ this process or in any later one, loads that file (seconds) instead of compiling
 (``torch.compile`` repeats its tracing in every new process, cache or not).
 
 A package's name carries a digest of everything its code depends on (:func:`package_fields`):
-the weights (SHA-256 of every parameter and buffer), the input shapes and dtypes, the
-caller's options (the Dehazer's precision, channels-last, steps, fast), the device (CUDA:
-the card's name and compute capability; CPU: the vector instruction set torch uses) and the
-torch version. A package is therefore loaded only where and for what it was built; anything
-else builds its own. Packages are written atomically (a killed build leaves no package),
-and processes that want the same missing package build it once: the first takes the lock
-``.<name>.lock`` in the folder, the others wait for it and then load what it built. Beside each package, ``<name>.json`` says in words what it was
-built for and how long the build took (for people; never read back).
+this package's code (its version and a SHA-256 of its sources), the weights (SHA-256 of
+every parameter and buffer), the input shapes and dtypes, the caller's options (the
+Dehazer's precision, channels-last, steps, fast), the device (CUDA: the card's name and
+compute capability; and the CPU that runs the host code, compiled for it alone: model,
+instruction set, a digest of its feature flags) and the torch version. A package is
+therefore loaded only where and for what it was built; anything else builds its own.
+Packages are written atomically (a killed build leaves at most a temporary, removed by the
+next build of that package), and processes that want the same missing package build it
+once: the first takes the lock ``.<name>.lock`` in the folder, the others wait for it
+(saying so) and then load what it built. Beside each package, ``<name>.json`` says in
+words what it was built for and how long the build took (for people; never read back).
+A build keeps torch's compile caches in ``folder/.cache``.
 
 A package is compiled native code, and loading it runs that code. The folder is held to the
-rules of a folder of programs: it and each package must belong to the user running this
-and be writable by nobody else (checked before every load: a ConfigError names the file
-otherwise), and only files named by a key are loaded. Give it a folder of your own; never
-one somebody else filled.
+rules of a folder of programs (as ssh holds its keys): it must belong to the user running
+this and be writable by nobody else, and no folder above it may be replaceable by another
+user (:func:`check_code_folder`, before every load); a package is opened without following
+symbolic links, and the open file is checked (this user's, only they may write it) and
+loaded, so that what is checked is what runs (:func:`open_package`). A build uses
+compile caches inside the folder, not inductor's shared default in /tmp (:func:`private_caches`).
+Violations are ConfigErrors naming the file. Give it a folder of your own; never one
+somebody else filled.
 
 Loaded packages stay in memory, each with its own copy of the weights: at most
 ``max_loaded``, least recently used dropped. The weights' versions and addresses
-(:func:`dsrdmpd.cuda_graphs.weights_key`, cheap) are checked on every call; when they
-change, the digest is recomputed and the packages of the new weights are found or built.
+(:func:`dsrdmpd.cuda_graphs.weights_key`, cheap) of the modules (a callable: swapped
+modules are seen) are checked on every call; when they change, the digest is recomputed
+and the packages of the new weights are found or built. Writes through ``.data`` (no
+version bump; ema-pytorch's way) are not seen: make a new runner (Dehazer) after them.
 Inputs are made contiguous before a call (a package is traced with contiguous inputs).
 """
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import inspect
 import json
@@ -41,47 +53,112 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, Tuple, Union
 
 import torch
 from torch import nn
 
-from .atomicfile import atomic_path, write_text_atomic
+from . import __version__
+from .atomicfile import atomic_path, remove_stale_temporaries, write_text_atomic
 from .config import ConfigError
-from .cuda_graphs import weights_key
+from .cuda_graphs import module_source, weights_key
+from .machine import cpu_model
 
 FORMAT = 1               # bump when what a package holds or how it is traced changes
 SUFFIX = ".pt2"
 
 
-def check_code_path(path: Union[str, os.PathLike]) -> Path:
-    """``path`` (a folder of compiled code, or a package in it) as a Path, if it belongs to
-    this user and nobody else may write it; ConfigError naming it otherwise. POSIX only
-    (elsewhere nothing is checked)."""
-    path = Path(path)
-    if os.name != "posix":
-        return path
-    info = path.stat()
+def _check_private(path: Path, info: os.stat_result) -> None:
+    """ConfigError unless ``info`` (of ``path``) belongs to this user and nobody else may write it."""
     if info.st_uid != os.getuid():
         raise ConfigError(f"{path}: belongs to another user (uid {info.st_uid}); compiled code is only loaded "
                           f"from your own files")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{path}: others may write it (mode {stat.filemode(info.st_mode)}); compiled code is only "
                           f"loaded from files that only you can write (chmod go-w)")
-    return path
+
+
+def check_code_folder(folder: Union[str, os.PathLike]) -> Path:
+    """``folder`` (of compiled code) as a Path, if it is safe to load code from: it belongs to
+    this user and nobody else may write it, and no folder above it can be renamed or
+    replaced by somebody else (each belongs to this user or root and is writable by nobody
+    else, unless it has the sticky bit, as /tmp has). ConfigError naming the folder
+    otherwise. POSIX only (elsewhere nothing is checked)."""
+    folder = Path(folder)
+    if os.name != "posix":
+        return folder
+    _check_private(folder, folder.stat())
+    for above in folder.resolve().parents:
+        info = above.stat()
+        if info.st_uid not in (0, os.getuid()):
+            raise ConfigError(f"{folder}: the folder above it, {above}, belongs to another user (uid {info.st_uid}); "
+                              f"compiled code is only loaded from folders only you (or root) control")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+            raise ConfigError(f"{folder}: others may write the folder above it, {above} (mode "
+                              f"{stat.filemode(info.st_mode)}), and so replace this one; compiled code is only loaded "
+                              f"from folders only you control")
+    return folder
+
+
+def open_package(path: Path) -> BinaryIO:
+    """``path`` opened for reading without following a symbolic link, then the open file
+    checked (a regular file that belongs to this user and only they may write): what is
+    loaded is what was checked, whatever happens to the name meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{path}: is a symbolic link; compiled code is only loaded from your own files") from None
+        raise ConfigError(f"{path}: cannot open it ({exc.strerror or exc})") from None
+    f = os.fdopen(fd, "rb")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if os.name == "posix":
+            _check_private(path, info)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def code_folder(folder: Union[str, os.PathLike]) -> Path:
-    """The package folder, created if missing and checked with :func:`check_code_path`."""
+    """The package folder, created (only its owner may enter it) if missing, and checked
+    with :func:`check_code_folder`."""
     path = Path(folder).expanduser().resolve()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        for missing in reversed([path, *path.parents]):
+            if not missing.exists():
+                missing.mkdir(mode=0o700)
         if not os.access(path, os.W_OK):
             raise PermissionError(13, "not writable")
     except OSError as exc:
         raise ConfigError(f"compiled-pipeline folder {path}: cannot use it as a folder "
                           f"({exc.strerror or exc})") from None
-    return check_code_path(path)
+    return check_code_folder(path)
+
+
+@contextmanager
+def private_caches(folder: Path) -> Iterator[None]:
+    """torch's compile caches (inductor's and Triton's) in ``folder/.cache`` for the block,
+    not in inductor's default ``/tmp/torchinductor_<user>``, which another local user could
+    have made first and filled: a build takes compiled pieces from them. The environment
+    is put back after."""
+    cache = folder / ".cache"
+    cache.mkdir(mode=0o700, exist_ok=True)
+    check_code_folder(cache)
+    names = {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": cache / "triton"}
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        os.environ.update({name: str(value) for name, value in names.items()})
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def weights_digest(modules: Iterable[nn.Module]) -> str:
@@ -94,18 +171,47 @@ def weights_digest(modules: Iterable[nn.Module]) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def code_digest(root: Union[None, str, os.PathLike] = None) -> str:
+    """SHA-256 of this package's version and Python sources (those under ``root``, default:
+    this package's folder): the code a package traced, so that a changed model, sampler or
+    Dehazer builds new packages instead of running old ones."""
+    root = Path(root or Path(__file__).resolve().parent)
+    h = hashlib.sha256(f"dsrdmpd {__version__}\n".encode())
+    for source in sorted(root.rglob("*.py")):
+        h.update(f"{source.relative_to(root).as_posix()}\n".encode())
+        h.update(source.read_bytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_label() -> str:
+    """The CPU compiled host code is built for (inductor compiles with -march=native): its
+    architecture, model, the vector instruction set torch uses and a digest of its feature
+    flags (Linux: /proc/cpuinfo), so that a package is not loaded on a CPU that lacks an
+    instruction it uses (a crash, not an error)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].strip() for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    digest = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
+    return f"{platform.machine()}:{cpu_model()}:{torch.backends.cpu.get_cpu_capability()}:{digest}"
+
+
 def device_label(device: torch.device) -> str:
-    """What compiled code for ``device`` depends on: the card's name and compute capability,
-    or the CPU's architecture and the vector instruction set torch uses on it."""
+    """What compiled code for ``device`` depends on: on CUDA the card's name and compute
+    capability, and the CPU that runs the host code (:func:`cpu_label`)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return f"cuda:{torch.cuda.get_device_name(device)}:sm_{major}{minor}"
-    return f"{device.type}:{platform.machine()}:{torch.backends.cpu.get_cpu_capability()}"
+        return f"cuda:{torch.cuda.get_device_name(device)}:sm_{major}{minor}:{cpu_label()}"
+    return f"{device.type}:{cpu_label()}"
 
 
 def package_fields(tensors: Tuple[torch.Tensor, ...], digest: str, extra: Dict[str, Any]) -> Dict[str, Any]:
     """Everything a package's code depends on (its name is a digest of this)."""
-    return {"format": FORMAT, "torch": torch.__version__, "device": device_label(tensors[0].device),
+    return {"format": FORMAT, "torch": torch.__version__, "code": code_digest(), "device": device_label(tensors[0].device),
             "inputs": [[list(t.shape), str(t.dtype)] for t in tensors], "weights": digest, "options": extra}
 
 
@@ -114,6 +220,12 @@ def package_name(fields: Dict[str, Any]) -> str:
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
     shape = "x".join(str(n) for n in fields["inputs"][0][0][:1] + fields["inputs"][0][0][2:])
     return f"pipeline-{shape}-{key}{SUFFIX}"
+
+
+def first_line(exc: BaseException) -> str:
+    """'Type: the first line of its message' (at most 300 characters): torch's messages from
+    export and compilation run to pages (the whole traced graph)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
 class AOTBuildError(RuntimeError):
@@ -146,22 +258,31 @@ def compile_package(program: "torch.export.ExportedProgram", path: Path) -> None
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
-def load_package(path: Path, device: torch.device) -> Callable[..., Any]:
-    """The compiled program in package ``path``, on ``device`` (its CUDA index)."""
+def load_package(package: BinaryIO, device: torch.device) -> Callable[..., Any]:
+    """The compiled program in the open package file ``package``, on ``device`` (its CUDA index)."""
     kwargs = {}
     if device.type == "cuda" and "device_index" in inspect.signature(torch._inductor.aoti_load_package).parameters:
         kwargs["device_index"] = device.index if device.index is not None else torch.cuda.current_device()
-    return torch._inductor.aoti_load_package(str(path), **kwargs)
+    return torch._inductor.aoti_load_package(package, **kwargs)
 
 
 @contextmanager
-def build_lock(folder: Path, name: str) -> Iterator[None]:
-    """An exclusive lock on ``folder/.<name>.lock`` (waits for another process's build of the
-    same package; the lock file stays, deleting it would let two builders in)."""
+def build_lock(folder: Path, name: str, notify: Callable[[str], None]) -> Iterator[None]:
+    """An exclusive lock on ``folder/.<name>.lock``: waits (saying so) for another process's
+    build of the same package. The lock file stays: deleting it would let two builders in."""
     import fcntl                     # POSIX; imported here so that the module loads anywhere
-    fd = os.open(folder / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = folder / f".{name}.lock"
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            notify(f"waiting for another process's build of {folder / name}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        raise ConfigError(f"{lock}: cannot lock it ({exc.strerror or exc}); put the compiled pipelines on a "
+                          f"local disk") from None
+    try:
         yield
     finally:
         os.close(fd)
@@ -174,17 +295,23 @@ class AOTRunner:
     holds the seconds each took (export_s, compile_s, load_s). ``notify(line)`` is told
     before a build starts (builds take minutes)."""
 
-    def __init__(self, fn: Callable[..., Tuple[torch.Tensor, ...]], modules: Iterable[nn.Module],
+    def __init__(self, fn: Callable[..., Tuple[torch.Tensor, ...]],
+                 modules: Union[Iterable[nn.Module], Callable[[], Iterable[nn.Module]]],
                  folder: Union[str, os.PathLike], max_loaded: int = 4,
                  notify: Callable[[str], None] = lambda line: None):
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
-        self.fn, self.modules = fn, tuple(modules)
+        self.fn, self._modules = fn, module_source(modules)
         self.folder, self.max_loaded, self.notify = code_folder(folder), max_loaded, notify
         self.programs: "OrderedDict[str, Callable[..., Any]]" = OrderedDict()
         self.builds = self.loads = 0
         self.timings: Dict[str, Dict[str, float]] = {}
         self._weights, self._digest = None, ""
+
+    @property
+    def modules(self) -> Tuple[nn.Module, ...]:
+        """The modules ``fn`` reads (asked afresh: they may have been swapped)."""
+        return self._modules()
 
     def package_for(self, tensors: Tuple[torch.Tensor, ...], extra: Dict[str, Any]) -> Tuple[Path, Dict[str, Any]]:
         """The package file for these inputs and options under the current weights, and its fields."""
@@ -210,8 +337,10 @@ class AOTRunner:
 
     def _obtain(self, path: Path, fields: Dict[str, Any], tensors: Tuple[torch.Tensor, ...]) -> Callable[..., Any]:
         times = self.timings.setdefault(path.name, {})
-        with build_lock(self.folder, path.name):
-            if not path.exists():
+        check_code_folder(self.folder)                 # again: it may have changed since the runner was made
+        with build_lock(self.folder, path.name, self.notify):
+            remove_stale_temporaries(path)             # a killed build's (no other builder runs: we hold the lock)
+            if not os.path.lexists(path):
                 shape = tuple(tensors[0].shape)
                 self.notify(f"building the compiled pipeline for batch {shape[0]}, {shape[2]} x {shape[3]} "
                             f"into {path} (once per size and options; minutes)")
@@ -219,18 +348,22 @@ class AOTRunner:
                 try:
                     program = export_program(self.fn, self.modules, tensors)
                     t1 = time.perf_counter()
-                    with atomic_path(path) as tmp:
+                    with private_caches(self.folder), atomic_path(path, mode=0o644) as tmp:
                         compile_package(program, tmp)
-                except Exception as exc:     # torch's messages run to pages (the whole traced graph)
-                    first = (str(exc).strip().splitlines() or [""])[0][:300]
-                    raise AOTBuildError(f"{path}: building the compiled pipeline failed ({type(exc).__name__}: "
-                                        f"{first}); run without --aot / aot") from exc
+                except Exception as exc:
+                    raise AOTBuildError(f"{path}: building the compiled pipeline failed ({first_line(exc)}); "
+                                        f"run without --aot / aot") from exc
                 times.update(export_s=t1 - t0, compile_s=time.perf_counter() - t1)
                 # what the package is for, in words (never read back: the name is the key)
                 write_text_atomic(path.with_suffix(".json"), json.dumps({**fields, **times}, indent=1) + "\n")
                 self.builds += 1
         t0 = time.perf_counter()
-        program = load_package(check_code_path(path), tensors[0].device)
+        with open_package(path) as package:
+            try:
+                program = load_package(package, tensors[0].device)
+            except Exception as exc:        # a damaged or truncated file
+                raise ConfigError(f"{path}: cannot load this compiled pipeline ({first_line(exc)}); "
+                                  f"delete it, and the next run builds it again") from None
         times["load_s"] = time.perf_counter() - t0
         self.loads += 1
         return program

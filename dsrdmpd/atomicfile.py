@@ -15,7 +15,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 TEMP_MARK = ".tmp"
@@ -70,11 +70,11 @@ def fsync_folder(folder: PathLike) -> None:
 
 
 @contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, mode: Optional[int] = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an exception the
-    file written there is synced, given the umask's mode and renamed over ``path``. On an
-    exception (or a kill) the temporary is removed (or left for :func:`remove_stale_temporaries`)
-    and ``path`` keeps its old content."""
+    file written there is synced, given ``mode`` (default: the umask's) and renamed over
+    ``path``. On an exception (or a kill) the temporary is removed (or left for
+    :func:`remove_stale_temporaries`) and ``path`` keeps its old content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem[:TEMP_STEM]}.", suffix=f"{TEMP_MARK}{path.suffix}", dir=path.parent)
@@ -83,7 +83,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fsync_file(tmp)
-        os.chmod(tmp, default_file_mode())
+        os.chmod(tmp, default_file_mode() if mode is None else mode)
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:

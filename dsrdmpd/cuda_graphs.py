@@ -14,8 +14,9 @@ pool of the largest call (about one eager call's peak each); the least recently 
 graph is dropped, with its pool, when a new key would exceed ``max_graphs``.
 
 A graph reads parameters at the addresses they had at capture. ``weights_key`` (every
-parameter's and buffer's version and address, and the standardised-weight caches) is
-checked before each replay; when it changes (``load_state_dict``, an optimizer step,
+parameter's and buffer's version and address, and the standardised-weight caches) of the
+modules (a callable of no arguments, asked before each replay, follows modules that are
+swapped) is checked before each replay; when it changes (``load_state_dict``, an optimizer step,
 ``.to()``) all graphs are dropped and recaptured. The function must be free of
 host-side randomness and synchronisation (the Dehazer uses graphs only with eta = 0).
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Tuple, TypeVar
+from typing import Callable, Hashable, Iterable, Tuple, TypeVar, Union
 
 import torch
 from torch import nn
@@ -86,6 +87,17 @@ def weights_key(modules: Iterable[nn.Module]) -> Tuple:
                  for t in list(m.parameters()) + list(m.buffers()))
 
 
+def module_source(modules: Union[Iterable[nn.Module], Callable[[], Iterable[nn.Module]]]
+                  ) -> Callable[[], Tuple[nn.Module, ...]]:
+    """``modules`` as a function of no arguments: a callable is asked at every use (so that a
+    runner follows modules its owner swaps, e.g. ``dehazer.stage2 = other``); a collection
+    is fixed once."""
+    if callable(modules):
+        return lambda: tuple(modules())
+    fixed = tuple(modules)
+    return lambda: fixed
+
+
 def _cached_weights(modules: Iterable[nn.Module]) -> Tuple[torch.Tensor, ...]:
     return tuple(m.__dict__["_ws_cache"][1] for mod in modules for m in mod.modules()
                  if "_ws_cache" in m.__dict__)
@@ -94,15 +106,21 @@ def _cached_weights(modules: Iterable[nn.Module]) -> Tuple[torch.Tensor, ...]:
 class GraphRunner:
     """Capture-once, replay-many wrapper around ``fn(x, noise)`` on CUDA tensors."""
 
-    def __init__(self, fn: Callable[..., Tuple[torch.Tensor, ...]], modules: Iterable[nn.Module] = (),
+    def __init__(self, fn: Callable[..., Tuple[torch.Tensor, ...]],
+                 modules: Union[Iterable[nn.Module], Callable[[], Iterable[nn.Module]]] = (),
                  max_graphs: int = 4, warmup: int = 2):
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
-        self.fn, self.modules = fn, tuple(modules)
+        self.fn, self._modules = fn, module_source(modules)
         self.max_graphs, self.warmup = max_graphs, warmup
         self.graphs: "OrderedDict[Hashable, CapturedGraph]" = OrderedDict()
         self.captures = 0                      # how many graphs were captured (tests, reports)
         self._weights = None
+
+    @property
+    def modules(self) -> Tuple[nn.Module, ...]:
+        """The modules whose weights the graphs read (asked afresh: they may have been swapped)."""
+        return self._modules()
 
     def key(self, *tensors: torch.Tensor, extra: Hashable = ()) -> Hashable:
         return tuple((tuple(t.shape), t.dtype, str(t.device), _memory_format(t)) for t in tensors) + (extra,)

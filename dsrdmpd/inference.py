@@ -176,9 +176,9 @@ class Dehazer:
         self._modules_of: Tuple[Tuple[torch.nn.Module, ...], Tuple[torch.nn.Module, ...]] = ((), ())
         for net in (self.stage1, self.stage2):
             set_weight_cache(set_fast_norm(net, fast_norm), True)
-        self.graphs = (GraphRunner(self._run_eager, (self.stage1, self.stage2), max_graphs)
+        self.graphs = (GraphRunner(self._run_eager, self._networks, max_graphs)
                        if cuda_graphs and self.device.type == "cuda" and not compile else None)
-        self.aot = (AOTRunner(self._run_traced, (self.stage1, self.stage2), aot, max_graphs, notify=_to_stderr)
+        self.aot = (AOTRunner(self._run_traced, self._networks, aot, max_graphs, notify=_to_stderr)
                     if aot is not None else None)
         self._aot_batch: Dict[Tuple[int, int], int] = {}     # (H, W) -> largest batch run through aot
         self.steps = stage2.sampling_timesteps if steps is None else steps
@@ -229,6 +229,10 @@ class Dehazer:
         """Stage 1 only on an already padded (B, 3, H, W) batch."""
         return self.stage1(hazy)
 
+    def _networks(self) -> Tuple[torch.nn.Module, torch.nn.Module]:
+        """Both stages as they are now (the runners ask before every call: a swapped stage is seen)."""
+        return self.stage1, self.stage2
+
     def _autocast(self, stage: int):
         if self.precision == "bf16" or (self.precision == "bf16-stage1" and stage == 1):
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -266,11 +270,11 @@ class Dehazer:
             schedule.sampling_times(self.steps)        # the time grid as plain ints, computed before any tracing
         b, size = x.shape[0], tuple(x.shape[-2:])
         full = max(b, self._aot_batch.get(size, 0))
-        self._aot_batch[size] = full
         if full > b:
             x, noise = (torch.cat([t, t[-1:].expand(full - b, *t.shape[1:])]) for t in (x, noise))
         c, r = self.aot(x, noise, extra=dict(precision=self.precision, channels_last=self.channels_last,
                                              steps=self.steps, fast=bool(self.fast)))
+        self._aot_batch[size] = full         # only once it ran (a failed build does not pin the size to it)
         return c[:b], r[:b]
 
     def _run_traced(self, x: torch.Tensor, noise: torch.Tensor):

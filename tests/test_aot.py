@@ -43,8 +43,8 @@ class StandIn:
         Path(path).write_text(token)
         self.compiles += 1
 
-    def load(self, path, device):
-        return self.programs[Path(path).read_text()].module()
+    def load(self, package, device):
+        return self.programs[package.read().decode()].module()
 
 
 @pytest.fixture
@@ -122,6 +122,7 @@ def test_every_field_changes_the_name():
     base = aot.package_fields((x, n), "ab" * 32, {"precision": "fp32", "steps": 5})
     names = {aot.package_name(base)}
     changed = [dict(base, format=base["format"] + 1), dict(base, torch=base["torch"] + "x"),
+               dict(base, code="ef" * 32),
                dict(base, device=base["device"] + "x"), dict(base, weights="cd" * 32),
                dict(base, inputs=[[[1, 3, 16, 16], "torch.float64"], base["inputs"][1]]),
                dict(base, options={"precision": "tf32", "steps": 5}),
@@ -129,7 +130,19 @@ def test_every_field_changes_the_name():
     names |= {aot.package_name(f) for f in changed}
     assert len(names) == 1 + len(changed)
     assert aot.package_name(dict(base)) == aot.package_name(base)        # deterministic
-    assert base["device"].startswith("cpu:") and base["torch"] == torch.__version__
+    assert base["device"] == f"cpu:{aot.cpu_label()}" and base["torch"] == torch.__version__
+    assert base["code"] == aot.code_digest()
+
+
+def test_the_code_digest_follows_every_source_file(tmp_path):
+    import shutil
+    src = Path(aot.__file__).resolve().parent
+    copy = tmp_path / "dsrdmpd"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert aot.code_digest(copy) == aot.code_digest(src)
+    sampler = copy / "diffusion" / "residual_diffusion.py"
+    sampler.write_text(sampler.read_text().replace("pred_res = out.clamp(-1, 1)", "pred_res = out.clamp(-2, 2)"))
+    assert aot.code_digest.__wrapped__(copy) != aot.code_digest(src)       # past the per-process cache
 
 
 def test_weights_digest_sees_every_parameter_and_buffer():
@@ -143,6 +156,24 @@ def test_weights_digest_sees_every_parameter_and_buffer():
     assert aot.weights_digest((a,)) != aot.weights_digest((b,))
     assert aot.weights_digest((a,)) != aot.weights_digest((nn.BatchNorm2d(3).double(),))
     assert aot.weights_digest((a, b)) != aot.weights_digest((b, a))
+
+
+def test_swapped_modules_are_followed(tmp_path, stand_in):
+    """A runner given its modules as a callable (the Dehazer's way) sees a module swapped for
+    another: a new package, built from the module it now runs."""
+    conv, fn = toy()
+    other = nn.Conv2d(3, 3, 3, padding=1).requires_grad_(False)
+    held = {"conv": conv}
+
+    def through_held(x, noise):
+        return held["conv"](x) + noise, x.mean(1, keepdim=True)
+    r = aot.AOTRunner(through_held, lambda: (held["conv"],), tmp_path)
+    x, n = inputs()
+    r(x, n, extra={})
+    held["conv"] = other
+    out = r(x, n, extra={})
+    assert r.builds == 2
+    torch.testing.assert_close(out[0], through_held(x, n)[0], rtol=0, atol=1e-6)
 
 
 def test_at_most_max_loaded_programs_are_held(tmp_path, stand_in):
@@ -213,6 +244,105 @@ def test_processes_that_want_the_same_package_build_it_once(tmp_path, monkeypatc
         t.join()
     assert not errors and slow.compiles == 1 and len(results) == 2
     assert torch.equal(results[0][0], results[1][0])
+
+
+def test_another_build_waits_for_the_lock_and_says_so(tmp_path, stand_in):
+    conv, fn = toy()
+    x, n = inputs()
+    r = aot.AOTRunner(fn, (conv,), tmp_path, notify=lambda line: said.append(line))
+    said, results = [], []
+    path, _ = r.package_for((x, n), {})
+    with aot.build_lock(tmp_path, path.name, notify=lambda line: None):
+        waiter = threading.Thread(target=lambda: results.append(r(x, n, extra={})))
+        waiter.start()
+        for _ in range(500):                       # until the runner reports that it waits (at most 5 s)
+            if any("waiting for another process's build" in line for line in said):
+                break
+            time.sleep(0.01)
+        assert any(f"waiting for another process's build of {path}" in line for line in said)
+        assert not results                        # still waiting
+    waiter.join()
+    assert r.builds == 1 and len(results) == 1
+
+
+def test_a_build_compiles_with_caches_inside_the_folder(tmp_path, stand_in, monkeypatch):
+    """Not in inductor's shared default under /tmp, which another user could have made first;
+    the environment is as before afterwards."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    during = {}
+
+    def compile_noting_caches(program, path):
+        during.update({k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
+        stand_in.compile(program, path)
+    monkeypatch.setattr(aot, "compile_package", compile_noting_caches)
+    conv, fn = toy()
+    aot.AOTRunner(fn, (conv,), tmp_path)(*inputs(), extra={})
+    assert during == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / ".cache"),
+                      "TRITON_CACHE_DIR": str(tmp_path / ".cache" / "triton")}
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else" and "TRITON_CACHE_DIR" not in os.environ
+    assert (tmp_path / ".cache").stat().st_mode & 0o077 == 0
+
+
+def test_a_killed_build_s_temporary_is_cleared_by_the_next_build(tmp_path, stand_in):
+    conv, fn = toy()
+    x, n = inputs()
+    r = aot.AOTRunner(fn, (conv,), tmp_path)
+    path, _ = r.package_for((x, n), {})
+    stale = tmp_path / f".{path.stem}.abc123.tmp{path.suffix}"      # what atomic_path leaves when killed
+    stale.write_text("half a package")
+    r(x, n, extra={})
+    assert not stale.exists() and packages(tmp_path) == [path.name]
+
+
+def test_a_damaged_package_is_a_one_line_error_that_says_what_to_do(tmp_path, stand_in):
+    conv, fn = toy()
+    x, n = inputs()
+    aot.AOTRunner(fn, (conv,), tmp_path)(x, n, extra={})
+    [name] = packages(tmp_path)
+    (tmp_path / name).write_text("not a package")
+    with pytest.raises(ConfigError, match=f"{name}: cannot load this compiled pipeline .*delete it") as info:
+        aot.AOTRunner(fn, (conv,), tmp_path)(x, n, extra={})
+    assert "\n" not in str(info.value)
+
+
+@posix_only
+def test_the_folder_and_packages_are_private_whatever_the_umask(tmp_path, stand_in):
+    """Under umask 002 (user-private groups, Ubuntu's default) a new folder would be
+    group-writable, and the runner would refuse its own folder: it makes it 0700 and its
+    packages 0644."""
+    conv, fn = toy()
+    old = os.umask(0o002)
+    try:
+        r = aot.AOTRunner(fn, (conv,), tmp_path / "new" / "aot")
+        r(*inputs(), extra={})
+        aot.AOTRunner(fn, (conv,), tmp_path / "new" / "aot")(*inputs(), extra={})
+    finally:
+        os.umask(old)
+    [name] = packages(tmp_path / "new" / "aot")
+    assert (tmp_path / "new" / "aot").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "new" / "aot" / name).stat().st_mode & 0o777 == 0o644
+
+
+@posix_only
+def test_a_symbolic_link_or_a_replaceable_folder_is_refused(tmp_path, stand_in):
+    conv, fn = toy()
+    x, n = inputs()
+    real = tmp_path / "real"
+    aot.AOTRunner(fn, (conv,), real)(x, n, extra={})
+    [name] = packages(real)
+    linked = tmp_path / "linked"
+    linked.mkdir(mode=0o700)
+    (linked / name).symlink_to(real / name)                  # the name a runner wants, pointing elsewhere
+    with pytest.raises(ConfigError, match=f"{name}: is a symbolic link"):
+        aot.AOTRunner(fn, (conv,), linked)(x, n, extra={})
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)                                    # anybody may rename what is inside
+    with pytest.raises(ConfigError, match="others may write the folder above it"):
+        aot.AOTRunner(fn, (conv,), open_dir / "mine")
+    open_dir.chmod(0o1777)                                   # sticky, as /tmp: only owners rename
+    aot.AOTRunner(fn, (conv,), open_dir / "mine")(x, n, extra={})
 
 
 @posix_only
@@ -301,6 +431,24 @@ def test_a_smaller_batch_of_the_same_size_fills_the_package_batch(built):
     one = Dehazer(d.stage1, d.stage2)(x[1:])
     torch.testing.assert_close(out.restored, one.restored, rtol=0, atol=1e-5)
     assert out.restored.shape == (1, 3, 64, 80)
+
+
+def test_a_failed_build_does_not_pin_its_size_to_its_batch(models):
+    """The batch a size is filled up to is recorded once a call through it worked: after a
+    batch of 2 failed to build, a batch of 1 gets a package of its own, not a fill-up to 2."""
+    d = Dehazer(*models)
+    seen = []
+
+    def runner(x, noise, extra):
+        seen.append(x.shape[0])
+        if len(seen) == 1:
+            raise aot.AOTBuildError("out of memory")
+        return x, x
+    d.aot = runner
+    with pytest.raises(aot.AOTBuildError):
+        d(torch.rand(2, 3, 64, 64))
+    d(torch.rand(1, 3, 64, 64))
+    assert seen == [2, 1]
 
 
 def test_eta_runs_eager_and_other_options_are_refused(built, models, tmp_path):

@@ -65,7 +65,7 @@ def _models(seed=0):
 def _graphed(d: Dehazer, max_graphs=4) -> Dehazer:
     """``d`` with the runner ``Dehazer(cuda_graphs=True)`` makes on a CUDA device (no
     warm-up calls: the stand-in chooses no kernels)."""
-    d.graphs = GraphRunner(d._run_eager, (d.stage1, d.stage2), max_graphs, warmup=0)
+    d.graphs = GraphRunner(d._run_eager, d._networks, max_graphs, warmup=0)
     return d
 
 
@@ -148,6 +148,19 @@ def test_dehazer_new_weights_are_used_at_once(fake_graphs):
     _, s2b = _models(seed=1)
     d.stage2.load_state_dict(s2b.state_dict())
     assert torch.equal(d(hazy).restored, Dehazer(s1, s2b)(hazy).restored)
+    assert d.graphs.captures == 2
+
+
+def test_dehazer_swapped_stage_is_captured_anew(fake_graphs):
+    """``dehazer.stage2 = other``: the runner asks the Dehazer for its networks before each
+    call, so the swap drops the graphs that read the old stage."""
+    s1, s2 = _models()
+    d = _graphed(Dehazer(s1, s2))
+    hazy = torch.rand(1, 3, 64, 64)
+    d(hazy)
+    _, other = _models(seed=1)
+    d.stage2 = other.eval()
+    assert torch.equal(d(hazy).restored, Dehazer(s1, other)(hazy).restored)
     assert d.graphs.captures == 2
 
 

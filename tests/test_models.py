@@ -104,6 +104,23 @@ def test_start_noise_is_per_image_and_seeded():
         assert torch.equal(n[i:i + 1], ref)
 
 
+def test_sampler_grid_is_float32_whatever_the_default_dtype():
+    """The authors' grid is float32 linspace truncated to ints; a float64 default dtype (the
+    float64 reference runs set it) must not change it. For 26 steps of 1000 the two differ
+    (so this test can fail), and the grid is cached: computed afresh here under float64."""
+    from dsrdmpd.diffusion.schedule import RDDMSchedule, time_grid
+    want = list(reversed(torch.linspace(-1, 999, 27, dtype=torch.float32).int().tolist()))
+    assert want != list(reversed(torch.linspace(-1, 999, 27, dtype=torch.float64).int().tolist()))
+    time_grid.cache_clear()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert RDDMSchedule.build(1000).sampling_times(26) == want
+    finally:
+        torch.set_default_dtype(default)
+        time_grid.cache_clear()
+
+
 def test_sampler_schedule_grid(tiny):
     _, s2 = tiny
     assert s2.schedule.sampling_times(5) == [999, 799, 599, 399, 199, -1]

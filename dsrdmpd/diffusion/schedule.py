@@ -51,5 +51,7 @@ def time_grid(timesteps: int, steps: int) -> tuple:
     """The descending sampling grid of ``steps`` steps over ``timesteps``, computed once per
     pair. A sampler traced by ``torch.export`` runs on fake tensors, where this computation
     would give symbols, not ints; the Dehazer therefore computes the grid it is about to
-    have traced before tracing (:mod:`dsrdmpd.aot`), and the trace reads it from here."""
-    return tuple(reversed(torch.linspace(-1, timesteps - 1, steps=steps + 1).int().tolist()))
+    have traced before tracing (:mod:`dsrdmpd.aot`), and the trace reads it from here.
+    float32 whatever the default dtype (the authors' code runs with float32 as the default;
+    a float64 grid differs for some step counts, e.g. 26, 30, 52 of 1000)."""
+    return tuple(reversed(torch.linspace(-1, timesteps - 1, steps=steps + 1, dtype=torch.float32).int().tolist()))
