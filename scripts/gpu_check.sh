@@ -79,7 +79,7 @@ if (( $(left) >= ${GRID_MIN:-60} )); then
         || status=1
 fi
 if (( $(left) >= ${COMPILE_MIN:-60} )); then
-    stop "$(limit 150)" "$py" -m pytest -q -s tests/test_cuda_fast.py -k "compile_cache or aot" 2>&1 \
+    stop "$(limit 200)" "$py" -m pytest -q -s tests/test_cuda_fast.py -k "compile_cache or aot" 2>&1 \
         | tee -a "$out/check.txt" || status=1
 fi
 if (( $(left) >= ${AOT_MIN:-100} )); then
