@@ -176,7 +176,7 @@ class Dehazer:
         self._modules_of: Tuple[Tuple[torch.nn.Module, ...], Tuple[torch.nn.Module, ...]] = ((), ())
         for net in (self.stage1, self.stage2):
             set_weight_cache(set_fast_norm(net, fast_norm), True)
-        self.graphs = (GraphRunner(self._run_eager, self._networks, max_graphs)
+        self.graphs = (self._graph_runner(max_graphs)
                        if cuda_graphs and self.device.type == "cuda" and not compile else None)
         self.aot = (AOTRunner(self._run_traced, self._networks, aot, max_graphs, notify=_to_stderr)
                     if aot is not None else None)
@@ -228,6 +228,11 @@ class Dehazer:
     def coarse(self, hazy: torch.Tensor) -> torch.Tensor:
         """Stage 1 only on an already padded (B, 3, H, W) batch."""
         return self.stage1(hazy)
+
+    def _graph_runner(self, max_graphs: int, warmup: int = 2) -> GraphRunner:
+        """The CUDA-graph runner of both stages and the sampler (it asks for the current stages
+        before each call)."""
+        return GraphRunner(self._run_eager, self._networks, max_graphs, warmup)
 
     def _networks(self) -> Tuple[torch.nn.Module, torch.nn.Module]:
         """Both stages as they are now (the runners ask before every call: a swapped stage is seen)."""

@@ -433,6 +433,15 @@ def test_a_smaller_batch_of_the_same_size_fills_the_package_batch(built):
     assert out.restored.shape == (1, 3, 64, 80)
 
 
+def test_the_dehazer_runner_follows_a_swapped_stage(built, models, tmp_path):
+    """The runner asks the Dehazer for its stages (what a swap changes), not a tuple fixed
+    when it was made: the package key and the trace follow ``dehazer.stage2 = other``."""
+    d = Dehazer(*models, aot=tmp_path)
+    other = build_stage2({"dim": 8, "dim_mults": [1, 2]})
+    d.stage2 = other
+    assert d.aot.modules == (models[0], other)
+
+
 def test_a_failed_build_does_not_pin_its_size_to_its_batch(models):
     """The batch a size is filled up to is recorded once a call through it worked: after a
     batch of 2 failed to build, a batch of 1 gets a package of its own, not a fill-up to 2."""

@@ -65,7 +65,7 @@ def _models(seed=0):
 def _graphed(d: Dehazer, max_graphs=4) -> Dehazer:
     """``d`` with the runner ``Dehazer(cuda_graphs=True)`` makes on a CUDA device (no
     warm-up calls: the stand-in chooses no kernels)."""
-    d.graphs = GraphRunner(d._run_eager, d._networks, max_graphs, warmup=0)
+    d.graphs = d._graph_runner(max_graphs, warmup=0)
     return d
 
 
