@@ -63,6 +63,7 @@ from .atomicfile import atomic_path, remove_stale_temporaries, write_text_atomic
 from .config import ConfigError
 from .cuda_graphs import module_source, weights_key
 from .machine import cpu_model
+from .messages import first_line
 
 FORMAT = 1               # bump when what a package holds or how it is traced changes
 SUFFIX = ".pt2"
@@ -220,12 +221,6 @@ def package_name(fields: Dict[str, Any]) -> str:
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
     shape = "x".join(str(n) for n in fields["inputs"][0][0][:1] + fields["inputs"][0][0][2:])
     return f"pipeline-{shape}-{key}{SUFFIX}"
-
-
-def first_line(exc: BaseException) -> str:
-    """'Type: the first line of its message' (at most 300 characters): torch's messages from
-    export and compilation run to pages (the whole traced graph)."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
 class AOTBuildError(RuntimeError):

@@ -169,6 +169,20 @@ def count_launches(fn):
     return launches, kernels
 
 
+def psnr_over_batch(out, ref) -> float:
+    """PSNR (dB, peak 1) of ``out`` against ``ref`` over the whole batch; inf where equal."""
+    mse = ((out - ref) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def _first_call(d, x, dev):
+    """(``d(x)``, seconds to its end, the device synchronised)."""
+    t0 = time.perf_counter()
+    out = d(x)
+    _sync(dev)
+    return out, time.perf_counter() - t0
+
+
 def _pipeline(args, spec, dev, torch, emit):
     """The variants of one size and batch, one Dehazer after another; ``emit(row)`` as each
     is measured (so a later variant that crashes or runs out of time loses only itself)."""
@@ -207,8 +221,7 @@ def _pipeline(args, spec, dev, torch, emit):
         elif ref is None:
             ref = Dehazer(*_models(args), device=dev)(x).restored
         if v != "fp32":
-            mse = ((out - ref) ** 2).mean().item()
-            row["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+            row["psnr_vs_fp32"] = psnr_over_batch(out, ref)
         emit(row)
         del d
 
@@ -226,7 +239,7 @@ def compile_phases(metrics) -> dict:
     return {col: float(sum(metrics[name])) for col, name in COMPILE_PHASES.items() if metrics.get(name)}
 
 
-def _first_call(args, spec, dev, torch):
+def _first_compiled_call(args, spec, dev, torch):
     """Seconds to the end of the first compiled call and in Dynamo's phases of it, then the
     steady call (inductor cache in spec['cache_dir'], empty for 'cold', filled by an
     earlier process for 'warm')."""
@@ -234,10 +247,7 @@ def _first_call(args, spec, dev, torch):
     from .inference import Dehazer
     x = torch.rand(1, 3, spec["size"], spec["size"], generator=torch.Generator().manual_seed(0))
     d = Dehazer(*_models(args), device=dev, **VARIANTS[spec["variant"]])
-    t0 = time.perf_counter()
-    d(x)
-    _sync(dev)
-    first = time.perf_counter() - t0
+    _, first = _first_call(d, x, dev)
     phases = compile_phases(getattr(dynamo_utils, "compilation_time_metrics", {}))   # private: may be absent
     return dict(spec, first_call_s=first, **phases, seconds=_timed(lambda: d(x), dev, 1, args.repeats))
 
@@ -250,17 +260,13 @@ def _first_aot_call(args, spec, dev, torch):
     from .inference import Dehazer
     x = torch.rand(1, 3, spec["size"], spec["size"], generator=torch.Generator().manual_seed(0))
     d = Dehazer(*_models(args), device=dev, aot=spec["aot_dir"], **VARIANTS[spec["variant"]])
-    t0 = time.perf_counter()
-    out = d(x).restored
-    _sync(dev)
-    first = time.perf_counter() - t0
+    out, first = _first_call(d, x, dev)
     parts = next(iter(d.aot.timings.values()), {})
     row = dict(spec, first_call_s=first, **parts, builds=d.aot.builds,
                seconds=_timed(lambda: d(x), dev, 1, args.repeats), peak_mib=_peak(dev))
     del row["aot_dir"]                                   # a temporary folder, gone after the run
     eager = Dehazer(*_models(args), device=dev)
-    mse = ((out - eager(x).restored) ** 2).mean().item()
-    row["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+    row["psnr_vs_fp32"] = psnr_over_batch(out.restored, eager(x).restored)
     row["eager_fp32_seconds"] = _timed(lambda: eager(x), dev, 1, args.repeats)    # side by side, same process
     return row
 
@@ -306,7 +312,7 @@ def _case(args, spec, queue):
         queue.put(("end", None))
         return
     elif kind == "compile":
-        out = _first_call(args, spec, dev, torch)
+        out = _first_compiled_call(args, spec, dev, torch)
     elif kind == "aot":
         out = _first_aot_call(args, spec, dev, torch)
     elif kind in ("train_fast", "train_straightforward"):

@@ -34,3 +34,9 @@ def one_line(exc: BaseException) -> str:
         if part:
             out += ("" if not out else " " if out.endswith(":") else "; ") + part
     return out
+
+
+def first_line(exc: BaseException) -> str:
+    """'Type: the first line of its message' (at most 300 characters), for exceptions whose
+    message runs to pages (torch's from export and compilation print the whole traced graph)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"

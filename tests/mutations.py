@@ -951,7 +951,7 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/aot.py", "compile_package(program, tmp)", "compile_package(program, path)",
              ("tests/test_aot.py::test_a_failed_build_leaves_nothing_and_says_so_in_one_line",)),
     Mutation("aot-error-pages", "a failed build's error carries torch's whole message (the traced graph, pages long)",
-             "dsrdmpd/aot.py", "(str(exc).strip().splitlines() or [''])[0][:300]", "str(exc)",
+             "dsrdmpd/messages.py", "(str(exc).strip().splitlines() or [''])[0][:300]", "str(exc)",
              ("tests/test_aot.py::test_a_failed_build_leaves_nothing_and_says_so_in_one_line", "tests/test_aot.py::test_an_untraceable_function_is_a_one_line_error")),
     Mutation("aot-trust-group-writable", "compiled code is loaded from a folder or package others may write",
              "dsrdmpd/aot.py", "    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):\n        raise ConfigError(f\"{path}: others may write it",
