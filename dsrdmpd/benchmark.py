@@ -151,9 +151,10 @@ def _count_flops(stage1, stage2, dim1, dim2, plain, size, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def count_launches(fn):
+def count_launches(fn, kernel_us=None):
     """(host-side kernel and graph launch calls, GPU kernels seen) in one call of ``fn``,
-    from torch.profiler."""
+    from torch.profiler; with a dict ``kernel_us``, also each kernel name's GPU time (us)
+    added into it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -164,9 +165,19 @@ def count_launches(fn):
         if e.device_type == torch.autograd.DeviceType.CUDA:
             # CUPTI's copy and fill records ("Memcpy DtoD ...", "Memset ...") are not kernels
             kernels += not e.name.startswith(("Memcpy", "Memset"))
+            if kernel_us is not None:
+                kernel_us[e.name] = kernel_us.get(e.name, 0.0) + e.time_range.elapsed_us()
         elif "LaunchKernel" in e.name or "GraphLaunch" in e.name:
             launches += 1
     return launches, kernels
+
+
+def top_kernels(kernel_us: dict, batch: int, n: int = 8, width: int = 70) -> str:
+    """The ``n`` kernels with the most GPU time as one line, ``"name us/image share; ..."``
+    (us per image; share of all GPU time), names cut to ``width`` characters."""
+    total = sum(kernel_us.values()) or 1.0
+    top = sorted(kernel_us.items(), key=lambda kv: -kv[1])[:n]
+    return "; ".join(f"{name[:width]} {us / batch:.0f} {100 * us / total:.0f}%" for name, us in top)
 
 
 def psnr_over_batch(out, ref) -> float:
@@ -213,8 +224,12 @@ def _pipeline(args, spec, dev, torch, emit):
                 row["peak_tflop_s"] = peak
                 row["fraction_of_peak"] = row["tflop_s"] / peak
         if dev.startswith("cuda") and args.profile:
-            launches, kernels = count_launches(lambda: d(x))
+            kernel_us = {}
+            launches, kernels = count_launches(lambda: d(x), kernel_us)
             row["launches_per_image"], row["kernels_per_image"] = launches / batch, kernels / batch
+            # GPU time (kernels, copies) per image against the wall time: well below it, the card waits for the host
+            row["gpu_busy_ms_per_image"] = sum(kernel_us.values()) / 1000 / batch
+            row["top_kernels"] = top_kernels(kernel_us, batch)
         out = d(x).restored
         if v == "fp32":
             ref = out

@@ -8,11 +8,17 @@
 # that a lent GPU's 15 minutes (start-up included) leave room to run it a second time.
 # OUT_DIR gets check.txt (machine, test output, total time), bench.log (benchmark progress) and
 # benchmark.md + benchmark.csv in inference/, scene/, training/ and, if time was left,
-# inference_more/, aot/ and compile/.
+# aot/, inference_more/ and compile/.
 # tests/test_speed_options.py's GPU cases (measured on the H200 before) are not rerun here.
 #
 # Usage (on a CUDA machine, in the repo root):
 #   bash scripts/gpu_check.sh [OUT_DIR]        # PYTHON=python3 for another interpreter
+# A second, shorter slice can rerun some parts: PARTS (default all: "1 2 2s 2t 3 4t 4a 4g 4c")
+# names them; FAST_TESTS (a pytest -k expression), PAIRS / PAIR_VARIANTS (part 2),
+# GRID_PAIRS / GRID_VARIANTS (4g) and AOT_LIMIT / AOT_CASE (4a, seconds) narrow or widen them:
+#   PARTS="1 2 4a" FAST_TESTS="graphed_training or fused_adam" PAIRS="512x1" BUDGET=300 bash scripts/gpu_check.sh
+# The profiled rows of part 2 also give, in benchmark.csv, the GPU time per image
+# (gpu_busy_ms_per_image) and the kernels with the most GPU time (top_kernels).
 # Packages the machine lacks (ema-pytorch, pypng) travel as wheels in .whl/ (git-ignored),
 # fetched beforehand on a machine with pip:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ema-pytorch pypng
@@ -32,6 +38,8 @@ export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:40
 export DSRDMPD_TEST_THREADS=${DSRDMPD_TEST_THREADS:-8}
 budget=${BUDGET:-400}
 status=0
+parts=" ${PARTS:-1 2 2s 2t 3 4t 4a 4g 4c} "
+want() { [[ $parts == *" $1 "* ]]; }
 left() { echo $(( budget - SECONDS )); }
 limit() { local want=$1 l; l=$(left); (( l < want )) && want=$l; (( want < 10 )) && want=10; echo "$want"; }
 # a part past its limit gets SIGINT first: pytest then still prints the failures and durations it
@@ -45,55 +53,64 @@ stop() { timeout -s INT -k 10 "$@"; }
 } 2>&1 | tee "$out/check.txt"
 
 # 1. the fast paths against the float32 reference (norm, graphs; Triton kernels in the interpreter too)
-stop "$(limit "${FAST_TEST_LIMIT:-70}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda_fast.py \
-    -k "not compile_cache and not aot" "tests/test_fast_path.py::test_triton_kernels_in_the_interpreter" 2>&1 \
-    | tee -a "$out/check.txt" || status=1
+if want 1; then
+    stop "$(limit "${FAST_TEST_LIMIT:-70}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda_fast.py \
+        tests/test_fast_path.py::test_triton_kernels_in_the_interpreter \
+        -k "${FAST_TESTS:-not compile_cache and not aot}" 2>&1 | tee -a "$out/check.txt" || status=1
+fi
 
-# 2. inference: the issue's target cases first (256 x 1, 256 x 32, 512 x 1; true float32, TF32 and
-#    bf16, each plain and with the fast options; one process per size and batch), then the
-#    4096 x 4096 scene in 512 tiles and the training steps/s
-stop "$(limit "${BENCH_LIMIT:-110}")" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 \
-    --pairs 256x1 256x32 512x1 \
-    --variants fp32 fp32+fastnorm+graphs tf32 tf32+fastnorm+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs \
-    --warmup 1 --repeats 3 --case-timeout 60 --out "$out/inference" 2>&1 | tee -a "$out/bench.log" \
-    || status=1
-stop "$(limit "${SCENE_LIMIT:-40}")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
-    --scene 4096 --tile 512 --overlap 64 --tile-batch 4 --scene-variant tf32+cl+fastnorm+graphs --warmup 1 \
-    --case-timeout 35 --out "$out/scene" 2>&1 | tee -a "$out/bench.log" || status=1
-stop "$(limit "${TRAIN_LIMIT:-75}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
-    --train-size 256 --warmup 2 --repeats 5 --case-timeout 30 --out "$out/training" 2>&1 \
-    | tee -a "$out/bench.log" || status=1
+# 2. inference: the issue's target cases first (256 x 1, 512 x 1, 256 x 32; true float32, TF32 and
+#    bf16, each plain and with the fast options; one process per size and batch), then (2s) the
+#    4096 x 4096 scene in 512 tiles and (2t) the training steps/s
+if want 2; then
+    stop "$(limit "${BENCH_LIMIT:-110}")" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 \
+        --pairs ${PAIRS:-256x1 512x1 256x32} --variants ${PAIR_VARIANTS:-fp32 fp32+fastnorm+graphs tf32 \
+        tf32+fastnorm+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs} --warmup 1 --repeats 3 \
+        --case-timeout 60 --out "$out/inference" 2>&1 | tee -a "$out/bench.log" || status=1
+fi
+if want 2s; then
+    stop "$(limit "${SCENE_LIMIT:-40}")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
+        --scene 4096 --tile 512 --overlap 64 --tile-batch 4 --scene-variant tf32+cl+fastnorm+graphs --warmup 1 \
+        --case-timeout 35 --out "$out/scene" 2>&1 | tee -a "$out/bench.log" || status=1
+fi
+if want 2t; then
+    stop "$(limit "${TRAIN_LIMIT:-75}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
+        --train-size 256 --warmup 2 --repeats 5 --case-timeout 30 --out "$out/training" 2>&1 \
+        | tee -a "$out/bench.log" || status=1
+fi
 
 # 3. the CUDA tests of training (graph-captured step, exact resume with the step options) and the command line
-stop "$(limit "${TEST_LIMIT:-90}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda.py 2>&1 \
-    | tee -a "$out/check.txt" || status=1
-
-# 4. if time is left: the rest of the grid (256 x 8, 1024 x 1); the compile-cache and AOT-package
-#    tests; the AOT package at paper width (build, then load in a fresh process); then
-#    torch.compile with the persistent cache (DSRDMPD_COMPILE_CACHE): the first call with an
-#    empty and with a filled cache at paper width
-if (( $(left) >= ${GRID_MIN:-60} )); then
-    stop "$(limit 60)" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 --pairs 256x8 1024x1 \
-        --variants fp32 tf32 tf32+fastnorm+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs \
-        --warmup 1 --repeats 3 --case-timeout 50 --out "$out/inference_more" 2>&1 | tee -a "$out/bench.log" \
-        || status=1
+if want 3; then
+    stop "$(limit "${TEST_LIMIT:-90}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda.py 2>&1 \
+        | tee -a "$out/check.txt" || status=1
 fi
-if (( $(left) >= ${COMPILE_MIN:-60} )); then
+
+# 4. if time is left: (4t) the compile-cache and AOT-package tests; (4a) the AOT package at
+#    paper width (build, then load in a fresh process); (4g) the rest of the grid (256 x 8,
+#    1024 x 1); (4c) torch.compile with the persistent cache (DSRDMPD_COMPILE_CACHE): the first
+#    call with an empty and with a filled cache at paper width
+if want 4t && (( $(left) >= ${COMPILE_MIN:-60} )); then
     stop "$(limit 200)" "$py" -m pytest -q -s tests/test_cuda_fast.py -k "compile_cache or aot" 2>&1 \
         | tee -a "$out/check.txt" || status=1
 fi
-if (( $(left) >= ${AOT_MIN:-100} )); then
-    stop "$(limit $(( $(left) / 2 )))" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
-        --aot-sizes 256 --aot-variant tf32 --repeats 3 --case-timeout $(( $(left) / 3 )) --out "$out/aot" 2>&1 \
-        | tee -a "$out/bench.log" || status=1
-else
+if want 4a && (( $(left) >= ${AOT_MIN:-100} )); then
+    stop "$(limit "${AOT_LIMIT:-$(( $(left) / 2 ))}")" "$py" scripts/benchmark.py --device cuda --sizes --variants \
+        --train-size 0 --aot-sizes 256 --aot-variant tf32 --repeats 3 --case-timeout "${AOT_CASE:-$(( $(left) / 3 ))}" \
+        --out "$out/aot" 2>&1 | tee -a "$out/bench.log" || status=1
+elif want 4a; then
     echo "aot: skipped, $(left) s left of $budget" | tee -a "$out/bench.log"
 fi
-if (( $(left) >= ${COMPILE_MIN:-100} )); then
+if want 4g && (( $(left) >= ${GRID_MIN:-60} )); then
+    stop "$(limit "$(left)")" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 \
+        --pairs ${GRID_PAIRS:-256x8 1024x1} --variants ${GRID_VARIANTS:-fp32 tf32 tf32+fastnorm+graphs \
+        tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs} --warmup 1 --repeats 3 --case-timeout "$(left)" \
+        --out "$out/inference_more" 2>&1 | tee -a "$out/bench.log" || status=1
+fi
+if want 4c && (( $(left) >= ${COMPILE_MIN:-100} )); then
     stop "$(limit "$(left)")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
         --compile-sizes 256 --repeats 3 --case-timeout $(( $(left) / 2 )) --out "$out/compile" 2>&1 \
         | tee -a "$out/bench.log" || status=1
-else
+elif want 4c; then
     echo "compile: skipped, $(left) s left of $budget" | tee -a "$out/bench.log"
 fi
 echo "total ${SECONDS} s" | tee -a "$out/check.txt"

@@ -41,6 +41,12 @@ def test_peak_table_and_override():
     assert benchmark.peak_tflops("Some GPU", "fp32", 100.0) == 100.0
 
 
+def test_top_kernels_line_ranks_by_gpu_time_per_image():
+    line = benchmark.top_kernels({"small": 10.0, "big_gemm_kernel": 60.0, "norm": 30.0}, batch=2, n=2, width=6)
+    assert line == "big_ge 30 60%; norm 15 30%"
+    assert benchmark.top_kernels({}, batch=1) == ""
+
+
 def test_compile_phases_are_summed_over_frames():
     metrics = {"bytecode_tracing": [1.5, 2.0], "OutputGraph.call_user_compiler": [10.0],
                "build_guards": [0.25, 0.5], "compile_file": [99.0]}

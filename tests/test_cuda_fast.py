@@ -183,37 +183,81 @@ def _train_eager(s2, opt, batches):
     return losses
 
 
+@pytest.fixture()
+def deterministic_cuda():
+    """The trainer's default CUDA settings (train.deterministic: true, no TF32), restored
+    afterwards: the same kernels in both runs of a comparison, so that the only difference
+    left is the one under test. Without them, atomics in the backward (cuDNN's weight
+    gradients, attention) make two eager runs differ in the last bits, and Adam's first update
+    (lr * g / |g|) turns the sign of a gradient that is rounding noise into a difference of lr."""
+    from dsrdmpd.training.common import configure_cuda
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    configure_cuda(tf32=False, deterministic=True)
+    yield
+    (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark,
+     torch.backends.cudnn.deterministic) = saved[:4]
+    torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
+def _copy_training_state(dst_model, dst_opt, src_model, src_opt):
+    """``src``'s weights and optimizer state into ``dst``'s tensors, in place (a captured
+    graph keeps reading the same addresses)."""
+    with torch.no_grad():
+        for p, q in zip(dst_model.parameters(), src_model.parameters()):
+            p.copy_(q)
+        for p, q in zip(dst_model.parameters(), src_model.parameters()):
+            if p.requires_grad:
+                for k, v in src_opt.state[q].items():
+                    dst_opt.state[p][k].copy_(v)
+
+
 @pytest.mark.parametrize("fused", [True, None], ids=["fused", "foreach"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_graphed_training_step_equals_the_eager_step(fused, channels_last):
+def test_graphed_training_step_equals_the_eager_step(fused, channels_last, deterministic_cuda):
     """4 steps replayed from one CUDA graph against 4 eager steps with the same capturable
-    Adam: the same losses and weights (within float32 rounding; the kernels are the same), the
-    warm-up that capture needs leaving no trace; and one graph for the 4 same-shape steps."""
+    Adam, each step from the same state (the eager run's weights and Adam state are copied
+    into the graphed run's tensors after every step, so rounding cannot grow over the steps):
+    the same loss and the same weights and Adam state after it, within float32 rounding; the
+    first replay starts from the initial state (the warm-up that capture needs leaves no
+    trace); one graph for the 4 same-shape steps, replayed on weights changed in place."""
     from dsrdmpd.training.step_options import GraphedTrainingStep, StepOptions, make_adam
     opts = StepOptions(channels_last, fused, True)
     eager, batches = _train_case(channels_last=channels_last)
     graphed = copy.deepcopy(eager)
-    ref = _train_eager(eager, make_adam([p for p in eager.parameters() if p.requires_grad], 1e-3, opts,
-                                        torch.device("cuda")), batches)
+    trained = [p for p in eager.parameters() if p.requires_grad]
+    eager_opt = make_adam(trained, 1e-3, opts, torch.device("cuda"))
     opt = make_adam([p for p in graphed.parameters() if p.requires_grad], 1e-3, opts, torch.device("cuda"))
     step = GraphedTrainingStep(lambda *b: graphed(*b[:3], t=b[3], noise=b[4]), graphed, opt)
-    got = [step(*b) for b in batches]
+    for i, b in enumerate(batches):
+        got = step(*b)
+        ref = _train_eager(eager, eager_opt, [b])[0]
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"loss of step {i}")
+        for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name} after step {i}")
+            if p.requires_grad:
+                for k, v in eager_opt.state[q].items():
+                    torch.testing.assert_close(opt.state[p][k], v, rtol=1e-5, atol=1e-7, msg=f"{name} {k}, step {i}")
+        _copy_training_state(graphed, opt, eager, eager_opt)
     assert step.captures == 1
-    torch.testing.assert_close(torch.stack(got), torch.stack(ref), rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert int(opt.state[next(p for p in graphed.parameters() if p.requires_grad)]["step"]) == 4
 
 
-def test_fused_adam_on_cuda_equals_plain_adam_to_rounding():
+def test_fused_adam_on_cuda_equals_plain_adam_to_rounding(deterministic_cuda):
+    """Fused Adam against the plain (foreach) one, one step at a time from the same weights and
+    Adam state (copied after each step): the same update to float32 rounding, in all 4 steps."""
     from dsrdmpd.training.step_options import StepOptions, make_adam
     a, batches = _train_case()
     b = copy.deepcopy(a)
-    _train_eager(a, make_adam([p for p in a.parameters() if p.requires_grad], 1e-3, StepOptions(), "cuda"), batches)
-    _train_eager(b, make_adam([p for p in b.parameters() if p.requires_grad], 1e-3, StepOptions(fused=True), "cuda"),
-                 batches)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+    opt_a = make_adam([p for p in a.parameters() if p.requires_grad], 1e-3, StepOptions(), "cuda")
+    opt_b = make_adam([p for p in b.parameters() if p.requires_grad], 1e-3, StepOptions(fused=True), "cuda")
+    for i, batch in enumerate(batches):
+        _train_eager(a, opt_a, [batch])
+        _train_eager(b, opt_b, [batch])
+        for (name, p), q in zip(b.named_parameters(), a.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name} after step {i}")
+        _copy_training_state(b, opt_b, a, opt_a)
 
 
 def test_compile_cache_warm_start(tmp_path):
