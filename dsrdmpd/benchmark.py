@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+from .profiling import count_launches, module_breakdown, top_kernels
+
 VARIANTS = {"fp32": {}, "fp32+cl": {"channels_last": True}, "tf32": {"precision": "tf32"},
             "tf32+cl": {"precision": "tf32", "channels_last": True}, "bf16-stage1": {"precision": "bf16-stage1"},
             "bf16-stage1+cl": {"precision": "bf16-stage1", "channels_last": True}, "bf16": {"precision": "bf16"},
@@ -65,6 +67,8 @@ VARIANTS = {"fp32": {}, "fp32+cl": {"channels_last": True}, "tf32": {"precision"
                                         "cuda_graphs": True},
             "bf16+cl+fastnorm+graphs": {"precision": "bf16", "channels_last": True, "fast_norm": True,
                                         "cuda_graphs": True}}
+
+BREAKDOWN_ROWS = 12     # module classes listed per case in benchmark.md
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's data sheets (the sheets list the
 # tensor-core figures with sparsity, twice these), SXM boards unless named; "fp32" is the
@@ -151,35 +155,6 @@ def _count_flops(stage1, stage2, dim1, dim2, plain, size, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def count_launches(fn, kernel_us=None):
-    """(host-side kernel and graph launch calls, GPU kernels seen) in one call of ``fn``,
-    from torch.profiler; with a dict ``kernel_us``, also each kernel name's GPU time (us)
-    added into it."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    launches = kernels = 0
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            # CUPTI's copy and fill records ("Memcpy DtoD ...", "Memset ...") are not kernels
-            kernels += not e.name.startswith(("Memcpy", "Memset"))
-            if kernel_us is not None:
-                kernel_us[e.name] = kernel_us.get(e.name, 0.0) + e.time_range.elapsed_us()
-        elif "LaunchKernel" in e.name or "GraphLaunch" in e.name:
-            launches += 1
-    return launches, kernels
-
-
-def top_kernels(kernel_us: dict, batch: int, n: int = 8, width: int = 70) -> str:
-    """The ``n`` kernels with the most GPU time as one line, ``"name us/image share; ..."``
-    (us per image; share of all GPU time), names cut to ``width`` characters."""
-    total = sum(kernel_us.values()) or 1.0
-    top = sorted(kernel_us.items(), key=lambda kv: -kv[1])[:n]
-    return "; ".join(f"{name[:width]} {us / batch:.0f} {100 * us / total:.0f}%" for name, us in top)
-
-
 def psnr_over_batch(out, ref) -> float:
     """PSNR (dB, peak 1) of ``out`` against ``ref`` over the whole batch; inf where equal."""
     mse = ((out - ref) ** 2).mean().item()
@@ -238,6 +213,26 @@ def _pipeline(args, spec, dev, torch, emit):
         if v != "fp32":
             row["psnr_vs_fp32"] = psnr_over_batch(out, ref)
         emit(row)
+        del d
+
+
+def _breakdown(args, spec, dev, torch, emit):
+    """For each variant of one size and batch: one eager call (after the warm-up) split by
+    module class (:func:`dsrdmpd.profiling.module_breakdown`); ``emit(row)`` per class."""
+    from .inference import Dehazer
+    size, batch = spec["size"], spec["batch"]
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for v in spec["variants"]:
+        d = Dehazer(*_models(args), device=dev, **VARIANTS[v])
+        for _ in range(max(1, args.warmup)):        # caches filled, kernels compiled before the profiled call
+            d(x)
+        rows = module_breakdown(lambda: d(x), (d.stage1, d.stage2), cuda=dev.startswith("cuda"))
+        whole = sum(r["self_us"] for r in rows) or 1.0
+        for r in rows:
+            emit(dict(kind="breakdown", size=size, batch=batch, variant=v, module=r["module"],
+                      calls_per_image=r["calls"] / batch, own_ms_per_image=r["self_us"] / 1000 / batch,
+                      total_ms_per_image=r["total_us"] / 1000 / batch, share=r["self_us"] / whole,
+                      seconds=r["self_us"] / 1e6, peak_mib=_peak(dev)))
         del d
 
 
@@ -322,8 +317,8 @@ def _case(args, spec, queue):
                 torch.cuda.reset_peak_memory_stats()
             out["seconds"] = _timed(fn, dev, args.warmup, args.repeats)
         out["params_m"] = sum(p.numel() for p in (s1 if s2 is None else s2).parameters()) / 1e6
-    elif kind == "pipeline":
-        _pipeline(args, spec, dev, torch, lambda row: queue.put(("row", row)))
+    elif kind in ("pipeline", "breakdown"):
+        (_pipeline if kind == "pipeline" else _breakdown)(args, spec, dev, torch, lambda row: queue.put(("row", row)))
         queue.put(("end", None))
         return
     elif kind == "compile":
@@ -442,8 +437,8 @@ class CaseFailed(RuntimeError):
 
 def _label(row) -> dict:
     """What a progress line names: the case, and the options that tell cases apart."""
-    return {k: v for k, v in row.items() if k not in ("flops", "variants", "path", "cache_dir", "aot_dir") and
-            not isinstance(v, float)}
+    return {k: v for k, v in row.items() if k not in ("flops", "variants", "path", "cache_dir", "aot_dir",
+                                                     "top_kernels") and not isinstance(v, float)}
 
 
 def run_case(args, **spec):
@@ -472,7 +467,7 @@ def run_case(args, **spec):
         print(f"  {_label(row)}: {row['seconds']:.3f} s, peak {row['peak_mib']:.0f} MiB", file=sys.stderr,
               flush=True)
     p.join()
-    return rows if spec.get("kind") == "pipeline" else rows[0]
+    return rows if spec.get("kind") in ("pipeline", "breakdown") else rows[0]
 
 
 def _fmt(v, f="{:.3f}"):
@@ -507,6 +502,9 @@ def main(argv=None):
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the kernel-launch count (CUDA)")
     ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    ap.add_argument("--breakdown", nargs="*", default=[], metavar="VARIANT",
+                    help="time by module class for these variants (eager: no graphs, no compile) at the variants "
+                         "table's sizes and batches (GPU time on CUDA, wall time on the CPU)")
     ap.add_argument("--compile-sizes", type=int, nargs="*", default=[],
                     help="time the first compiled call, cold and warm inductor cache, at these sizes")
     ap.add_argument("--compile-variant", default="fp32+compile",
@@ -544,9 +542,13 @@ def main(argv=None):
         ap.error(f"--pairs takes SIZExBATCH items such as 256x8, got {args.pairs}")
     if args.variants == ["all"]:
         args.variants = list(VARIANTS)
-    unknown = set(args.variants) - set(VARIANTS)
+    unknown = set(args.variants + args.breakdown) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)} (choose from {list(VARIANTS)})")
+    eager_only = [v for v in args.breakdown if VARIANTS[v].get("cuda_graphs") or VARIANTS[v].get("compile")]
+    if eager_only:
+        ap.error(f"--breakdown {' '.join(eager_only)}: the breakdown sees modules run eagerly; drop +graphs / "
+                 f"+compile (the kernels are the same)")
 
     def save(lines, records):
         """Write what is measured so far (a run cut short keeps its finished rows)."""
@@ -660,6 +662,38 @@ def main(argv=None):
                     lines.append(f"| {size} | {batch} | {', '.join(rest)} | {failed} | | | | | | | |")
                 save(lines, records)
         lines.append("")
+
+    if args.breakdown and pairs:
+        what = ("GPU time of the kernels launched inside each module" if cuda else "wall time inside each module")
+        lines += [f"Time by module class (one eager call after the warm-up; {what}, less that of the modules "
+                  f"inside it; the {BREAKDOWN_ROWS} largest classes, the rest summed):", ""]
+        for size, batch in pairs:
+            failed = None
+            try:
+                rows = run_case(args, kind="breakdown", size=size, batch=batch, variants=args.breakdown)
+            except CaseFailed as e:
+                rows, failed = e.rows, e
+            records += rows
+            for v in args.breakdown:
+                mine = [r for r in rows if r["variant"] == v]
+                if not mine:
+                    continue
+                whole = sum(r["own_ms_per_image"] for r in mine)
+                lines += [f"{size} x {size}, batch {batch}, `{v}`: {whole:.1f} ms / image in all", "",
+                          "| module | calls / image | ms / image (own) | share |", "|---|---|---|---|"]
+                rest = mine[BREAKDOWN_ROWS:]
+                for r in mine[:BREAKDOWN_ROWS]:
+                    lines.append(f"| {r['module']} | {r['calls_per_image']:.4g} | {r['own_ms_per_image']:.2f} | "
+                                 f"{100 * r['share']:.1f} % |")
+                if rest:
+                    lines.append(f"| ({len(rest)} other classes) | {sum(r['calls_per_image'] for r in rest):.4g} | "
+                                 f"{sum(r['own_ms_per_image'] for r in rest):.2f} | "
+                                 f"{100 * sum(r['share'] for r in rest):.1f} % |")
+                lines.append("")
+            if failed is not None:
+                records.append(dict(kind="breakdown", size=size, batch=batch, error=str(failed)))
+                lines += [f"{size} x {size}, batch {batch}: {failed}", ""]
+            save(lines, records)
 
     def first_calls(kind, size, variant, label, phases, folder_key, columns, cells):
         """One fresh process per phase, all sharing one temporary folder (``folder_key`` in the

@@ -7,18 +7,19 @@
 # hang or a slow part cannot eat the session; BUDGET (seconds, default 400) bounds the whole, so
 # that a lent GPU's 15 minutes (start-up included) leave room to run it a second time.
 # OUT_DIR gets check.txt (machine, test output, total time), bench.log (benchmark progress) and
-# benchmark.md + benchmark.csv in inference/, scene/, training/ and, if time was left,
+# benchmark.md + benchmark.csv in inference/, breakdown/, scene/, training/ and, if time was left,
 # aot/, inference_more/ and compile/.
 # tests/test_speed_options.py's GPU cases (measured on the H200 before) are not rerun here.
 #
 # Usage (on a CUDA machine, in the repo root):
 #   bash scripts/gpu_check.sh [OUT_DIR]        # PYTHON=python3 for another interpreter
-# A second, shorter slice can rerun some parts: PARTS (default all: "1 2 2s 2t 3 4t 4a 4g 4c")
+# A second, shorter slice can rerun some parts: PARTS (default all: "1 2 2b 2s 2t 3 4t 4a 4g 4c")
 # names them; FAST_TESTS (a pytest -k expression), PAIRS / PAIR_VARIANTS (part 2),
 # GRID_PAIRS / GRID_VARIANTS (4g) and AOT_LIMIT / AOT_CASE (4a, seconds) narrow or widen them:
 #   PARTS="1 2 4a" FAST_TESTS="graphed_training or fused_adam" PAIRS="512x1" BUDGET=300 bash scripts/gpu_check.sh
 # The profiled rows of part 2 also give, in benchmark.csv, the GPU time per image
-# (gpu_busy_ms_per_image) and the kernels with the most GPU time (top_kernels).
+# (gpu_busy_ms_per_image) and the kernels with the most GPU time (top_kernels); part 2b the
+# GPU time by module class (benchmark.py --breakdown; BREAKDOWN_PAIRS, BREAKDOWN_VARIANTS).
 # Packages the machine lacks (ema-pytorch, pypng) travel as wheels in .whl/ (git-ignored),
 # fetched beforehand on a machine with pip:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ema-pytorch pypng
@@ -38,7 +39,7 @@ export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:40
 export DSRDMPD_TEST_THREADS=${DSRDMPD_TEST_THREADS:-8}
 budget=${BUDGET:-400}
 status=0
-parts=" ${PARTS:-1 2 2s 2t 3 4t 4a 4g 4c} "
+parts=" ${PARTS:-1 2 2b 2s 2t 3 4t 4a 4g 4c} "
 want() { [[ $parts == *" $1 "* ]]; }
 left() { echo $(( budget - SECONDS )); }
 limit() { local want=$1 l; l=$(left); (( l < want )) && want=$l; (( want < 10 )) && want=10; echo "$want"; }
@@ -67,6 +68,12 @@ if want 2; then
         --pairs ${PAIRS:-256x1 512x1 256x32} --variants ${PAIR_VARIANTS:-fp32 fp32+fastnorm+graphs tf32 \
         tf32+fastnorm+graphs tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs} --warmup 1 --repeats 3 \
         --case-timeout 60 --out "$out/inference" 2>&1 | tee -a "$out/bench.log" || status=1
+fi
+# 2b. where the time goes: GPU time by module class, one eager call (no graphs) at 256 and 512 x 1
+if want 2b; then
+    stop "$(limit "${BREAKDOWN_LIMIT:-40}")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
+        --pairs ${BREAKDOWN_PAIRS:-256x1 512x1} --breakdown ${BREAKDOWN_VARIANTS:-tf32+fastnorm tf32+cl+fastnorm} \
+        --warmup 1 --case-timeout 35 --out "$out/breakdown" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 if want 2s; then
     stop "$(limit "${SCENE_LIMIT:-40}")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dsrdmpd import benchmark
 from dsrdmpd.builders import build_stage1, build_stage2
 from dsrdmpd.inference import Dehazer
+from dsrdmpd.models.unet_blocks import ChannelLayerNorm
 
 from conftest import ROOT
 
@@ -39,12 +40,6 @@ def test_peak_table_and_override():
     assert benchmark.peak_tflops("NVIDIA H200", "bf16-stage1") == 67.0
     assert benchmark.peak_tflops("Some GPU", "fp32") is None
     assert benchmark.peak_tflops("Some GPU", "fp32", 100.0) == 100.0
-
-
-def test_top_kernels_line_ranks_by_gpu_time_per_image():
-    line = benchmark.top_kernels({"small": 10.0, "big_gemm_kernel": 60.0, "norm": 30.0}, batch=2, n=2, width=6)
-    assert line == "big_ge 30 60%; norm 15 30%"
-    assert benchmark.top_kernels({}, batch=1) == ""
 
 
 def test_compile_phases_are_summed_over_frames():
@@ -81,6 +76,28 @@ def test_variants_table_on_the_cpu(tmp_path):
         assert float(r["ms_per_image"]) == pytest.approx(1000 * float(r["seconds"]) / 2, rel=1e-4)
         assert not r.get("launches_per_image")                # CUDA only
     assert rows["fp32+fastnorm"]["psnr_vs_fp32"] == "inf"      # the CPU keeps PyTorch's GroupNorm: identical
+
+
+def test_breakdown_table_on_the_cpu(tmp_path):
+    """--breakdown: one table per size, batch and variant; every class's own time, the
+    work outside modules once per call, shares adding up to the whole."""
+    out = tmp_path / "bench"
+    assert benchmark.main(["--sizes", "--variants", "--pairs", "64x2", "--breakdown", "fp32", "--out", str(out)]
+                          + TINY) == 0
+    md = (out / "benchmark.md").read_text()
+    assert "64 x 64, batch 2, `fp32`:" in md and "| module | calls / image | ms / image (own) | share |" in md
+    rows = [r for r in csv.DictReader(open(out / "benchmark.csv")) if r["kind"] == "breakdown"]
+    by = {r["module"]: r for r in rows}
+    assert float(by["(outside modules)"]["calls_per_image"]) == 0.5          # one call for 2 images
+    assert sum(float(r["share"]) for r in rows) == pytest.approx(1, abs=1e-4)
+    # exact call counts: each of the 5 sampling steps runs the encoder, the middle and the
+    # residual decoder (not the noise decoder); one call for the batch of 2
+    net = build_stage2({"dim": 8}).net
+    per_step = sum(isinstance(m, ChannelLayerNorm) for part in (net.encoder, net.middle, net.residual_decoder)
+                   for m in part.modules())
+    assert per_step and float(by["ChannelLayerNorm"]["calls_per_image"]) == 5 * per_step / 2
+    for r in rows:
+        assert float(r["own_ms_per_image"]) <= float(r["total_ms_per_image"]) + 1e-6
 
 
 def test_a_case_past_its_time_limit_becomes_a_row(tmp_path):
@@ -199,6 +216,9 @@ def test_scoring_table_times_both_window_forms(tmp_path):
     (["--train-size", "0", "--aot-sizes", "64", "--aot-variant", "fp32+graphs"],
      "--aot-variant must be a variant without compile or graphs"),
     (["--train-size", "0", "--aot-sizes", "72"], "--aot-sizes 72: the networks run at sizes that are"),
+    (["--train-size", "0", "--breakdown", "tf32+fastnorm+graphs"],
+     r"--breakdown tf32\+fastnorm\+graphs: the breakdown sees modules run eagerly"),
+    (["--train-size", "0", "--breakdown", "fp64"], r"unknown variants \['fp64'\]"),
 ])
 def test_bad_arguments_are_refused_before_any_case_runs(argv, message, capsys):
     """A training crop the networks refuse, or a tiling the Dehazer refuses, is a one-line
