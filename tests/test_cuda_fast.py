@@ -61,6 +61,38 @@ def test_fast_norm_float32_matches_group_norm(use_triton, channels_last, shape, 
     torch.testing.assert_close(out, _reference(norm, x, ss, act), **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(1, 64, 256, 256), (2, 128, 33, 47), (1, 512, 16, 16), (3, 24, 8, 8)])
+def test_fast_channel_layer_norm_matches_the_native_one(dtype, channels_last, shape):
+    """The channel-LayerNorm kernel against the native form on the GPU: float32 within the
+    parity bound, bfloat16 within one bfloat16 rounding of values of a few units (2^-6);
+    dtype and memory format kept; used only with ``fast`` and no autograd recording."""
+    from dsrdmpd.models.unet_blocks import ChannelLayerNorm
+    if not triton_available():
+        pytest.skip("Triton not importable")
+    g = torch.Generator().manual_seed(0)
+    m = ChannelLayerNorm(shape[1])
+    with torch.no_grad():
+        m.g.copy_(torch.randn(m.g.shape, generator=g))
+    m = m.cuda()
+    x = (torch.randn(*shape, generator=g) * 2 + 0.5).to(dtype).cuda()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = m.forward_native(x)
+        m.fast = True
+        assert m.uses_fast_path(x)
+        out = m(x)
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, **TOL)
+    else:
+        assert (out.float() - ref.float()).abs().max() <= 2 ** -6 * max(1.0, ref.float().abs().max().item())
+    assert not m.uses_fast_path(x.requires_grad_(True))
+
+
 @pytest.mark.parametrize("use_triton", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_norm_bf16_no_worse_than_pytorch(use_triton, channels_last):

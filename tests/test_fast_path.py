@@ -255,6 +255,79 @@ def test_triton_merge_over_many_partials_in_the_interpreter():
         assert mean_err < 1e-4 and rstd_rel_err < 1e-4
 
 
+CHANNEL_CHECK = r"""
+import json, torch
+from dsrdmpd.models.norm import channel_layer_norm_triton
+torch.manual_seed(0)
+out = []
+# 64 and 512 channels (paper widths), 24 (not a power of two: masked channels); positions
+# not a multiple of the block (masked positions); float32 and bfloat16 input
+for dtype in (torch.float32, torch.bfloat16):
+    for cl in (False, True):
+        for shape in [(2, 64, 5, 7), (1, 24, 9, 11), (1, 512, 3, 3)]:
+            x = (torch.randn(*shape) * 3 + 100).to(dtype)          # far from zero: catches one-pass statistics
+            g = torch.randn(shape[1])
+            xd = x.double()
+            var, mean = torch.var_mean(xd, dim=1, unbiased=False, keepdim=True)
+            ref = (xd - mean) / (var + 1e-5).sqrt() * g.double()[None, :, None, None]
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = channel_layer_norm_triton(x, g, 1e-5)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            out.append([str(dtype), (y.double() - ref).abs().max().item(), ref.abs().max().item(),
+                        y.dtype == dtype and y.is_contiguous(memory_format=fmt)])
+print(json.dumps(out))
+"""
+
+
+def test_triton_channel_norm_in_the_interpreter():
+    """The channel-LayerNorm kernel under Triton's CPU interpreter against float64 (of the
+    same, rounded, input): float32 within 1e-5 (outputs up to ~10; the input's mean is 100,
+    so a mean summed without correction is ~4e-5 off), bfloat16 within one unit in the last
+    place of the largest output (2^-7 of it: the interpreter's float32 -> bfloat16
+    conversion may truncate); dtype and memory format kept."""
+    rows = _in_triton_interpreter(CHANNEL_CHECK)
+    assert len(rows) == 12
+    for dtype, err, scale, kept in rows:
+        assert kept
+        assert err < (1e-5 if dtype == "torch.float32" else 2 ** -7 * scale), (dtype, err)
+
+
+def test_channel_norm_blocks_cover_the_channels_in_one_tile():
+    from dsrdmpd.models.norm import CHANNEL_TILE, channel_norm_blocks
+    assert channel_norm_blocks(64) == (64, CHANNEL_TILE // 64)
+    assert channel_norm_blocks(24) == (32, CHANNEL_TILE // 32)
+    assert channel_norm_blocks(512) == (512, 8)
+    assert channel_norm_blocks(8192) == (8192, 4)                  # never fewer than 4 positions
+
+
+def test_set_fast_norm_and_native_norm_reach_the_channel_layer_norms():
+    from dsrdmpd.models.norm import native_norm
+    from dsrdmpd.models.unet_blocks import ChannelLayerNorm
+    s2 = build_stage2({"dim": 8})
+    norms = [m for m in s2.modules() if isinstance(m, ChannelLayerNorm)]
+    assert norms and not any(m.fast for m in norms)
+    set_fast_norm(s2, True)
+    assert all(m.fast for m in norms)
+    with native_norm(s2):
+        assert not any(m.fast for m in norms)
+    assert all(m.fast for m in norms)
+
+
+def test_channel_layer_norm_keeps_the_native_path_on_the_cpu_and_when_recording():
+    """On the CPU (and, on CUDA, whenever autograd records) the fast switch changes nothing:
+    bit-identical to the native form."""
+    from dsrdmpd.models.unet_blocks import ChannelLayerNorm
+    m = ChannelLayerNorm(16)
+    with torch.no_grad():
+        m.g.normal_()
+    x = torch.randn(2, 16, 5, 6) * 2 + 1
+    ref = m.forward_native(x)
+    m.fast = True
+    assert not m.uses_fast_path(x)
+    assert torch.equal(m(x), ref)
+
+
 def test_run_options_pass_the_fast_paths_to_the_dehazer():
     import argparse
     from dsrdmpd.cli.options import add_run_options, dehazer_options
@@ -306,4 +379,10 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
                                                  "BLOCK": norm.APPLY_BLOCK}, "bf16", "fp32"))
     kernels.append(compile_(norm._merge_kernel, {"BLOCK": 256}))
     kernels.append(compile_(norm._merge_kernel, {"BLOCK": 256, "K": 1}))
-    assert len(kernels) == 23 and all(len(k.asm["cubin"]) > 1000 for k in kernels)
+    for dtype in ("fp32", "bf16"):
+        for cl in (False, True):
+            for channels in (64, 512):             # the widest tile (512 x 8) and the paper's full-resolution one
+                block_c, block_p = norm.channel_norm_blocks(channels)
+                kernels.append(compile_(norm._channel_norm_kernel, {"CHANNELS_LAST": cl, "BLOCK_C": block_c,
+                                                                    "BLOCK_P": block_p}, dtype))
+    assert len(kernels) == 31 and all(len(k.asm["cubin"]) > 1000 for k in kernels)

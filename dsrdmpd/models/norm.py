@@ -23,6 +23,15 @@ Two implementations:
   kernels (partials, merge, apply); without it, the same split in plain torch
   (``var_mean`` over the chunked view, then the merge formula).
 
+The stage-2 channel LayerNorm (:class:`dsrdmpd.models.unet_blocks.ChannelLayerNorm`: each
+pixel normalised over its C channels, times a gain) has a fast form under the same switch:
+one Triton kernel that reads a (channels x positions) tile once, takes each position's mean
+and variance over the channels in registers (float32; the mean corrected by a second pass
+over the deviations, the variance from the corrected deviations) and writes
+(x - mean) / sqrt(var + eps) * g, NCHW or channels-last, in place of the native form's
+four passes over the tensor (var_mean, subtract, two multiplies). Without Triton it keeps
+the native form.
+
 Statistics and arithmetic are float32 in every path. Output dtype follows the native path:
 float32 under autocast (GroupNorm is on autocast's float32 list), else the input's dtype
 promoted with scale/shift's.
@@ -181,6 +190,54 @@ if triton is not None:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
+    @triton.jit
+    def _channel_norm_kernel(x_ptr, y_ptr, g_ptr, C, HW, eps,
+                             CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Program (image b, position block): each position normalised over its C channels."""
+        bi = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)[:, None]
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+        valid = (c < C) & (p < HW)
+        base = bi.to(tl.int64) * C * HW
+        if CHANNELS_LAST:
+            offs = base + p.to(tl.int64) * C + c
+        else:
+            offs = base + c.to(tl.int64) * HW + p
+        v = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        mean = tl.sum(v, axis=0) / C
+        dev = tl.where(valid, v - mean[None, :], 0.0)
+        # the sum of C values far from zero rounds at their magnitude: one more pass over the
+        # (small) deviations corrects the mean to float32 rounding of the data's spread
+        dev = tl.where(valid, dev - (tl.sum(dev, axis=0) / C)[None, :], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / C + eps)
+        g = tl.load(g_ptr + c, mask=c < C, other=0.0)
+        tl.store(y_ptr + offs, (dev * rstd[None, :] * g).to(y_ptr.dtype.element_ty), mask=valid)
+
+
+CHANNEL_TILE = 4096   # elements (channels x positions) per program of the channel-norm kernel
+
+
+def channel_norm_blocks(channels: int) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of the channel-norm kernel for ``channels``: all channels in one
+    tile (the next power of two), positions filling it up to CHANNEL_TILE (at least 4)."""
+    block_c = 1 << max(0, channels - 1).bit_length()
+    return block_c, max(4, CHANNEL_TILE // block_c)
+
+
+def channel_layer_norm_triton(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """(x - mean_c) / sqrt(var_c + eps) * gain over the channels of x (B, C, H, W), by the
+    Triton kernel; float32 arithmetic, output in x's dtype and memory format."""
+    b, c, h, w = x.shape
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if not cl:
+        x = x.contiguous()
+    y = torch.empty_like(x)
+    block_c, block_p = channel_norm_blocks(c)
+    _channel_norm_kernel[(b, triton.cdiv(h * w, block_p))](x, y, gain.float().contiguous(), c, h * w, eps,
+                                                          CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_P=block_p)
+    return y
+
+
 def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_dtype):
     b, c, h, w = x.shape
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -209,12 +266,17 @@ def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_
     return y
 
 
-class GroupNormAct(nn.GroupNorm):
+class FastNorm:
+    """Marks a normalisation with a fast CUDA form, on when ``fast`` is true (off by default):
+    what :func:`set_fast_norm` switches and :func:`native_norm` switches off for a block."""
+
+    fast = False
+
+
+class GroupNormAct(FastNorm, nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys) with the optional
     scale/shift and SiLU that follow it in the stage-2 blocks, native or fast (see the
     module docstring). ``fast`` is off by default; :func:`set_fast_norm` switches it."""
-
-    fast = False
 
     def forward(self, x: torch.Tensor, scale_shift: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 act: bool = False) -> torch.Tensor:
@@ -254,20 +316,21 @@ class GroupNormAct(nn.GroupNorm):
 
 
 def set_fast_norm(module: nn.Module, enabled: bool) -> nn.Module:
-    """Switch the fast CUDA normalisation of every :class:`GroupNormAct` inside ``module``
-    (the CPU and training always take the native path); returns ``module``."""
+    """Switch the fast CUDA normalisation of every :class:`FastNorm` inside ``module``
+    (GroupNormAct, ChannelLayerNorm; the CPU and training always take the native path);
+    returns ``module``."""
     for m in module.modules():
-        if isinstance(m, GroupNormAct):
+        if isinstance(m, FastNorm):
             m.fast = bool(enabled)
     return module
 
 
 @contextmanager
 def native_norm(*modules: nn.Module) -> Iterator[None]:
-    """Every :class:`GroupNormAct` inside ``modules`` on the native path for the block (what
+    """Every :class:`FastNorm` inside ``modules`` on the native path for the block (what
     a tracer for ahead-of-time compilation needs: the fast kernels are not traceable, and
     the compiler fuses the native form itself); each one's setting is restored after."""
-    norms = [m for module in modules for m in module.modules() if isinstance(m, GroupNormAct)]
+    norms = [m for module in modules for m in module.modules() if isinstance(m, FastNorm)]
     saved = [m.__dict__.get("fast") for m in norms]
     try:
         for m in norms:

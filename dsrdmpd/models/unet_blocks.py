@@ -10,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .norm import GroupNormAct
+from .norm import FastNorm, GroupNormAct, channel_layer_norm_triton, triton_available
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -59,14 +59,27 @@ class WeightStandardizedConv2d(nn.Conv2d):
                         self.groups)
 
 
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over channels with a learnt gain only: (x - mean) / sqrt(var + eps) * g."""
+class ChannelLayerNorm(FastNorm, nn.Module):
+    """LayerNorm over channels with a learnt gain only: (x - mean) / sqrt(var + eps) * g.
+    With ``fast`` (:func:`dsrdmpd.models.norm.set_fast_norm`), CUDA inference runs one
+    Triton kernel instead (:func:`dsrdmpd.models.norm.channel_layer_norm_triton`)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.g = nn.Parameter(torch.ones(1, channels, 1, 1))
 
+    def uses_fast_path(self, x: torch.Tensor) -> bool:
+        """CUDA 4-D input, Triton importable, and no autograd recording (no backward kernel)."""
+        records = torch.is_grad_enabled() and (x.requires_grad or self.g.requires_grad)
+        return x.is_cuda and x.dim() == 4 and triton_available() and not records
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and self.uses_fast_path(x):
+            return channel_layer_norm_triton(x, self.g.view(-1), _eps(self.g.dtype))
+        return self.forward_native(x)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference computation."""
         # statistics in at least the parameters' precision (matters under bf16 autocast only)
         xs = x.to(torch.promote_types(x.dtype, self.g.dtype))
         var, mean = torch.var_mean(xs, dim=1, unbiased=False, keepdim=True)
@@ -142,10 +155,12 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
-        q = q.softmax(dim=-2) * self.scale
+        q = q.softmax(dim=-2)
         k = k.softmax(dim=-1)
-        v = v / (h * w)
-        context = torch.einsum("bhdn,bhen->bhde", k, v)
+        # the authors scale q by dim_head^-0.5 and v by 1 / (h w); both factors are applied
+        # to the small (dim_head x dim_head) context instead: the same product, two passes
+        # over full-size tensors fewer
+        context = torch.einsum("bhdn,bhen->bhde", k, v) * (self.scale / (h * w))
         out = torch.einsum("bhde,bhdn->bhen", context, q)
         return self.out_norm(self.to_out(out.reshape(b, -1, h, w)))
 
