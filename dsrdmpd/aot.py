@@ -1,16 +1,16 @@
 """Ahead-of-time compiled pipelines (AOTInductor): compiled code without a compile per process.
 
-``AOTRunner(fn, modules, folder)`` runs ``fn(x, noise) -> tuple of tensors`` (the Dehazer's
-eta = 0 pipeline: stage 1 and the whole sampler) through a package built once per input
-shape and options: ``torch.export`` traces ``fn`` at that shape, AOTInductor compiles the
+``AOTRunner(fn, modules, folder)`` runs ``fn(*tensors) -> tuple of tensors`` (one program of
+the Dehazer's eta = 0 pipeline: stage 1, the fusion terms or one network step;
+:mod:`dsrdmpd.aot_pipeline`) through a package built once per input shape and options: ``torch.export`` traces ``fn`` at that shape, AOTInductor compiles the
 trace, weights included, into one ``.pt2`` file in ``folder``, and every later call, in
 this process or in any later one, loads that file (seconds) instead of compiling again
 (``torch.compile`` repeats its tracing in every new process, cache or not).
 
 A package's name carries a digest of everything its code depends on (:func:`package_fields`):
-this package's code (its version and a SHA-256 of its sources), the weights (SHA-256 of
-every parameter and buffer), the input shapes and dtypes, the caller's options (the
-Dehazer's precision, channels-last, steps, fast), the device (CUDA: the card's name and
+the program's name, this package's code (its version and a SHA-256 of its sources), the
+weights (SHA-256 of every parameter and buffer), the input shapes and dtypes, the caller's
+options (the Dehazer's precision, channels-last and, for the step, fast), the device (CUDA: the card's name and
 compute capability; and the CPU that runs the host code, compiled for it alone: model,
 instruction set, a digest of its feature flags) and the torch version. A package is
 therefore loaded only where and for what it was built; anything else builds its own.
@@ -65,7 +65,7 @@ from .cuda_graphs import module_source, weights_key
 from .machine import cpu_model
 from .messages import first_line
 
-FORMAT = 1               # bump when what a package holds or how it is traced changes
+FORMAT = 2               # bump when what a package holds or how it is traced changes (2: one program per part)
 SUFFIX = ".pt2"
 
 
@@ -210,17 +210,21 @@ def device_label(device: torch.device) -> str:
     return f"{device.type}:{cpu_label()}"
 
 
-def package_fields(tensors: Tuple[torch.Tensor, ...], digest: str, extra: Dict[str, Any]) -> Dict[str, Any]:
-    """Everything a package's code depends on (its name is a digest of this)."""
-    return {"format": FORMAT, "torch": torch.__version__, "code": code_digest(), "device": device_label(tensors[0].device),
-            "inputs": [[list(t.shape), str(t.dtype)] for t in tensors], "weights": digest, "options": extra}
+def package_fields(tensors: Tuple[torch.Tensor, ...], digest: str, extra: Dict[str, Any],
+                   program: str = "pipeline") -> Dict[str, Any]:
+    """Everything a package's code depends on (its name is a digest of this); ``program``
+    names what it computes."""
+    return {"format": FORMAT, "program": program, "torch": torch.__version__, "code": code_digest(),
+            "device": device_label(tensors[0].device), "inputs": [[list(t.shape), str(t.dtype)] for t in tensors],
+            "weights": digest, "options": extra}
 
 
 def package_name(fields: Dict[str, Any]) -> str:
-    """'pipeline-<batch>x<height>x<width>-<digest of fields>.pt2' (readable shape, exact key)."""
+    """'<program>-<batch>x<height>x<width>-<digest of fields>.pt2' (readable program and
+    shape of the first input, exact key)."""
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
     shape = "x".join(str(n) for n in fields["inputs"][0][0][:1] + fields["inputs"][0][0][2:])
-    return f"pipeline-{shape}-{key}{SUFFIX}"
+    return f"{fields['program']}-{shape}-{key}{SUFFIX}"
 
 
 class AOTBuildError(RuntimeError):
@@ -284,22 +288,26 @@ def build_lock(folder: Path, name: str, notify: Callable[[str], None]) -> Iterat
 
 
 class AOTRunner:
-    """Build-once, load-anywhere wrapper around ``fn(x, noise)`` (see the module docstring).
+    """Build-once, load-anywhere wrapper around ``fn(*tensors)`` (see the module docstring).
 
-    ``builds`` / ``loads`` count packages built and loaded by this runner; ``timings[name]``
+    ``builds`` / ``loads`` count packages built and loaded by this runner, ``calls`` the
+    calls through them; ``timings[name]``
     holds the seconds each took (export_s, compile_s, load_s). ``notify(line)`` is told
-    before a build starts (builds take minutes)."""
+    before a build starts (builds take minutes). ``program`` (a file-name word) and ``what``
+    (words for messages) name what ``fn`` computes."""
 
     def __init__(self, fn: Callable[..., Tuple[torch.Tensor, ...]],
                  modules: Union[Iterable[nn.Module], Callable[[], Iterable[nn.Module]]],
                  folder: Union[str, os.PathLike], max_loaded: int = 4,
-                 notify: Callable[[str], None] = lambda line: None):
+                 notify: Callable[[str], None] = lambda line: None, program: str = "pipeline",
+                 what: str = "pipeline"):
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
+        self.program, self.what = program, what
         self.fn, self._modules = fn, module_source(modules)
         self.folder, self.max_loaded, self.notify = code_folder(folder), max_loaded, notify
         self.programs: "OrderedDict[str, Callable[..., Any]]" = OrderedDict()
-        self.builds = self.loads = 0
+        self.builds = self.loads = self.calls = 0
         self.timings: Dict[str, Dict[str, float]] = {}
         self._weights, self._digest = None, ""
 
@@ -314,7 +322,7 @@ class AOTRunner:
         if weights != self._weights:
             self.programs.clear()
             self._digest, self._weights = weights_digest(self.modules), weights
-        fields = package_fields(tensors, self._digest, extra)
+        fields = package_fields(tensors, self._digest, extra, self.program)
         return self.folder / package_name(fields), fields
 
     def __call__(self, *tensors: torch.Tensor, extra: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
@@ -328,6 +336,7 @@ class AOTRunner:
             self.programs[path.name] = program
         else:
             self.programs.move_to_end(path.name)
+        self.calls += 1
         return tuple(program(*tensors))
 
     def _obtain(self, path: Path, fields: Dict[str, Any], tensors: Tuple[torch.Tensor, ...]) -> Callable[..., Any]:
@@ -337,7 +346,7 @@ class AOTRunner:
             remove_stale_temporaries(path)             # a killed build's (no other builder runs: we hold the lock)
             if not os.path.lexists(path):
                 shape = tuple(tensors[0].shape)
-                self.notify(f"building the compiled pipeline for batch {shape[0]}, {shape[2]} x {shape[3]} "
+                self.notify(f"building the compiled {self.what} for batch {shape[0]}, {shape[2]} x {shape[3]} "
                             f"into {path} (once per size and options; minutes)")
                 t0 = time.perf_counter()
                 try:
@@ -346,7 +355,7 @@ class AOTRunner:
                     with private_caches(self.folder), atomic_path(path, mode=0o644) as tmp:
                         compile_package(program, tmp)
                 except Exception as exc:
-                    raise AOTBuildError(f"{path}: building the compiled pipeline failed ({first_line(exc)}); "
+                    raise AOTBuildError(f"{path}: building the compiled {self.what} failed ({first_line(exc)}); "
                                         f"run without --aot / aot") from exc
                 times.update(export_s=t1 - t0, compile_s=time.perf_counter() - t1)
                 # what the package is for, in words (never read back: the name is the key)
@@ -357,7 +366,7 @@ class AOTRunner:
             try:
                 program = load_package(package, tensors[0].device)
             except Exception as exc:        # a damaged or truncated file
-                raise ConfigError(f"{path}: cannot load this compiled pipeline ({first_line(exc)}); "
+                raise ConfigError(f"{path}: cannot load this compiled {self.what} ({first_line(exc)}); "
                                   f"delete it, and the next run builds it again") from None
         times["load_s"] = time.perf_counter() - t0
         self.loads += 1

@@ -37,12 +37,13 @@ the split-reduction kernels of :mod:`dsrdmpd.models.norm` on CUDA (the CPU keeps
 (:mod:`dsrdmpd.cuda_graphs`; at most ``max_graphs`` graphs, least recently used dropped;
 CUDA only, eta = 0, not with ``compile``). Standardised conv weights are computed once per
 weight version (:class:`dsrdmpd.models.unet_blocks.WeightStandardizedConv2d`; exact).
-``aot`` (a folder) runs stage 1 and the whole sampler through an ahead-of-time compiled
-package built once per (batch, height, width, precision, channels-last, steps, fast) and
-weights, kept in that folder and loaded by later processes in seconds (:mod:`dsrdmpd.aot`;
-its first use per size compiles for minutes; eta = 0, else eager; not with ``compile`` or
-``cuda_graphs``; at most ``max_graphs`` packages held in memory; the fast GroupNorm is not
-traced, the compiler fuses PyTorch's).
+``aot`` (a folder) runs stage 1 and each sampling step's network through ahead-of-time
+compiled packages built once per (batch, height, width, precision, channels-last, fast)
+and weights, kept in that folder and loaded by later processes in seconds
+(:mod:`dsrdmpd.aot_pipeline`, :mod:`dsrdmpd.aot`; its first use per size compiles for
+minutes; eta = 0, else eager; not with ``compile`` or ``cuda_graphs``; at most
+``max_graphs`` packages of each program held in memory; the fast GroupNorm is not traced,
+the compiler fuses PyTorch's).
 ``tile_batch`` > 1 runs several tiles per network call. Everything runs under
 ``torch.inference_mode``; the outputs are copied out of it (plain tensors).
 """
@@ -62,7 +63,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .aot import AOTRunner
+from .aot_pipeline import AOTPipeline
 from .builders import load_stage1, load_stage2
 from .choices import PRECISIONS
 from .cuda_graphs import GraphRunner
@@ -72,7 +73,7 @@ from .diffusion import ResidualDiffusion, start_noise, window_noise
 from .machine import cpu_has_bf16_kernels
 from .models import MCESSUNet
 from .models.mcess_unet import STAGE1_MIN_SIZE, STAGE1_MULTIPLE, is_stage1_size
-from .models.norm import native_norm, set_fast_norm
+from .models.norm import set_fast_norm
 from .models.unet_blocks import set_weight_cache
 
 
@@ -178,8 +179,7 @@ class Dehazer:
             set_weight_cache(set_fast_norm(net, fast_norm), True)
         self.graphs = (self._graph_runner(max_graphs)
                        if cuda_graphs and self.device.type == "cuda" and not compile else None)
-        self.aot = (AOTRunner(self._run_traced, self._networks, aot, max_graphs, notify=_to_stderr)
-                    if aot is not None else None)
+        self.aot = AOTPipeline(self, aot, max_graphs, notify=_to_stderr) if aot is not None else None
         self._aot_batch: Dict[Tuple[int, int], int] = {}     # (H, W) -> largest batch run through aot
         self.steps = stage2.sampling_timesteps if steps is None else steps
         self.overlap_given = overlap            # None: default_overlap of whichever tile size runs
@@ -278,14 +278,9 @@ class Dehazer:
         if full > b:
             x, noise = (torch.cat([t, t[-1:].expand(full - b, *t.shape[1:])]) for t in (x, noise))
         c, r = self.aot(x, noise, extra=dict(precision=self.precision, channels_last=self.channels_last,
-                                             steps=self.steps, fast=bool(self.fast)))
+                                             fast=bool(self.fast)))
         self._aot_batch[size] = full         # only once it ran (a failed build does not pin the size to it)
         return c[:b], r[:b]
-
-    def _run_traced(self, x: torch.Tensor, noise: torch.Tensor):
-        """:meth:`_run_eager` as the ahead-of-time compiler traces it (PyTorch's GroupNorm)."""
-        with native_norm(self.stage1, self.stage2):
-            return self._run_eager(x, noise)
 
     def _run_eager(self, x: torch.Tensor, noise: torch.Tensor):
         # the layout is ours, not the caller's: a channels-last or strided input runs as a contiguous one

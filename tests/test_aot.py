@@ -410,8 +410,14 @@ def built(models, tmp_path_factory):
 
 
 def test_the_dehazer_through_a_package_equals_eager(built):
+    """Three programs (stage 1, the fusion terms, one network step for all 5 steps), each
+    built and loaded once; the result equals the eager path."""
     d, out, ref = built["d"], built["out"], built["ref"]
-    assert (d.aot.builds, d.aot.loads) == (1, 1)
+    assert (d.aot.builds, d.aot.loads) == (3, 3)
+    calls = {name: r.calls for name, r in d.aot.runners.items()}
+    assert calls == {"stage1": 1, "terms": 1, "step": 5}       # the terms once per call, the step once per step
+    names = sorted(p.name.split("-")[0] for p in built["folder"].glob("*.pt2"))
+    assert names == ["stage1", "step", "terms"]
     torch.testing.assert_close(out.coarse, ref.coarse, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.restored, ref.restored, rtol=0, atol=1e-5)
     assert built["fast_after"] and all(built["fast_after"])       # traced native, switched back after
@@ -420,17 +426,46 @@ def test_the_dehazer_through_a_package_equals_eager(built):
 def test_a_later_dehazer_loads_the_package(built, models):
     d = Dehazer(*models, aot=built["folder"])
     out = d(built["x"])
-    assert (d.aot.builds, d.aot.loads) == (0, 1)
+    assert (d.aot.builds, d.aot.loads) == (0, 3)
     assert torch.equal(out.restored, built["out"].restored)
 
 
 def test_a_smaller_batch_of_the_same_size_fills_the_package_batch(built):
     d, x = built["d"], built["x"]
     out = d(x[1:], seed=0)
-    assert (d.aot.builds, d.aot.loads) == (1, 1)
+    assert (d.aot.builds, d.aot.loads) == (3, 3)
     one = Dehazer(d.stage1, d.stage2)(x[1:])
     torch.testing.assert_close(out.restored, one.restored, rtol=0, atol=1e-5)
     assert out.restored.shape == (1, 3, 64, 80)
+
+
+def test_another_step_count_reuses_the_packages(built, models):
+    """The step program takes the timestep as an input: a Dehazer sampling in 3 steps loads
+    the 5-step run's packages (no build) and equals the eager 3-step run."""
+    d = Dehazer(*models, aot=built["folder"], steps=3)
+    out = d(built["x"])
+    assert (d.aot.builds, d.aot.loads) == (0, 3)
+    ref = Dehazer(*models, steps=3)(built["x"])
+    torch.testing.assert_close(out.restored, ref.restored, rtol=0, atol=1e-5)
+    assert not torch.allclose(ref.restored, built["ref"].restored, atol=1e-3)      # 3 steps is another result
+
+
+@pytest.mark.parametrize("variant", ["plain", "straightforward"])
+def test_without_cached_fusion_terms_two_programs_equal_eager(variant, stand_in, tmp_path):
+    """No fusion-terms program where the sampler caches none: stage 2 without the perceptual
+    decoder, and ``fast`` off (the straightforward path: every step computes its terms and
+    the noise decoder); both equal the eager path."""
+    torch.manual_seed(0)
+    s1 = build_stage1({"dim": 32})
+    s2 = build_stage2({"dim": 8, "dim_mults": [1, 2], "perceptual_decoder": variant != "plain"})
+    opts = {"fast": variant != "straightforward"}
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    d = Dehazer(s1, s2, aot=tmp_path, **opts)
+    out = d(x)
+    assert (d.aot.builds, d.aot.loads) == (2, 2)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.pt2")) == ["stage1", "step"]
+    ref = Dehazer(s1, s2, **opts)(x)
+    torch.testing.assert_close(out.restored, ref.restored, rtol=0, atol=1e-5)
 
 
 def test_the_dehazer_runner_follows_a_swapped_stage(built, models, tmp_path):
@@ -440,6 +475,11 @@ def test_the_dehazer_runner_follows_a_swapped_stage(built, models, tmp_path):
     other = build_stage2({"dim": 8, "dim_mults": [1, 2]})
     d.stage2 = other
     assert d.aot.modules == (models[0], other)
+    step = d.aot.runners["step"].modules                 # what the step program's key and trace read
+    assert step and all(any(m is n for n in other.net.children()) for m in step)
+    assert not any(m is other.net.noise_decoder for m in step)              # not run with fast on
+    assert d.aot.runners["terms"].modules == (other.net.residual_decoder.fusions,)
+    assert d.aot.runners["stage1"].modules == (models[0],)
 
 
 def test_a_failed_build_does_not_pin_its_size_to_its_batch(models):

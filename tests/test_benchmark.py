@@ -161,19 +161,21 @@ def test_a_variant_group_keeps_the_rows_measured_before_a_failure():
 
 def test_aot_rows_build_then_load(tmp_path, monkeypatch):
     """The AOT table's case, in this process with the compile replaced by the stand-in of
-    tests/test_aot.py (a real build takes minutes): the first call builds (export, compile
-    and load times in the row), a later one loads only; both beside eager fp32."""
+    tests/test_aot.py (a real build takes minutes): the first call builds the three programs
+    (export, compile and load times in the row, summed over them), a later one loads only;
+    both beside eager fp32."""
     from dsrdmpd import aot
     from test_aot import StandIn
-    stand_in = StandIn()
+    stand_in = StandIn(delay=0.05)                        # each of the 3 compiles takes 50 ms at least
     monkeypatch.setattr(aot, "compile_package", stand_in.compile)
     monkeypatch.setattr(aot, "load_package", stand_in.load)
     args = SimpleNamespace(stage1=None, stage2=None, dim1=32, dim2=8, plain=False, repeats=1)
     rows = [benchmark._first_aot_call(args, dict(kind="aot", size=64, variant="fp32", package=phase,
                                                  aot_dir=str(tmp_path)), "cpu", torch) for phase in ("build", "load")]
     build, load = rows
-    assert build["builds"] == 1 and load["builds"] == 0 and stand_in.compiles == 1
+    assert build["builds"] == 3 and load["builds"] == 0 and stand_in.compiles == 3      # stage 1, terms, step
     assert {"export_s", "compile_s", "load_s"} <= set(build) and "compile_s" not in load and "load_s" in load
+    assert build["compile_s"] >= 3 * 0.05                      # summed over the three programs
     assert build["first_call_s"] >= build["export_s"] + build["compile_s"] + build["load_s"]
     for r in rows:
         assert "aot_dir" not in r and r["eager_fp32_seconds"] > 0 and r["psnr_vs_fp32"] > 100

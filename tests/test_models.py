@@ -204,3 +204,39 @@ def test_misspelt_model_key_is_an_error_with_a_suggestion():
         build_stage1({"width": 32})
     with pytest.raises(ConfigError, match=r"loss_type 'l2' is not supported"):
         build_stage2({"dim": 8, "loss_type": "l2"})
+
+
+@pytest.mark.parametrize("cfg", [{"dim": 8}, {"dim": 8, "dim_mults": [1, 2]}, {"dim": 8, "input_condition": False},
+                                 {"dim": 8, "perceptual_decoder": False}])
+def test_fusion_cache_equals_what_a_forward_pass_fills_in(cfg):
+    """ResidualDiffusionUNet.fusion_cache (the ahead-of-time pipeline's fusion-terms program)
+    computes each level's term at that level's size from the input alone: the same tensors
+    the fast sampler's first network call caches."""
+    torch.manual_seed(0)
+    net = build_stage2(cfg).net.eval()
+    x_in = torch.rand(2, net.in_channels, 32, 48) * 2 - 1
+    filled = {}
+    with torch.no_grad():
+        net(x_in, torch.tensor([3, 7]), need_noise_decoder=False, fusion_cache=filled)
+        direct = net.fusion_cache(x_in)
+    assert sorted(direct) == sorted(filled) == (list(range(len(cfg.get("dim_mults", [1, 2, 4, 8]))))
+                                                if cfg.get("perceptual_decoder", True) else [])
+    for i in filled:
+        assert torch.equal(direct[i], filled[i])
+
+
+def test_sample_with_a_network_stand_in_calls_it_once_per_step():
+    """sample(network=...) routes every step's network call through the stand-in, with the
+    fusion cache the fast sampler keeps; the same network gives the same result."""
+    torch.manual_seed(0)
+    s2 = build_stage2({"dim": 8}).eval()
+    c, x = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    seen = []
+
+    def network(x_in, t, cache):
+        seen.append((int(t[0]), cache is not None))
+        return s2.net(x_in, t, need_noise_decoder=False, fusion_cache=cache)[0]
+    ref = s2.sample(c, x, seed=3, steps=4)
+    out = s2.sample(c, x, seed=3, steps=4, network=network)
+    assert torch.equal(out, ref)
+    assert [t for t, _ in seen] == list(s2.schedule.sampling_times(4)[:-1]) and all(k for _, k in seen)

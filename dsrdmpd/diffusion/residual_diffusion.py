@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -120,14 +120,19 @@ class ResidualDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, coarse: torch.Tensor, hazy: torch.Tensor, *, noise: Optional[torch.Tensor] = None,
                seed: Optional[int] = 0, steps: Optional[int] = None, eta: float = 0.0, fast: bool = True,
-               generator: Optional[torch.Generator] = None, return_start: bool = False):
+               generator: Optional[torch.Generator] = None, return_start: bool = False,
+               network: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[dict]], torch.Tensor]] = None):
         """Deterministic (eta = 0) RDDM sampling. ``coarse``, ``hazy``: (B, 3, H, W) in [0, 1].
 
         ``noise``: explicit start noise eps (B, 3, H, W); otherwise drawn with
         :func:`start_noise` from ``seed``. ``fast`` caches the fusion terms across steps and
         skips the noise decoder (results equal the straightforward path to float rounding).
-        With eta > 0 the extra noise comes from ``generator`` (CPU). Returns the restored
-        image in [0, 1] (and (x_T + 1) / 2 if ``return_start``).
+        With eta > 0 the extra noise comes from ``generator`` (CPU). ``network(x_in, t,
+        cache)`` stands in for each step's network call (x_in (B, C_in, H, W) from
+        ``net.network_input``, t (B,) int64, the fusion cache dict or None with ``fast``
+        off; returns the residual prediction (B, 3, H, W) before clamping), e.g. a compiled
+        program of it. Returns the restored image in [0, 1] (and (x_T + 1) / 2 if
+        ``return_start``).
         """
         steps = steps or self.sampling_timesteps
         c, x_cond = to_signed(coarse), to_signed(hazy)
@@ -141,8 +146,11 @@ class ResidualDiffusion(nn.Module):
         times = self.schedule.sampling_times(steps)
         for t, t_next in zip(times[:-1], times[1:]):
             tt = torch.full((c.shape[0],), t, device=c.device, dtype=torch.long)
-            out, _ = self.net(self.net.network_input(img, c, x_cond), tt, need_noise_decoder=not fast,
-                              fusion_cache=cache)
+            x_in = self.net.network_input(img, c, x_cond)
+            if network is None:
+                out, _ = self.net(x_in, tt, need_noise_decoder=not fast, fusion_cache=cache)
+            else:
+                out = network(x_in, tt, cache)
             pred_res = out.clamp(-1, 1)
             x0 = (c - pred_res).clamp(-1, 1)
             if t_next < 0:

@@ -70,6 +70,15 @@ class Decoder(nn.Module):
             cache[i] = term
         return term
 
+    def fusion_terms(self, coarse: torch.Tensor, hazy: torch.Tensor) -> FusionCache:
+        """Every level's fusion term for images (B, 3, H, W) in [-1, 1]: what a forward pass
+        fills ``cache`` with (level i runs at 1 / 2**(levels - 1 - i) of the image size);
+        empty without the perceptual decoder."""
+        if self.fusions is None:
+            return {}
+        n, (h, w) = len(self.levels), coarse.shape[-2:]
+        return {i: self.fusions[i](coarse, hazy, (h >> (n - 1 - i), w >> (n - 1 - i))) for i in range(n)}
+
     def forward(self, x, temb, skips, stem, coarse, hazy, cache: Optional[FusionCache] = None):
         skips = list(skips)
         for i, level in enumerate(self.levels):
@@ -123,6 +132,17 @@ class ResidualDiffusionUNet(nn.Module):
         """Concatenate the inputs this variant takes (all (B, 3, H, W) in [-1, 1])."""
         return torch.cat((x_t, coarse, hazy) if self.input_condition else (x_t, coarse), dim=1)
 
+    def conditions(self, x_in: torch.Tensor):
+        """(coarse, hazy) of a network input, as the fusion layers see them (the coarse image
+        in the hazy one's place without the hazy-image condition)."""
+        coarse = x_in[:, 3:6]
+        return coarse, (x_in[:, 6:9] if self.input_condition else coarse)
+
+    def fusion_cache(self, x_in: torch.Tensor) -> FusionCache:
+        """The residual decoder's fusion terms for the network input ``x_in`` (they depend on
+        its coarse and hazy parts only): what ``forward(..., fusion_cache={})`` fills in."""
+        return self.residual_decoder.fusion_terms(*self.conditions(x_in))
+
     @property
     def size_multiple(self) -> int:
         return 2 ** (len(self.dim_mults) - 1)
@@ -136,8 +156,7 @@ class ResidualDiffusionUNet(nn.Module):
         m = self.size_multiple
         if x_in.shape[-2] % m or x_in.shape[-1] % m:
             raise ValueError(f"stage-2 input size {x_in.shape[-2]}x{x_in.shape[-1]} must be a multiple of {m}")
-        coarse = x_in[:, 3:6]
-        hazy = x_in[:, 6:9] if self.input_condition else coarse
+        coarse, hazy = self.conditions(x_in)
         x = self.stem(x_in)
         stem = x
         temb = self.time_embed(t)
