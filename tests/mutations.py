@@ -1050,7 +1050,7 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/aot.py", "            notify(f\"waiting for another process's build of {folder / name}\")", "            pass",
              ("tests/test_aot.py::test_another_build_waits_for_the_lock_and_says_so",)),
     Mutation("aot-key-without-code", "a package's key leaves out the code (an upgraded sampler runs the old package)",
-             "dsrdmpd/aot.py", '"code": code_digest(), ', "",
+             "dsrdmpd/aot.py", ' "code": code_digest(),', "",
              ("tests/test_aot.py::test_every_field_changes_the_name",)),
     Mutation("time-grid-default-dtype", "the sampler's time grid follows the default dtype (float64 runs take other timesteps for some step counts)",
              "dsrdmpd/diffusion/schedule.py", "steps=steps + 1, dtype=torch.float32)", "steps=steps + 1)",
