@@ -67,11 +67,13 @@ class AOTPipeline:
         return () if fusions is None else (fusions,)
 
     def _step_modules(self):
-        """What a network step reads: with ``fast``, all but the noise decoder."""
+        """What a network step reads: with ``fast``, all but the noise decoder and the fusion
+        layers (their terms come in as inputs)."""
         net = self.dehazer.stage2.net
         if not self.dehazer.fast:
             return (net,)
-        return tuple(m for name, m in net.named_children() if name != "noise_decoder")
+        parts = [m for name, m in net.named_children() if name not in ("noise_decoder", "residual_decoder")]
+        return tuple(parts + [m for name, m in net.residual_decoder.named_children() if name != "fusions"])
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """The eager path's memory format for ``x`` (the runners pass contiguous tensors)."""
@@ -108,7 +110,8 @@ class AOTPipeline:
 
         def network(x_in: torch.Tensor, t: torch.Tensor, cache: Optional[dict]) -> torch.Tensor:
             if with_terms and not cache:                  # the first step: the terms, once per call
-                cache.update(enumerate(self.runners["terms"](x_in, extra=layout)))
+                # contiguous once here, not by the step runner at every step (channels-last)
+                cache.update(enumerate(t.contiguous() for t in self.runners["terms"](x_in, extra=layout)))
             terms = [cache[i] for i in sorted(cache)] if with_terms else []
             return self.runners["step"](x_in, t, *terms, extra={**layout, "fast": bool(d.fast)})[0]
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 LABEL = "module:"          # the prefix of the profiler ranges :func:`module_breakdown` opens
+UNATTRIBUTED = "(GPU time in no range)"
 
 
 def count_launches(fn: Callable[[], object], kernel_us: Optional[Dict[str, float]] = None):
@@ -45,7 +46,8 @@ def module_breakdown(fn: Callable[[], object], roots: Iterable[nn.Module], cuda:
     that of the module ranges directly inside it) is summed per class. On CUDA the time is
     GPU time (the kernels launched inside the range), on the CPU the range's wall time.
     Work outside any module (the sampler's updates, ``torch.cat`` of inputs) is the row
-    ``(outside modules)``. Returns rows ``{"module", "calls", "self_us", "total_us"}``,
+    ``(outside modules)``; on CUDA, GPU time the profiler links to no range (kernels launched
+    without an op around them) the row ``(GPU time in no range)``. Returns rows ``{"module", "calls", "self_us", "total_us"}``,
     most time first; their ``self_us`` add up to the call's total. Runs the modules'
     forwards eagerly: a CUDA graph replay has no modules to see."""
     from torch.autograd.profiler import record_function
@@ -63,7 +65,8 @@ def module_breakdown(fn: Callable[[], object], roots: Iterable[nn.Module], cuda:
     handles = []
     for root in roots:
         for m in root.modules():
-            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+            # always_call: the range is closed when the forward raises too (a caller may catch it)
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     try:
         with profile(activities=activities) as prof:
@@ -99,4 +102,12 @@ def module_breakdown(fn: Callable[[], object], roots: Iterable[nn.Module], cuda:
             inclusive[name] += t
             own[name] += t - sum(total(ch) for ch in nearest_ranges(e))
     rows = [dict(module=k, calls=calls[k], self_us=own[k], total_us=inclusive[k]) for k in calls]
+    if cuda:
+        # kernels the profiler links to no CPU op inside the ranges (a Triton kernel launched
+        # from Python has no aten op around it) would drop out of every row: shown as their own
+        kernels = sum(e.time_range.elapsed_us() for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA)
+        missing = kernels - sum(r["self_us"] for r in rows)
+        if missing > 0:
+            rows.append(dict(module=UNATTRIBUTED, calls=0, self_us=missing, total_us=missing))
     return sorted(rows, key=lambda r: -r["self_us"])

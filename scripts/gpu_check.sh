@@ -108,9 +108,9 @@ elif want 4a; then
     echo "aot: skipped, $(left) s left of $budget" | tee -a "$out/bench.log"
 fi
 if want 4g && (( $(left) >= ${GRID_MIN:-60} )); then
-    stop "$(limit "$(left)")" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 \
+    stop "$(limit "${GRID_LIMIT:-90}")" "$py" scripts/benchmark.py --device cuda --sizes --train-size 0 \
         --pairs ${GRID_PAIRS:-256x8 1024x1} --variants ${GRID_VARIANTS:-fp32 tf32 tf32+fastnorm+graphs \
-        tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs} --warmup 1 --repeats 3 --case-timeout "$(left)" \
+        tf32+cl+fastnorm+graphs bf16+cl+fastnorm+graphs} --warmup 1 --repeats 3 --case-timeout "${GRID_LIMIT:-90}" \
         --out "$out/inference_more" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 if want 4c && (( $(left) >= ${COMPILE_MIN:-100} )); then

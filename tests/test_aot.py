@@ -24,7 +24,7 @@ from dsrdmpd import aot
 from dsrdmpd.builders import build_stage1, build_stage2
 from dsrdmpd.config import ConfigError
 from dsrdmpd.inference import Dehazer
-from dsrdmpd.models.norm import GroupNormAct, set_fast_norm
+from dsrdmpd.models.norm import FastNorm, GroupNormAct, set_fast_norm
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file ownership and modes are POSIX")
 
@@ -403,7 +403,7 @@ def built(models, tmp_path_factory):
     x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(3))
     d = Dehazer(*models, aot=folder, fast_norm=True)
     out = d(x)
-    fast_after = [m.fast for net in models for m in net.modules() if isinstance(m, GroupNormAct)]
+    fast_after = [m.fast for net in models for m in net.modules() if isinstance(m, FastNorm)]
     # (the reference Dehazer below switches the shared modules' fast norm off)
     yield dict(d=d, x=x, out=out, fast_after=fast_after, ref=Dehazer(*models)(x), folder=folder, stand_in=s)
     mp.undo()
@@ -468,6 +468,21 @@ def test_without_cached_fusion_terms_two_programs_equal_eager(variant, stand_in,
     torch.testing.assert_close(out.restored, ref.restored, rtol=0, atol=1e-5)
 
 
+def test_channels_last_through_packages_equals_eager_channels_last(stand_in, tmp_path):
+    """The programs are traced in the Dehazer's layout (channels-last here) and the runners
+    pass contiguous tensors: the result equals the eager channels-last run. (Models of its
+    own: a channels-last Dehazer converts its modules' weights in place.)"""
+    torch.manual_seed(0)
+    models = build_stage1({"dim": 32}), build_stage2({"dim": 8, "dim_mults": [1, 2]})
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    d = Dehazer(*models, aot=tmp_path, channels_last=True)
+    out = d(x)
+    assert d.aot.builds == 3
+    ref = Dehazer(*models, channels_last=True)(x)
+    torch.testing.assert_close(out.restored, ref.restored, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.coarse, ref.coarse, rtol=0, atol=1e-5)
+
+
 def test_the_dehazer_runner_follows_a_swapped_stage(built, models, tmp_path):
     """The runner asks the Dehazer for its stages (what a swap changes), not a tuple fixed
     when it was made: the package key and the trace follow ``dehazer.stage2 = other``."""
@@ -476,8 +491,11 @@ def test_the_dehazer_runner_follows_a_swapped_stage(built, models, tmp_path):
     d.stage2 = other
     assert d.aot.modules == (models[0], other)
     step = d.aot.runners["step"].modules                 # what the step program's key and trace read
-    assert step and all(any(m is n for n in other.net.children()) for m in step)
-    assert not any(m is other.net.noise_decoder for m in step)              # not run with fast on
+    assert step and all(any(m is n for n in other.net.modules()) for m in step)
+    inside = {id(n) for m in step for n in m.modules()}
+    assert id(other.net.residual_decoder.levels) in inside and id(other.net.encoder) in inside
+    for unread in (other.net.noise_decoder, other.net.residual_decoder.fusions):  # fast: skipped / terms as inputs
+        assert id(unread) not in inside
     assert d.aot.runners["terms"].modules == (other.net.residual_decoder.fusions,)
     assert d.aot.runners["stage1"].modules == (models[0],)
 

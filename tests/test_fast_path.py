@@ -301,6 +301,20 @@ def test_channel_norm_blocks_cover_the_channels_in_one_tile():
     assert channel_norm_blocks(8192) == (8192, 4)                  # never fewer than 4 positions
 
 
+def test_launch_grids_keep_what_grows_with_the_image_on_axis_0():
+    """CUDA refuses a launch with more than 65535 blocks on grid axis 1 or 2: the blocks that
+    grow with the image (positions, chunks) go on axis 0. An untiled 16384 x 16384 image at
+    64 channels (the full-resolution norms) has 4.2M position blocks and, with 8 channels per
+    group, 524288 chunks per group."""
+    from dsrdmpd.models.norm import CHUNK, CUDA_GRID_YZ_MAX, channel_norm_blocks, channel_norm_grid, partials_grid
+    positions = 16384 * 16384
+    blocks, images = channel_norm_grid(2, positions, 64)
+    assert images == 2 and blocks * channel_norm_blocks(64)[1] >= positions > CUDA_GRID_YZ_MAX
+    chunks = -(-8 * positions // CHUNK)
+    grid = partials_grid(chunks, 2 * 8)
+    assert grid == (chunks, 16) and all(n <= CUDA_GRID_YZ_MAX for n in grid[1:])
+
+
 def test_set_fast_norm_and_native_norm_reach_the_channel_layer_norms():
     from dsrdmpd.models.norm import native_norm
     from dsrdmpd.models.unet_blocks import ChannelLayerNorm

@@ -111,9 +111,11 @@ if triton is not None:
     @triton.jit
     def _partials_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, HW, CG, G, N, K,
                          CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-        """Program (row = b*G + g, k): (count, mean, M2) of chunk k of that group."""
-        row = tl.program_id(0)
-        k = tl.program_id(1)
+        """Program (k, row = b*G + g): (count, mean, M2) of chunk k of that group (the chunks
+        on grid axis 0, the one without CUDA's 65535 limit: an untiled 8192 x 8192 image has
+        over 65535 chunks per group)."""
+        k = tl.program_id(0)
+        row = tl.program_id(1)
         bi = row // G
         g = row % G
         i = k * BLOCK + tl.arange(0, BLOCK)
@@ -193,10 +195,11 @@ if triton is not None:
     @triton.jit
     def _channel_norm_kernel(x_ptr, y_ptr, g_ptr, C, HW, eps,
                              CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Program (image b, position block): each position normalised over its C channels."""
-        bi = tl.program_id(0)
+        """Program (position block, image b): each position normalised over its C channels
+        (position blocks on grid axis 0, the one without CUDA's 65535 limit)."""
+        bi = tl.program_id(1)
         c = tl.arange(0, BLOCK_C)[:, None]
-        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
         valid = (c < C) & (p < HW)
         base = bi.to(tl.int64) * C * HW
         if CHANNELS_LAST:
@@ -224,6 +227,20 @@ def channel_norm_blocks(channels: int) -> Tuple[int, int]:
     return block_c, max(4, CHANNEL_TILE // block_c)
 
 
+CUDA_GRID_YZ_MAX = 65535   # CUDA's limit on grid axes 1 and 2 (axis 0 takes up to 2**31 - 1)
+
+
+def channel_norm_grid(batch: int, positions: int, channels: int) -> Tuple[int, int]:
+    """The channel-norm kernel's launch grid: (position blocks, images); the position blocks,
+    which grow with the image, on axis 0."""
+    return -(-positions // channel_norm_blocks(channels)[1]), batch
+
+
+def partials_grid(chunks: int, rows: int) -> Tuple[int, int]:
+    """The GroupNorm partials kernel's launch grid: (chunks per group, image-groups)."""
+    return chunks, rows
+
+
 def channel_layer_norm_triton(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
     """(x - mean_c) / sqrt(var_c + eps) * gain over the channels of x (B, C, H, W), by the
     Triton kernel; float32 arithmetic, output in x's dtype and memory format."""
@@ -233,8 +250,8 @@ def channel_layer_norm_triton(x: torch.Tensor, gain: torch.Tensor, eps: float) -
         x = x.contiguous()
     y = torch.empty_like(x)
     block_c, block_p = channel_norm_blocks(c)
-    _channel_norm_kernel[(b, triton.cdiv(h * w, block_p))](x, y, gain.float().contiguous(), c, h * w, eps,
-                                                          CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_P=block_p)
+    _channel_norm_kernel[channel_norm_grid(b, h * w, c)](x, y, gain.float().contiguous(), c, h * w, eps,
+                                                         CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_P=block_p)
     return y
 
 
@@ -248,7 +265,7 @@ def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_
     k = triton.cdiv(n, CHUNK)
     rows = b * groups
     part = torch.empty((3, rows, k), device=x.device, dtype=torch.float32)
-    _partials_kernel[(rows, k)](x, part[0], part[1], part[2], c, hw, cg, groups, n, k,
+    _partials_kernel[partials_grid(k, rows)](x, part[0], part[1], part[2], c, hw, cg, groups, n, k,
                                 CHANNELS_LAST=cl, BLOCK=CHUNK)
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
