@@ -77,8 +77,7 @@ class AOTPipeline:
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """The eager path's memory format for ``x`` (the runners pass contiguous tensors)."""
-        return x.contiguous(memory_format=torch.channels_last if self.dehazer.channels_last
-                            else torch.contiguous_format)
+        return self.dehazer._layout(x)
 
     # the traced functions (each as the eager path computes it)
     def _stage1(self, x: torch.Tensor) -> Tuple[torch.Tensor]:
@@ -101,19 +100,19 @@ class AOTPipeline:
 
     def __call__(self, x: torch.Tensor, noise: torch.Tensor, extra: Dict[str, Any]):
         """Both stages and the eta = 0 sampler on padded (B, 3, H, W) images; float32 out.
-        ``extra``: the Dehazer's options (precision, channels_last, fast, steps); each
-        program's key takes those it depends on."""
+        ``extra``: the Dehazer's options (precision, channels_last, fast); each program's key
+        takes those it depends on (the step count is none of them: the timestep is an input)."""
         d = self.dehazer
         layout = {k: extra[k] for k in ("precision", "channels_last")}
         (c,) = self.runners["stage1"](x, extra=layout)
-        with_terms = bool(d.fast) and bool(self._fusion_modules())
+        with_terms = extra["fast"] and bool(self._fusion_modules())
 
         def network(x_in: torch.Tensor, t: torch.Tensor, cache: Optional[dict]) -> torch.Tensor:
             if with_terms and not cache:                  # the first step: the terms, once per call
                 # contiguous once here, not by the step runner at every step (channels-last)
                 cache.update(enumerate(t.contiguous() for t in self.runners["terms"](x_in, extra=layout)))
             terms = [cache[i] for i in sorted(cache)] if with_terms else []
-            return self.runners["step"](x_in, t, *terms, extra={**layout, "fast": bool(d.fast)})[0]
+            return self.runners["step"](x_in, t, *terms, extra={**layout, "fast": extra["fast"]})[0]
 
         x = self._layout(x)
         with d._autocast(2):

@@ -266,10 +266,10 @@ class Dehazer:
         return self._run_eager(x, noise)
 
     def _run_aot(self, x: torch.Tensor, noise: torch.Tensor):
-        """Through the compiled package of this size. A batch smaller than the largest one run
+        """Through the compiled packages of this size. A batch smaller than the largest one run
         at its size (a folder's last batch, a scene's last tiles) is filled up to it with
-        copies of its last image, whose results are dropped: one package serves them all
-        (each image's result does not depend on its batch-mates beyond float32 rounding)."""
+        copies of its last image, whose results are dropped: one set of packages serves them
+        all (each image's result does not depend on its batch-mates beyond float32 rounding)."""
         schedule = getattr(self.stage2, "schedule", None)
         if schedule is not None:
             schedule.sampling_times(self.steps)        # the time grid as plain ints, computed before any tracing
@@ -282,9 +282,13 @@ class Dehazer:
         self._aot_batch[size] = full         # only once it ran (a failed build does not pin the size to it)
         return c[:b], r[:b]
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in this Dehazer's memory format (channels-last or contiguous): the layout is
+        ours, not the caller's, so a channels-last or strided input runs as a contiguous one."""
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
     def _run_eager(self, x: torch.Tensor, noise: torch.Tensor):
-        # the layout is ours, not the caller's: a channels-last or strided input runs as a contiguous one
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        x = self._layout(x)
         with self._autocast(1):
             c = self.stage1(x).float()
         with self._autocast(2):

@@ -82,9 +82,9 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
                    help="with --compile: keep the compiled code in DIR, so that a later run with the same torch and "
                         "sizes loads it instead of compiling (default: $DSRDMPD_COMPILE_CACHE, else none)")
     g.add_argument("--aot", metavar="DIR", default=None,
-                   help="run both stages through ahead-of-time compiled pipelines kept in DIR (a folder of your "
-                        "own): the first run of each batch and size builds one (minutes), later runs load it in "
-                        "seconds (README: Ahead-of-time compiled pipelines)")
+                   help="run both stages through ahead-of-time compiled packages kept in DIR (a folder of your "
+                        "own): the first run of each batch and size builds them (minutes), later runs load them "
+                        "in seconds (README: Ahead-of-time compiled pipelines)")
     g.add_argument("--fast-norm", action="store_true", help="split-reduction GroupNorm on CUDA (CPU: PyTorch's)")
     g.add_argument("--cuda-graphs", action="store_true", help="CUDA: capture both stages once per size, then replay")
     g.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS,

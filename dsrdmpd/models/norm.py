@@ -266,7 +266,7 @@ def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_
     rows = b * groups
     part = torch.empty((3, rows, k), device=x.device, dtype=torch.float32)
     _partials_kernel[partials_grid(k, rows)](x, part[0], part[1], part[2], c, hw, cg, groups, n, k,
-                                CHANNELS_LAST=cl, BLOCK=CHUNK)
+                                             CHANNELS_LAST=cl, BLOCK=CHUNK)
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     _merge_kernel[(rows,)](part[0], part[1], part[2], mean, rstd, k, n, eps, BLOCK=256)
@@ -289,6 +289,13 @@ class FastNorm:
 
     fast = False
 
+    @staticmethod
+    def cuda_inference(x: torch.Tensor, param: torch.Tensor) -> bool:
+        """4-D CUDA input and no autograd recording through ``x`` or ``param`` (the fast
+        kernels have no backward)."""
+        records = torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
+        return x.is_cuda and x.dim() == 4 and not records
+
 
 class GroupNormAct(FastNorm, nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys) with the optional
@@ -302,9 +309,8 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
         return self.forward_native(x, scale_shift, act)
 
     def uses_fast_path(self, x: torch.Tensor) -> bool:
-        """CUDA input, affine, and no autograd recording (the fast kernels have no backward)."""
-        records = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return x.is_cuda and x.dim() == 4 and self.affine and not records
+        """Affine, CUDA input, and no autograd recording (the fast kernels have no backward)."""
+        return self.affine and self.cuda_inference(x, self.weight)
 
     def forward_native(self, x, scale_shift=None, act=False):
         """The reference: F.group_norm, then x * (scale + 1) + shift, then SiLU."""
