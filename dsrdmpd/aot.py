@@ -310,6 +310,7 @@ class AOTRunner:
         self.builds = self.loads = self.calls = 0
         self.timings: Dict[str, Dict[str, float]] = {}
         self._weights, self._digest = None, ""
+        self._named: Dict[Tuple, Tuple[Path, Dict[str, Any]]] = {}    # (inputs, options) -> package, fields
 
     @property
     def modules(self) -> Tuple[nn.Module, ...]:
@@ -317,13 +318,20 @@ class AOTRunner:
         return self._modules()
 
     def package_for(self, tensors: Tuple[torch.Tensor, ...], extra: Dict[str, Any]) -> Tuple[Path, Dict[str, Any]]:
-        """The package file for these inputs and options under the current weights, and its fields."""
+        """The package file for these inputs and options under the current weights, and its
+        fields (worked out once per input shapes and options while the weights stay: a
+        sampler calls its step program with the same ones at every step)."""
         weights = weights_key(self.modules)
         if weights != self._weights:
             self.programs.clear()
+            self._named.clear()
             self._digest, self._weights = weights_digest(self.modules), weights
-        fields = package_fields(tensors, self._digest, extra, self.program)
-        return self.folder / package_name(fields), fields
+        sig = (tuple((tuple(t.shape), t.dtype, str(t.device)) for t in tensors), json.dumps(extra, sort_keys=True))
+        named = self._named.get(sig)
+        if named is None:
+            fields = package_fields(tensors, self._digest, extra, self.program)
+            named = self._named[sig] = (self.folder / package_name(fields), fields)
+        return named
 
     def __call__(self, *tensors: torch.Tensor, extra: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
         tensors = tuple(t.contiguous() for t in tensors)
