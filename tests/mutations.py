@@ -1074,6 +1074,24 @@ MUTATIONS: List[Mutation] = [
     Mutation("aot-cli-with-compile", "--aot with --compile or --cuda-graphs is not refused",
              "dsrdmpd/cli/options.py", "        if aot and given:", "        if False:",
              ("tests/test_aot.py::test_the_command_line_option",)),
+    # fused conv biases and residual skips in the fast norm kernels (GPU path, checked in Triton's interpreter)
+    Mutation("fused-bias-left-out-of-statistics", "fast GroupNorm: the conv bias it takes over is added to the output but left out of the group statistics",
+             "dsrdmpd/models/norm.py", "v = tl.where(valid, v + tl.load(pb_ptr + ch, mask=valid, other=0.0), 0.0)",
+             "v = tl.where(valid, v, 0.0)",
+             ("tests/test_fast_path.py::test_triton_kernels_take_the_conv_bias_and_the_residual_in_the_interpreter",)),
+    Mutation("fused-skip-bias-dropped", "fast GroupNorm: a 1x1-conv skip's bias is dropped from the residual it adds",
+             "dsrdmpd/models/norm.py", "r = r + tl.load(rb_ptr + ch, mask=valid, other=0.0)", "r = r",
+             ("tests/test_fast_path.py::test_triton_kernels_take_the_conv_bias_and_the_residual_in_the_interpreter",)),
+    Mutation("fused-channel-norm-residual-dropped", "fast channel norm: the attention's residual it takes over is never added",
+             "dsrdmpd/models/norm.py", "y = y + tl.load(res_ptr + offs, mask=valid, other=0.0).to(tl.float32)", "y = y",
+             ("tests/test_fast_path.py::test_triton_kernels_take_the_conv_bias_and_the_residual_in_the_interpreter",)),
+    Mutation("fused-torch-fallback-ignores-bias", "the plain-torch fast GroupNorm ignores the conv bias it takes over",
+             "dsrdmpd/models/norm.py", "        if pre_bias is not None:\n            x = (x.float()",
+             "        if False:\n            x = (x.float()",
+             ("tests/test_fast_path.py::test_plain_torch_fast_form_takes_the_conv_bias_and_the_residual",)),
+    Mutation("resblock-skip-not-fused", "the ResBlocks never hand their skip to the norm kernel (an extra pass per block on the fast path)",
+             "dsrdmpd/models/unet_blocks.py", "        if self.block2.fuses(h):", "        if False:",
+             ("tests/test_fast_path.py::test_the_stage2_network_fuses_biases_and_skips_and_matches_the_native_form_in_the_interpreter",)),
 ]
 
 

@@ -172,6 +172,30 @@ def test_plain_torch_fast_form_matches_native(channels_last, with_ss, act):
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_plain_torch_fast_form_takes_the_conv_bias_and_the_residual(channels_last):
+    """forward_fast(h, pre_bias=b, residual=r, residual_bias=rb) is the native
+    norm(h + b) [scale/shift, SiLU] + (r + rb): the convolution's bias and a residual
+    block's skip taken into the norm's passes, within float32 rounding."""
+    norm, x, ss = _norm_case(channels_last=channels_last)
+    g = torch.Generator().manual_seed(1)
+    c = x.shape[1]
+    pb, rb = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    res = torch.randn(x.shape, generator=g)
+    with torch.inference_mode():
+        ref = norm.forward_native(x + pb.view(1, -1, 1, 1), ss, True) + (res + rb.view(1, -1, 1, 1))
+        out = norm.forward_fast(x, ss, True, use_triton=False, pre_bias=pb, residual=res, residual_bias=rb)
+        assert torch.allclose(norm.forward_fast(x, ss, True, use_triton=False, residual=res),
+                              norm.forward_native(x, ss, True) + res, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="residual_bias needs a residual"):
+            norm.forward_fast(x, ss, True, use_triton=False, residual_bias=rb)
+        with pytest.raises(ValueError, match="residual must have the input's shape"):
+            norm.forward_fast(x, ss, True, use_triton=False, residual=res[:, :1])
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, norm.forward_native(x, ss, True) + res, rtol=1e-3, atol=1e-3)
+
 TRITON_CHECK = r"""
 import json, torch, torch.nn.functional as F
 from dsrdmpd.models.norm import GroupNormAct
@@ -220,6 +244,112 @@ def test_triton_kernels_in_the_interpreter():
     for err, layout_kept in errs:
         assert err < 3e-5 and layout_kept
 
+
+
+FUSED_CHECK = r"""
+import json, torch, torch.nn.functional as F
+from dsrdmpd.models.norm import GroupNormAct, channel_layer_norm_triton
+torch.manual_seed(0)
+out = []
+for cl in (False, True):
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    for shape in [(2, 16, 10, 13), (1, 16, 40, 52)]:
+        m = GroupNormAct(4, shape[1])
+        with torch.no_grad():
+            m.weight.normal_(), m.bias.normal_()
+        c = shape[1]
+        x = torch.randn(*shape) * 3 + 100
+        pb, rb, res = torch.randn(c) * 5, torch.randn(c), torch.randn(*shape)
+        ss = (torch.randn(shape[0], c, 1, 1), torch.randn(shape[0], c, 1, 1))
+        xd = x.double() + pb.double()[None, :, None, None]
+        ref = F.silu(F.group_norm(xd, 4, m.weight.double(), m.bias.double(), m.eps) * (ss[0].double() + 1)
+                     + ss[1].double()) + res.double() + rb.double()[None, :, None, None]
+        with torch.inference_mode():
+            y = m.forward_fast(x.contiguous(memory_format=fmt), ss, True, use_triton=True, pre_bias=pb,
+                               residual=res, residual_bias=rb)
+        out.append(["group", (y.double() - ref).abs().max().item(), y.is_contiguous(memory_format=fmt)])
+        g = torch.randn(c)
+        var, mean = torch.var_mean(xd, dim=1, unbiased=False, keepdim=True)
+        ref = (xd - mean) / (var + 1e-5).sqrt() * g.double()[None, :, None, None] + res.double()
+        y = channel_layer_norm_triton(x.contiguous(memory_format=fmt), g, 1e-5, pre_bias=pb,
+                                      residual=res.contiguous(memory_format=fmt))
+        out.append(["channel", (y.double() - ref).abs().max().item(), y.is_contiguous(memory_format=fmt)])
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernels_take_the_conv_bias_and_the_residual_in_the_interpreter():
+    """The GroupNorm partials/apply kernels and the channel-norm kernel with a preceding
+    convolution's bias (added before the statistics) and a residual (plus its own bias)
+    added after, under Triton's CPU interpreter against float64, NCHW and channels-last:
+    within 3e-5 (the same bound as without them; a bias left out of the statistics or a
+    residual dropped is off by ~1)."""
+    rows = _in_triton_interpreter(FUSED_CHECK)
+    assert len(rows) == 8
+    for kind, err, kept in rows:
+        assert err < 3e-5 and kept, (kind, err)
+
+
+WIRING_CHECK = r"""
+import json, torch
+from dsrdmpd.builders import build_stage2
+from dsrdmpd.models import norm, unet_blocks as ub
+# the fast paths on CPU tensors: CUDA-only by their condition, and the GroupNorm's Triton
+# kernels chosen for CUDA input; under the interpreter both run here
+norm.FastNorm.cuda_inference = staticmethod(
+    lambda x, *p: x.dim() == 4 and not (torch.is_grad_enabled() and (x.requires_grad or any(q is not None and q.requires_grad for q in p))))
+fast = norm.GroupNormAct.forward_fast
+norm.GroupNormAct.forward_fast = lambda self, *a, **k: fast(self, *a, **{**k, "use_triton": True})
+calls = {"group": 0, "group+bias": 0, "group+residual": 0, "channel": 0, "channel+bias": 0, "channel+residual": 0}
+gn, cn = norm._group_norm_act_triton, ub.channel_layer_norm_triton
+def count_gn(*a):
+    calls["group"] += 1; calls["group+bias"] += a[9] is not None; calls["group+residual"] += a[10] is not None
+    return gn(*a)
+def count_cn(x, g, eps, pre_bias=None, residual=None):
+    calls["channel"] += 1; calls["channel+bias"] += pre_bias is not None; calls["channel+residual"] += residual is not None
+    return cn(x, g, eps, pre_bias, residual)
+norm._group_norm_act_triton, ub.channel_layer_norm_triton = count_gn, count_cn
+torch.manual_seed(0)
+s2 = build_stage2({"dim": 8, "perceptual_decoder": True})
+with torch.no_grad():
+    for name, p in s2.named_parameters():
+        if name.endswith(".g") or "norm.weight" in name:
+            p.copy_(1 + 0.3 * torch.randn_like(p))
+        elif "norm.bias" in name:
+            p.normal_(0, 0.3)
+net = s2.net.eval()
+x, t = torch.rand(2, 9, 16, 16) * 2 - 1, torch.tensor([3, 700])
+rows = []
+for cl in (False, True):
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    net.to(memory_format=fmt)
+    with torch.inference_mode():
+        norm.set_fast_norm(net, False)
+        ref = net(x.contiguous(memory_format=fmt), t)
+        norm.set_fast_norm(net, True)
+        for k in calls: calls[k] = 0
+        out = net(x.contiguous(memory_format=fmt), t)
+    rows.append([max((a - b).abs().max().item() for a, b in zip(out, ref)), dict(calls)])
+counts = {k: sum(isinstance(m, c) for m in net.modules()) for k, c in
+          [("convnormact", ub.ConvNormAct), ("resblock", ub.ResBlock), ("linear_attention", ub.LinearAttention),
+           ("channel_norm", ub.ChannelLayerNorm)]}
+print(json.dumps([rows, counts]))
+"""
+
+
+def test_the_stage2_network_fuses_biases_and_skips_and_matches_the_native_form_in_the_interpreter():
+    """A whole stage-2 network (test width, both decoders, NCHW and channels-last) on the
+    fast path under Triton's interpreter: every ConvNormAct hands its conv's bias to the
+    GroupNorm kernels, every ResBlock its skip, every LinearAttention its to_out bias and
+    its residual to the channel-norm kernel (counted); and the outputs equal the native
+    form's within float32 rounding (1e-4 on outputs of order 1)."""
+    rows, counts = _in_triton_interpreter(WIRING_CHECK)
+    for err, calls in rows:
+        assert err < 1e-4, err
+        assert calls["group"] == calls["group+bias"] == counts["convnormact"] > 0
+        assert calls["group+residual"] == counts["resblock"] > 0
+        assert calls["channel+bias"] == calls["channel+residual"] == counts["linear_attention"] > 0
+        assert calls["channel"] == counts["channel_norm"]
 
 MERGE_CHECK = r"""
 import json, torch
@@ -359,7 +489,8 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     code in each specialisation the launch code asks for: float32 and bfloat16 input (bfloat16
     output, or float32 under autocast), NCHW and channels-last, with and without scale/shift,
     and the merge with one partial per row
-    (Triton makes an integer argument equal to 1 a constant); every SiLU / scale-shift pairing. Needs the ``triton`` package,
+    (Triton makes an integer argument equal to 1 a constant); every SiLU / scale-shift pairing;
+    the fused conv bias and residual (float32 or bfloat16 skip) of the ResBlocks and attentions. Needs the ``triton`` package,
     like the interpreter test; catches what the interpreter accepts and the compiler refuses."""
     pytest.importorskip("triton")
     import triton
@@ -368,35 +499,52 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     from dsrdmpd.models import norm
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))       # a real compile, not an earlier cache entry
 
-    def compile_(fn, consts, dtype="fp32", out_dtype=None):
+    def compile_(fn, consts, dtype="fp32", out_dtype=None, res_dtype="fp32"):
         def kind(a):
             if a in consts:
                 return "constexpr"
             if a == "y_ptr":
                 return f"*{out_dtype or dtype}"
+            if a == "res_ptr":
+                return f"*{res_dtype}"
             if a.endswith("_ptr"):
                 return f"*{dtype}" if a in ("x_ptr", "scale_ptr", "shift_ptr") else "*fp32"
             return "fp32" if a == "eps" else "i32"
         signature = {a: kind(a) for a in fn.arg_names}
+        missing = [q.name for q in fn.params if q.is_constexpr and q.name not in consts]
+        assert not missing, f"constexpr flags left unset: {missing}"
         src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
         return triton.compile(src, target=GPUTarget("cuda", 90, 32))
 
+    plain = {"HAS_PB": False, "HAS_RES": False, "HAS_RB": False}
     kernels = []
     for dtype in ("fp32", "bf16"):
         for cl in (False, True):
-            kernels.append(compile_(norm._partials_kernel, {"CHANNELS_LAST": cl, "BLOCK": norm.CHUNK}, dtype))
+            for pb in (False, True):
+                kernels.append(compile_(norm._partials_kernel, {"CHANNELS_LAST": cl, "HAS_PB": pb,
+                                                                "BLOCK": norm.CHUNK}, dtype))
             for ss in (False, True):
                 for act in (False, True):
                     kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": cl, "HAS_SS": ss, "ACT": act,
-                                                                 "BLOCK": norm.APPLY_BLOCK}, dtype))
-    kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": True, "HAS_SS": True, "ACT": True,
+                                                                 **plain, "BLOCK": norm.APPLY_BLOCK}, dtype))
+            # the ResBlock fusions: the conv bias; plus the skip (identity, or a 1x1 conv with its bias)
+            for res, rb in ((False, False), (True, False), (True, True)):
+                kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": cl, "HAS_SS": True, "ACT": True,
+                                                             "HAS_PB": True, "HAS_RES": res, "HAS_RB": rb,
+                                                             "BLOCK": norm.APPLY_BLOCK}, dtype))
+    kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": True, "HAS_SS": True, "ACT": True, **plain,
                                                  "BLOCK": norm.APPLY_BLOCK}, "bf16", "fp32"))
+    kernels.append(compile_(norm._apply_kernel, {"CHANNELS_LAST": True, "HAS_SS": True, "ACT": True, "HAS_PB": True,
+                                                 "HAS_RES": True, "HAS_RB": True, "BLOCK": norm.APPLY_BLOCK},
+                            "bf16", "fp32", "bf16"))
     kernels.append(compile_(norm._merge_kernel, {"BLOCK": 256}))
     kernels.append(compile_(norm._merge_kernel, {"BLOCK": 256, "K": 1}))
     for dtype in ("fp32", "bf16"):
         for cl in (False, True):
             for channels in (64, 512):             # the widest tile (512 x 8) and the paper's full-resolution one
                 block_c, block_p = norm.channel_norm_blocks(channels)
-                kernels.append(compile_(norm._channel_norm_kernel, {"CHANNELS_LAST": cl, "BLOCK_C": block_c,
-                                                                    "BLOCK_P": block_p}, dtype))
-    assert len(kernels) == 31 and all(len(k.asm["cubin"]) > 1000 for k in kernels)
+                for fused in (False, True):        # alone, or with to_out's bias and the attention's residual
+                    kernels.append(compile_(norm._channel_norm_kernel, {
+                        "CHANNELS_LAST": cl, "HAS_PB": fused, "HAS_RES": fused, "BLOCK_C": block_c,
+                        "BLOCK_P": block_p}, dtype, None, "fp32"))
+    assert len(kernels) == 2 * 2 * (2 + 4 + 3) + 4 + 2 * 2 * 2 * 2 and all(len(k.asm["cubin"]) > 1000 for k in kernels)

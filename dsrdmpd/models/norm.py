@@ -23,6 +23,14 @@ Two implementations:
   kernels (partials, merge, apply); without it, the same split in plain torch
   (``var_mean`` over the chunked view, then the merge formula).
 
+Fusions with the blocks around the norm (fast path only; the native path runs the
+reference ops): a convolution right before a norm runs without its bias, which the norm's
+kernels add as they load (``pre_bias``), and a residual block's skip is added in the
+same pass that writes the norm's output (``residual``, plus ``residual_bias`` for a 1x1
+conv skip). PyTorch's cuDNN convolutions add their bias in a separate broadcast pass over
+the output, and a residual add is one more; each fusion saves a read and a write of the
+block's output (the stage-2 ResBlocks and linear attentions run 5 times per image).
+
 The stage-2 channel LayerNorm (:class:`dsrdmpd.models.unet_blocks.ChannelLayerNorm`: each
 pixel normalised over its C channels, times a gain) has a fast form under the same switch:
 one Triton kernel that reads a (channels x positions) tile once, takes each position's mean
@@ -109,11 +117,11 @@ def _apply_torch(x, mean, var, groups, weight, bias, eps, scale, shift, act):
 
 if triton is not None:
     @triton.jit
-    def _partials_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, HW, CG, G, N, K,
-                         CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-        """Program (k, row = b*G + g): (count, mean, M2) of chunk k of that group (the chunks
-        on grid axis 0, the one without CUDA's 65535 limit: an untiled 8192 x 8192 image has
-        over 65535 chunks per group)."""
+    def _partials_kernel(x_ptr, pb_ptr, count_ptr, mean_ptr, m2_ptr, C, HW, CG, G, N, K,
+                         CHANNELS_LAST: tl.constexpr, HAS_PB: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (k, row = b*G + g): (count, mean, M2) of chunk k of that group of x (plus
+        the per-channel bias pb with HAS_PB); the chunks on grid axis 0, the one without
+        CUDA's 65535 limit: an untiled 8192 x 8192 image has over 65535 chunks per group."""
         k = tl.program_id(0)
         row = tl.program_id(1)
         bi = row // G
@@ -125,8 +133,11 @@ if triton is not None:
             ch = g * CG + i % CG
             offs = bi.to(tl.int64) * HW * C + p.to(tl.int64) * C + ch
         else:                             # one contiguous span per (image, group)
+            ch = g * CG + i // HW
             offs = (bi.to(tl.int64) * C + g * CG) * HW + i
         v = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_PB:
+            v = tl.where(valid, v + tl.load(pb_ptr + ch, mask=valid, other=0.0), 0.0)
         cnt = tl.minimum(N - k * BLOCK, BLOCK).to(tl.float32)
         mean = tl.sum(v, axis=0) / cnt
         dev = tl.where(valid, v - mean, 0.0)
@@ -166,9 +177,11 @@ if triton is not None:
         tl.store(out_rstd_ptr + row, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
-    def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, total, C, HW, CG, G,
-                      CHANNELS_LAST: tl.constexpr, HAS_SS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
-        """Element-wise, in memory order: normalise, affine, scale/shift, SiLU."""
+    def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, pb_ptr, res_ptr, rb_ptr,
+                      total, C, HW, CG, G, CHANNELS_LAST: tl.constexpr, HAS_SS: tl.constexpr, ACT: tl.constexpr,
+                      HAS_PB: tl.constexpr, HAS_RES: tl.constexpr, HAS_RB: tl.constexpr, BLOCK: tl.constexpr):
+        """Element-wise, in memory order: (x + pb) normalised, affine, scale/shift, SiLU, then
+        + (res + rb): each step only with its flag."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < total
         if CHANNELS_LAST:
@@ -179,6 +192,8 @@ if triton is not None:
             bi = offs // (HW * C)
         row = bi * G + ch // CG
         v = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_PB:
+            v = v + tl.load(pb_ptr + ch, mask=valid, other=0.0)
         mean = tl.load(mean_ptr + row, mask=valid, other=0.0)
         rstd = tl.load(rstd_ptr + row, mask=valid, other=1.0)
         y = (v - mean) * rstd * tl.load(w_ptr + ch, mask=valid, other=1.0) + tl.load(b_ptr + ch, mask=valid,
@@ -189,14 +204,21 @@ if triton is not None:
             y = y * (sc + 1.0) + sh
         if ACT:
             y = y * tl.sigmoid(y)
+        if HAS_RES:
+            r = tl.load(res_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            if HAS_RB:
+                r = r + tl.load(rb_ptr + ch, mask=valid, other=0.0)
+            y = y + r
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
     @triton.jit
-    def _channel_norm_kernel(x_ptr, y_ptr, g_ptr, C, HW, eps,
-                             CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Program (position block, image b): each position normalised over its C channels
-        (position blocks on grid axis 0, the one without CUDA's 65535 limit)."""
+    def _channel_norm_kernel(x_ptr, y_ptr, g_ptr, pb_ptr, res_ptr, C, HW, eps,
+                             CHANNELS_LAST: tl.constexpr, HAS_PB: tl.constexpr, HAS_RES: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Program (position block, image b): each position of x (plus the per-channel bias pb
+        with HAS_PB) normalised over its C channels, times g (plus res with HAS_RES); the
+        position blocks on grid axis 0, the one without CUDA's 65535 limit."""
         bi = tl.program_id(1)
         c = tl.arange(0, BLOCK_C)[:, None]
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
@@ -207,6 +229,8 @@ if triton is not None:
         else:
             offs = base + c.to(tl.int64) * HW + p
         v = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_PB:
+            v = tl.where(valid, v + tl.load(pb_ptr + c, mask=c < C, other=0.0), 0.0)
         mean = tl.sum(v, axis=0) / C
         dev = tl.where(valid, v - mean[None, :], 0.0)
         # the sum of C values far from zero rounds at their magnitude: one more pass over the
@@ -214,7 +238,10 @@ if triton is not None:
         dev = tl.where(valid, dev - (tl.sum(dev, axis=0) / C)[None, :], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / C + eps)
         g = tl.load(g_ptr + c, mask=c < C, other=0.0)
-        tl.store(y_ptr + offs, (dev * rstd[None, :] * g).to(y_ptr.dtype.element_ty), mask=valid)
+        y = dev * rstd[None, :] * g
+        if HAS_RES:
+            y = y + tl.load(res_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 CHANNEL_TILE = 4096   # elements (channels x positions) per program of the channel-norm kernel
@@ -241,21 +268,52 @@ def partials_grid(chunks: int, rows: int) -> Tuple[int, int]:
     return chunks, rows
 
 
-def channel_layer_norm_triton(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """(x - mean_c) / sqrt(var_c + eps) * gain over the channels of x (B, C, H, W), by the
-    Triton kernel; float32 arithmetic, output in x's dtype and memory format."""
+def _in_format(t: Optional[torch.Tensor], cl: bool) -> Optional[torch.Tensor]:
+    """``t`` laid out as the kernel reads x: channels-last or contiguous (no copy if it is)."""
+    if t is None:
+        return None
+    return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def _channel_vector(v: Optional[torch.Tensor], c: int, what: str) -> Optional[torch.Tensor]:
+    """A per-channel vector (C values, any shape) as a contiguous float32 (C,) tensor."""
+    if v is None:
+        return None
+    if v.numel() != c:
+        raise ValueError(f"{what} must hold one value per channel ({c}), got shape {tuple(v.shape)}")
+    return v.reshape(c).float().contiguous()
+
+
+def _check_residual(residual: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+
+
+def channel_layer_norm_triton(x: torch.Tensor, gain: torch.Tensor, eps: float,
+                              pre_bias: Optional[torch.Tensor] = None,
+                              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(x' - mean_c) / sqrt(var_c + eps) * gain over the channels of x' = x + pre_bias (B, C,
+    H, W; ``pre_bias`` per channel: the bias of the convolution before, which then runs
+    without it), plus ``residual`` (B, C, H, W) if given, by one Triton kernel; float32
+    arithmetic, output in x's memory format and dtype (promoted with the residual's)."""
     b, c, h, w = x.shape
+    _check_residual(residual, x)
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not cl:
         x = x.contiguous()
-    y = torch.empty_like(x)
+    pb = _channel_vector(pre_bias, c, "pre_bias")
+    res = _in_format(residual, cl)
+    out_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
+    y = torch.empty_like(x, dtype=out_dtype)
     block_c, block_p = channel_norm_blocks(c)
-    _channel_norm_kernel[channel_norm_grid(b, h * w, c)](x, y, gain.float().contiguous(), c, h * w, eps,
-                                                         CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_P=block_p)
+    _channel_norm_kernel[channel_norm_grid(b, h * w, c)](
+        x, y, gain.float().contiguous(), x if pb is None else pb, x if res is None else res, c, h * w, eps,
+        CHANNELS_LAST=cl, HAS_PB=pb is not None, HAS_RES=res is not None, BLOCK_C=block_c, BLOCK_P=block_p)
     return y
 
 
-def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_dtype):
+def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_dtype,
+                           pre_bias=None, residual=None, residual_bias=None):
     b, c, h, w = x.shape
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not cl:
@@ -264,9 +322,11 @@ def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_
     n = cg * hw
     k = triton.cdiv(n, CHUNK)
     rows = b * groups
+    pb, rb = _channel_vector(pre_bias, c, "pre_bias"), _channel_vector(residual_bias, c, "residual_bias")
+    res = _in_format(residual, cl)
     part = torch.empty((3, rows, k), device=x.device, dtype=torch.float32)
-    _partials_kernel[partials_grid(k, rows)](x, part[0], part[1], part[2], c, hw, cg, groups, n, k,
-                                             CHANNELS_LAST=cl, BLOCK=CHUNK)
+    _partials_kernel[partials_grid(k, rows)](x, x if pb is None else pb, part[0], part[1], part[2], c, hw, cg,
+                                             groups, n, k, CHANNELS_LAST=cl, HAS_PB=pb is not None, BLOCK=CHUNK)
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     _merge_kernel[(rows,)](part[0], part[1], part[2], mean, rstd, k, n, eps, BLOCK=256)
@@ -278,8 +338,9 @@ def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_
     total = x.numel()
     _apply_kernel[(triton.cdiv(total, APPLY_BLOCK),)](
         x, y, mean, rstd, weight.float().contiguous(), bias.float().contiguous(),
-        scale if has_ss else x, shift if has_ss else x, total, c, hw, cg, groups,
-        CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act, BLOCK=APPLY_BLOCK)
+        scale if has_ss else x, shift if has_ss else x, x if pb is None else pb, x if res is None else res,
+        x if rb is None else rb, total, c, hw, cg, groups, CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act,
+        HAS_PB=pb is not None, HAS_RES=res is not None, HAS_RB=rb is not None, BLOCK=APPLY_BLOCK)
     return y
 
 
@@ -290,10 +351,11 @@ class FastNorm:
     fast = False
 
     @staticmethod
-    def cuda_inference(x: torch.Tensor, param: torch.Tensor) -> bool:
-        """4-D CUDA input and no autograd recording through ``x`` or ``param`` (the fast
+    def cuda_inference(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+        """4-D CUDA input and no autograd recording through ``x`` or ``params`` (the fast
         kernels have no backward)."""
-        records = torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
+        records = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
+                                                                      for p in params))
         return x.is_cuda and x.dim() == 4 and not records
 
 
@@ -320,21 +382,43 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
             x = x * (scale + 1) + shift
         return F.silu(x) if act else x
 
-    def forward_fast(self, x, scale_shift=None, act=False, use_triton: Optional[bool] = None):
-        """Split-reduction statistics and one fused apply pass (Triton, or plain torch)."""
+    def forward_fast(self, x, scale_shift=None, act=False, use_triton: Optional[bool] = None,
+                     pre_bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                     residual_bias: Optional[torch.Tensor] = None):
+        """Split-reduction statistics and one fused apply pass (Triton, or plain torch).
+
+        Fusions for the blocks around the norm (each optional): ``pre_bias`` (C values) is
+        added to x first -- the bias of the convolution before, which then runs without
+        its own pass over the output; ``residual`` (x's shape, plus ``residual_bias``, C
+        values, if given) is added to the result -- a residual block's skip, whose add then
+        needs no pass of its own. The same float32 operations in the same order as the
+        separate ops."""
         scale, shift = scale_shift if scale_shift is not None else (None, None)
         out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
         if scale is not None:
             out_dtype = torch.promote_types(out_dtype, torch.promote_types(scale.dtype, shift.dtype))
         if scale is not None and (scale.shape[2:] != (1, 1) or shift.shape[2:] != (1, 1)):
             raise ValueError(f"scale/shift must be (B, C, 1, 1), got {tuple(scale.shape)}")
+        _check_residual(residual, x)
+        if residual is not None:
+            out_dtype = torch.promote_types(out_dtype, residual.dtype)
+        elif residual_bias is not None:
+            raise ValueError("residual_bias needs a residual")
         use_triton = (x.is_cuda and triton_available()) if use_triton is None else use_triton
         if use_triton:
             return _group_norm_act_triton(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, act,
-                                          out_dtype)
+                                          out_dtype, pre_bias, residual, residual_bias)
+        c = x.shape[1]
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        if pre_bias is not None:
+            x = (x.float() + _channel_vector(pre_bias, c, "pre_bias")[:, None, None]).contiguous(memory_format=fmt)
         mean, var = group_stats_torch(x, self.num_groups)
         y = _apply_torch(x, mean, var, self.num_groups, self.weight, self.bias, self.eps, scale, shift, act)
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        if residual is not None:
+            r = residual.float()
+            if residual_bias is not None:
+                r = r + _channel_vector(residual_bias, c, "residual_bias")[:, None, None]
+            y = y + r
         return y.to(out_dtype).contiguous(memory_format=fmt)
 
 

@@ -5,6 +5,7 @@ Feature maps are (B, C, H, W) floats, time embeddings (B, 4*dim).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -72,10 +73,22 @@ class ChannelLayerNorm(FastNorm, nn.Module):
         """Triton importable, CUDA input, and no autograd recording (no backward kernel)."""
         return triton_available() and self.cuda_inference(x, self.g)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fuses(self, x: torch.Tensor, conv: nn.Conv2d) -> bool:
+        """Whether the fast kernel takes over ``conv``'s bias (``conv`` then runs without it)
+        for ``conv``'s input ``x``: the fast path on, and no autograd recording."""
+        return (self.fast and conv.bias is not None and triton_available()
+                and self.cuda_inference(x, self.g, conv.weight, conv.bias))
+
+    def forward(self, x: torch.Tensor, pre_bias: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """norm(x + pre_bias) + residual, each addition only if given: ``pre_bias`` (C
+        values) is the bias of the convolution before, ``residual`` (x's shape) a skip."""
         if self.fast and self.uses_fast_path(x):
-            return channel_layer_norm_triton(x, self.g.view(-1), _eps(self.g.dtype))
-        return self.forward_native(x)
+            return channel_layer_norm_triton(x, self.g.view(-1), _eps(self.g.dtype), pre_bias, residual)
+        if pre_bias is not None:
+            x = x + pre_bias.view(1, -1, 1, 1)
+        y = self.forward_native(x)
+        return y if residual is None else y + residual
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         """The reference computation."""
@@ -120,8 +133,23 @@ class ConvNormAct(nn.Module):
         self.proj = WeightStandardizedConv2d(cin, cout, 3, padding=1)
         self.norm = GroupNormAct(groups, cout)
 
-    def forward(self, x, scale_shift=None):
-        return self.norm(self.proj(x), scale_shift, act=True)
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether the norm's fast kernels take over the conv's bias (and a residual) for
+        input ``x``: the fast path on, affine, and no autograd recording."""
+        return (self.norm.fast and self.norm.affine and self.proj.bias is not None
+                and self.norm.cuda_inference(x, self.norm.weight, self.proj.weight, self.proj.bias))
+
+    def forward(self, x, scale_shift=None, residual=None, residual_bias=None):
+        """silu(norm(conv(x)) [* (scale + 1) + shift]) [+ residual + residual_bias]."""
+        if self.fuses(x):     # the conv's bias and the residual added inside the norm's kernels
+            p = self.proj
+            h = F.conv2d(x, p.standardized_weight(), None, p.stride, p.padding, p.dilation, p.groups)
+            return self.norm.forward_fast(h, scale_shift, act=True, pre_bias=p.bias, residual=residual,
+                                          residual_bias=residual_bias)
+        y = self.norm(self.proj(x), scale_shift, act=True)
+        if residual is None:
+            return y
+        return y + (residual if residual_bias is None else residual + residual_bias.view(1, -1, 1, 1))
 
 
 class ResBlock(nn.Module):
@@ -136,8 +164,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale_shift = self.time_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
-        h = self.block2(self.block1(x, scale_shift))
-        return h + self.shortcut(x)
+        h = self.block1(x, scale_shift)
+        if self.block2.fuses(h):   # fast CUDA inference: the skip (its conv without bias) added in block2's kernel
+            s = self.shortcut
+            if isinstance(s, nn.Conv2d):
+                return self.block2(h, residual=F.conv2d(x, s.weight, None, s.stride, s.padding, s.dilation,
+                                                        s.groups), residual_bias=s.bias)
+            return self.block2(h, residual=x)
+        return self.block2(h) + self.shortcut(x)
 
 
 class LinearAttention(nn.Module):
@@ -151,7 +185,8 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Conv2d(hidden, channels, 1)
         self.out_norm = ChannelLayerNorm(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W), plus ``residual`` (that shape) if given."""
         b, _, h, w = x.shape
         q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
         q = q.softmax(dim=-2)
@@ -160,8 +195,11 @@ class LinearAttention(nn.Module):
         # to the small (dim_head x dim_head) context instead: the same product, two passes
         # over full-size tensors fewer
         context = torch.einsum("bhdn,bhen->bhde", k, v) * (self.scale / (h * w))
-        out = torch.einsum("bhde,bhdn->bhen", context, q)
-        return self.out_norm(self.to_out(out.reshape(b, -1, h, w)))
+        out = torch.einsum("bhde,bhdn->bhen", context, q).reshape(b, -1, h, w)
+        if self.out_norm.fuses(out, self.to_out):  # to_out's bias and the residual added in the norm's kernel
+            return self.out_norm(F.conv2d(out, self.to_out.weight), pre_bias=self.to_out.bias, residual=residual)
+        y = self.out_norm(self.to_out(out))
+        return y if residual is None else y + residual
 
 
 class Attention(nn.Module):
@@ -204,6 +242,8 @@ class PreNormResidual(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.fn, LinearAttention):     # adds the residual itself (fused on the fast path)
+            return self.fn(self.norm(x), residual=x)
         return self.fn(self.norm(x)) + x
 
 
