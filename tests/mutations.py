@@ -1092,6 +1092,13 @@ MUTATIONS: List[Mutation] = [
     Mutation("resblock-skip-not-fused", "the ResBlocks never hand their skip to the norm kernel (an extra pass per block on the fast path)",
              "dsrdmpd/models/unet_blocks.py", "        if self.block2.fuses(h):", "        if False:",
              ("tests/test_fast_path.py::test_the_stage2_network_fuses_biases_and_skips_and_matches_the_native_form_in_the_interpreter",)),
+    # linear attention on channels-last input without layout changes
+    Mutation("cl-attention-heads-mixed", "channels-last linear attention: the heads' contexts are not masked to their own block (heads mix)",
+             "dsrdmpd/models/unet_blocks.py", "torch.where(same_head, context", "torch.where(same_head | True, context",
+             ("tests/test_models.py::test_linear_attention_on_channels_last_input_runs_in_place_and_equals_the_nchw_form",)),
+    Mutation("cl-attention-k-softmax-over-channels", "channels-last linear attention: k's softmax runs over the channels, not the positions",
+             "dsrdmpd/models/unet_blocks.py", "k = F.linear(rows, wk).softmax(dim=1)", "k = F.linear(rows, wk).softmax(dim=-1)",
+             ("tests/test_models.py::test_linear_attention_on_channels_last_input_runs_in_place_and_equals_the_nchw_form",)),
 ]
 
 

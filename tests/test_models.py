@@ -240,3 +240,28 @@ def test_sample_with_a_network_stand_in_calls_it_once_per_step():
     out = s2.sample(c, x, seed=3, steps=4, network=network)
     assert torch.equal(out, ref)
     assert [t for t, _ in seen] == list(s2.schedule.sampling_times(4)[:-1]) and all(k for _, k in seen)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (2, 9, 13)])
+def test_linear_attention_on_channels_last_input_runs_in_place_and_equals_the_nchw_form(shape, monkeypatch):
+    """Channels-last input takes the layout-keeping form (q, k, v from their own weight
+    slices, the heads' contexts as diagonal blocks of one product): the same result as the
+    NCHW einsum form within float32 rounding, residual included, returned channels-last;
+    NCHW input keeps the einsum form."""
+    from dsrdmpd.models.unet_blocks import LinearAttention
+    torch.manual_seed(0)
+    m = LinearAttention(64).eval()
+    b, h, w = shape
+    x, r = torch.randn(b, 64, h, w), torch.randn(b, 64, h, w)
+    taken = []
+    real = LinearAttention._attend_channels_last
+    monkeypatch.setattr(LinearAttention, "_attend_channels_last", lambda self, t: taken.append(1) or real(self, t))
+    with torch.no_grad():
+        ref, ref_r = m(x), m(x, residual=r)
+        assert not taken
+        xc = x.contiguous(memory_format=torch.channels_last)
+        out, out_r = m(xc), m(xc, residual=r.contiguous(memory_format=torch.channels_last))
+    assert len(taken) == 2
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5) and torch.allclose(out_r, ref_r, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(out_r, ref + r, rtol=1e-5, atol=1e-5)

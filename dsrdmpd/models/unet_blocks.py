@@ -188,18 +188,44 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W), plus ``residual`` (that shape) if given."""
         b, _, h, w = x.shape
-        q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
-        q = q.softmax(dim=-2)
-        k = k.softmax(dim=-1)
-        # the authors scale q by dim_head^-0.5 and v by 1 / (h w); both factors are applied
-        # to the small (dim_head x dim_head) context instead: the same product, two passes
-        # over full-size tensors fewer
-        context = torch.einsum("bhdn,bhen->bhde", k, v) * (self.scale / (h * w))
-        out = torch.einsum("bhde,bhdn->bhen", context, q).reshape(b, -1, h, w)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = self._attend_channels_last(x)
+        else:
+            q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
+            q = q.softmax(dim=-2)
+            k = k.softmax(dim=-1)
+            # the authors scale q by dim_head^-0.5 and v by 1 / (h w); both factors are applied
+            # to the small (dim_head x dim_head) context instead: the same product, two passes
+            # over full-size tensors fewer
+            context = torch.einsum("bhdn,bhen->bhde", k, v) * (self.scale / (h * w))
+            out = torch.einsum("bhde,bhdn->bhen", context, q).reshape(b, -1, h, w)
         if self.out_norm.fuses(out, self.to_out):  # to_out's bias and the residual added in the norm's kernel
             return self.out_norm(F.conv2d(out, self.to_out.weight), pre_bias=self.to_out.bias, residual=residual)
         y = self.out_norm(self.to_out(out))
         return y if residual is None else y + residual
+
+
+    def _attend_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The same attention on channels-last x, without a layout change: positions stay
+        rows of (B, HW, channels) matrices. q, k and v each come from their own slice of
+        to_qkv's weight (a (B, HW, 128) product each, contiguous: the softmaxes read them
+        in place, where chunks of one 384-wide product would be strided copies); the heads'
+        (32 x 32) contexts are the diagonal blocks of one (128 x 128) product with the rest
+        zeroed, so that both products are single batched matmuls. Returns (B, 128, H, W),
+        channels-last."""
+        b, c, h, w = x.shape
+        hidden = self.to_qkv.out_channels // 3
+        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)                # a view: x is channels-last
+        wq, wk, wv = self.to_qkv.weight.reshape(3, hidden, c).unbind(0)
+        q = F.linear(rows, wq).view(b, h * w, self.heads, -1).softmax(dim=-1).view(b, h * w, hidden)
+        k = F.linear(rows, wk).softmax(dim=1)                              # over the positions
+        v = F.linear(rows, wv)
+        head = torch.arange(hidden, device=x.device) // (hidden // self.heads)
+        same_head = head[:, None] == head[None, :]
+        context = torch.bmm(k.transpose(1, 2), v)                          # (B, 128, 128): [d, e]
+        context = torch.where(same_head, context * (self.scale / (h * w)), torch.zeros((), dtype=context.dtype,
+                                                                                      device=x.device))
+        return torch.bmm(q, context).view(b, h, w, hidden).permute(0, 3, 1, 2)
 
 
 class Attention(nn.Module):
