@@ -294,6 +294,7 @@ def _case(args, spec, queue):
     import torch
     from .inference import Dehazer
     from .models.unet_blocks import set_fused_attention
+    from .models.norm import set_fast_norm
     # the kernel count profiles once per variant while CUDA graphs exist: keep CUPTI set up
     # between profiler sessions (PyTorch does the same for inductor's graphs; re-initialising
     # CUPTI after a teardown with graphs alive has crashed on CUDA 11/12)
@@ -337,6 +338,7 @@ def _case(args, spec, queue):
         s1.to(dev).requires_grad_(False)
         s2.to(dev).train()
         set_fused_attention(s2, fast)
+        set_fast_norm(s2, bool(spec.get("fast_norm")))        # train.fast_norm
         if fast:
             s2.net.noise_decoder.requires_grad_(False)
         from .training.step_options import (GraphedTrainingStep, StepOptions, make_adam,
@@ -762,6 +764,10 @@ def main(argv=None):
                        {"fused": True, "cuda_graph": True}),
                       ("fast, graph, not deterministic", "train_fast",
                        {"fused": True, "cuda_graph": True, "deterministic": False}),
+                      ("fast, graph + Triton GroupNorm (train.fast_norm: true)", "train_fast",
+                       {"fused": True, "cuda_graph": True, "fast_norm": True}),
+                      ("fast, graph + Triton GroupNorm, not deterministic", "train_fast",
+                       {"fused": True, "cuda_graph": True, "fast_norm": True, "deterministic": False}),
                       ("fast, not deterministic (train.deterministic: false)", "train_fast", {"deterministic": False}),
                       ("fast, graph + channels_last + bf16 (train.precision: bf16)", "train_fast",
                        {"fused": True, "cuda_graph": True, "channels_last": True, "precision": "bf16"}),

@@ -104,6 +104,7 @@ SCHEMA: Dict[str, Tuple[Any, Optional[float], Optional[float], bool]] = {
     "train.channels_last": (_BOOL, None, None, False),
     "train.fused_optimizer": (("auto", True, False), None, None, False),
     "train.cuda_graph": (_BOOL, None, None, False),
+    "train.fast_norm": (_BOOL, None, None, False),
     "train.stage1_checkpoint": (_STR, None, None, True),
     "data.crop": (_INT, 16, None, True),
     "data.resize": (_INT, 16, None, True),

@@ -1099,6 +1099,23 @@ MUTATIONS: List[Mutation] = [
     Mutation("cl-attention-k-softmax-over-channels", "channels-last linear attention: k's softmax runs over the channels, not the positions",
              "dsrdmpd/models/unet_blocks.py", "k = F.linear(rows, wk).softmax(dim=1)", "k = F.linear(rows, wk).softmax(dim=-1)",
              ("tests/test_models.py::test_linear_attention_on_channels_last_input_runs_in_place_and_equals_the_nchw_form",)),
+    # the Triton GroupNorm's backward (train.fast_norm)
+    Mutation("gn-backward-mean-term-dropped", "Triton GroupNorm backward: dx leaves out the group mean of dxhat",
+             "dsrdmpd/models/norm.py", "(rstd * (dxhat - m1 - xhat * m2))", "(rstd * (dxhat - xhat * m2))",
+             ("tests/test_fast_path.py::test_triton_group_norm_backward_in_the_interpreter",)),
+    Mutation("gn-backward-silu-derivative", "Triton GroupNorm backward: SiLU's derivative taken as the sigmoid alone",
+             "dsrdmpd/models/norm.py", "dz = dy * sig * (1.0 + z * (1.0 - sig))", "dz = dy * sig",
+             ("tests/test_fast_path.py::test_triton_group_norm_backward_in_the_interpreter",)),
+    Mutation("gn-backward-weight-without-scale", "Triton GroupNorm backward: the weight's gradient ignores the time scale",
+             "dsrdmpd/models/norm.py", "d_weight = (gain * s_zx).sum(0)", "d_weight = s_zx.sum(0)",
+             ("tests/test_fast_path.py::test_triton_group_norm_backward_in_the_interpreter",)),
+    Mutation("gn-training-path-unused", "train.fast_norm switches the norms, but training still runs PyTorch's GroupNorm",
+             "dsrdmpd/models/norm.py", "            if self.uses_training_path(x):", "            if False:",
+             ("tests/test_fast_path.py::test_a_stage2_backward_through_the_triton_group_norm_in_the_interpreter",)),
+    Mutation("fast-norm-ema-left-native", "train.fast_norm reaches the trained network but not its EMA copy (validation samples on the native path)",
+             "dsrdmpd/training/trainer.py", 'for net in (self.model, getattr(getattr(self, "ema", None), "ema_model", None)):',
+             "for net in (self.model,):",
+             ("tests/test_fast_path.py::test_train_fast_norm_reaches_the_model_and_its_ema",)),
 ]
 
 

@@ -68,7 +68,8 @@ def test_gpu_training_starts_where_the_cpu_run_does_and_learns(stage, data_root,
 
 
 STEP_OPTIONS = [pytest.param({}, id="defaults"), pytest.param({"cuda_graph": True}, id="graph"),
-                pytest.param({"cuda_graph": True, "channels_last": True, "fused_optimizer": False}, id="graph-cl-foreach")]
+                pytest.param({"cuda_graph": True, "channels_last": True, "fused_optimizer": False}, id="graph-cl-foreach"),
+                pytest.param({"cuda_graph": True, "fast_norm": True}, id="graph-fastnorm")]
 
 
 @pytest.mark.parametrize("options", STEP_OPTIONS)
@@ -76,7 +77,8 @@ STEP_OPTIONS = [pytest.param({}, id="defaults"), pytest.param({"cuda_graph": Tru
 def test_gpu_resume_is_bit_exact(stage, options, data_root, stage1_ckpt, tmp_path):
     """train.deterministic (the default) on the GPU: a run stopped after 5 steps and resumed
     ends with the same weights, bit for bit, as the uninterrupted run; also with the step
-    captured in a CUDA graph (recaptured after the resume) and with channels-last."""
+    captured in a CUDA graph (recaptured after the resume), with channels-last, and with the
+    Triton GroupNorm and its backward (train.fast_norm)."""
     make = _make(stage, data_root, stage1_ckpt, "auto", **options)   # default: tf32 on, deterministic on, fused Adam
     def on_gpu(trainer):
         assert trainer.accelerator.device.type == "cuda"

@@ -490,7 +490,8 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     output, or float32 under autocast), NCHW and channels-last, with and without scale/shift,
     and the merge with one partial per row
     (Triton makes an integer argument equal to 1 a constant); every SiLU / scale-shift pairing;
-    the fused conv bias and residual (float32 or bfloat16 skip) of the ResBlocks and attentions. Needs the ``triton`` package,
+    the fused conv bias and residual (float32 or bfloat16 skip) of the ResBlocks and attentions;
+    the training form's two backward kernels. Needs the ``triton`` package,
     like the interpreter test; catches what the interpreter accepts and the compiler refuses."""
     pytest.importorskip("triton")
     import triton
@@ -499,10 +500,12 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     from dsrdmpd.models import norm
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))       # a real compile, not an earlier cache entry
 
-    def compile_(fn, consts, dtype="fp32", out_dtype=None, res_dtype="fp32"):
+    def compile_(fn, consts, dtype="fp32", out_dtype=None, res_dtype="fp32", types=None):
         def kind(a):
             if a in consts:
                 return "constexpr"
+            if types and a in types:
+                return types[a]
             if a == "y_ptr":
                 return f"*{out_dtype or dtype}"
             if a == "res_ptr":
@@ -547,4 +550,151 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
                     kernels.append(compile_(norm._channel_norm_kernel, {
                         "CHANNELS_LAST": cl, "HAS_PB": fused, "HAS_RES": fused, "BLOCK_C": block_c,
                         "BLOCK_P": block_p}, dtype, None, "fp32"))
-    assert len(kernels) == 2 * 2 * (2 + 4 + 3) + 4 + 2 * 2 * 2 * 2 and all(len(k.asm["cubin"]) > 1000 for k in kernels)
+    # the training form's backward: x in float32 or bfloat16 (autocast), dy float32, dx in x's dtype
+    for dtype in ("fp32", "bf16"):
+        grad_types = {"dy_ptr": "*fp32", "dx_ptr": f"*{dtype}", "part_ptr": "*fp32"}
+        for cl in (False, True):
+            for ss, act in ((True, True), (False, False)):
+                flags = {"CHANNELS_LAST": cl, "HAS_SS": ss, "ACT": act}
+                block_c, block_p = norm.channel_norm_blocks(64)
+                kernels.append(compile_(norm._grad_sums_kernel, {**flags, "BLOCK_C": block_c, "BLOCK_P": block_p},
+                                        dtype, types=grad_types))
+                kernels.append(compile_(norm._grad_input_kernel, {**flags, "BLOCK": norm.APPLY_BLOCK}, dtype,
+                                        types=grad_types))
+        # integer arguments equal to 1 become constants (a 1 x 1 lowest level: HW = K = 1)
+        kernels.append(compile_(norm._grad_sums_kernel, {"CHANNELS_LAST": False, "HAS_SS": True, "ACT": True,
+                                                         "BLOCK_C": 512, "BLOCK_P": 8, "HW": 1, "K": 1}, dtype,
+                                types=grad_types))
+    assert len(kernels) == 2 * 2 * (2 + 4 + 3) + 4 + 2 * 2 * 2 * 2 + 2 * (2 * 2 * 2 + 1) and all(len(k.asm["cubin"]) > 1000 for k in kernels)
+
+TRAINING_GRAD_CHECK = r"""
+import json, torch, torch.nn.functional as F
+from dsrdmpd.models.norm import GroupNormActFunction
+torch.manual_seed(0)
+rows = []
+for cl in (False, True):
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    for shape in [(2, 16, 10, 13), (1, 32, 40, 52)]:        # 40 x 52: several position blocks per channel
+        for ss, act in ((True, True), (False, False), (False, True)):
+            b, c = shape[:2]
+            x = torch.randn(*shape) * 3 + 10                # off zero: the mean matters
+            w, bias = torch.randn(c), torch.randn(c)
+            sc, sh = torch.randn(b, c, 1, 1), torch.randn(b, c, 1, 1)
+            gy = torch.randn(*shape)
+            def run(dtype, fast):
+                xs = x.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+                ps = [t.to(dtype).requires_grad_() for t in (w, bias, sc, sh)]
+                if fast:
+                    y = GroupNormActFunction.apply(xs, ps[0], ps[1], ps[2] if ss else None, ps[3] if ss else None,
+                                                   4, 1e-5, act, dtype)
+                else:
+                    y = F.group_norm(xs, 4, ps[0], ps[1], 1e-5)
+                    if ss:
+                        y = y * (ps[2] + 1) + ps[3]
+                    if act:
+                        y = F.silu(y)
+                (y * gy.to(dtype)).sum().backward()
+                return [y, xs.grad] + [p.grad for p in (ps if ss else ps[:2])], xs.grad.is_contiguous(memory_format=fmt)
+            ref, _ = run(torch.float64, False)
+            out, kept = run(torch.float32, True)
+            rows.append([((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(out, ref)] + [kept])
+print(json.dumps(rows))
+"""
+
+
+def test_triton_group_norm_backward_in_the_interpreter():
+    """GroupNormActFunction (the Triton forward, and the backward's two passes: per-channel
+    sums over position blocks, then dx) under Triton's interpreter against float64 autograd
+    of F.group_norm [+ scale/shift] [+ SiLU]: the output and the gradients of x, weight,
+    bias, scale and shift within 1e-5 of their largest value (measured: under 6e-7), NCHW
+    and channels-last, one and several position blocks; dx keeps x's layout."""
+    rows = _in_triton_interpreter(TRAINING_GRAD_CHECK)
+    assert len(rows) == 12
+    for row in rows:
+        *errs, kept = row
+        assert kept and len(errs) in (4, 6) and max(errs) < 1e-5, row
+
+
+TRAINING_STEP_CHECK = r"""
+import json, torch
+from dsrdmpd.builders import build_stage2
+from dsrdmpd.models import norm
+from dsrdmpd.models import unet_blocks
+norm.GroupNormAct.uses_training_path = lambda self, x: self.affine and x.dim() == 4     # CPU tensors, interpreter
+unet_blocks._eps = lambda dtype: 1e-5      # float32's eps in the float64 reference too (the authors' rule gives it 1e-3)
+used = []
+real = norm.GroupNormActFunction.apply
+norm.GroupNormActFunction.apply = lambda *a: used.append(1) or real(*a)
+torch.manual_seed(0)
+net = build_stage2({"dim": 8, "perceptual_decoder": True}).net
+with torch.no_grad():
+    for name, p in net.named_parameters():
+        if "norm.weight" in name:
+            p.copy_(1 + 0.3 * torch.randn_like(p))
+        elif "norm.bias" in name:
+            p.normal_(0, 0.3)
+x, t = torch.rand(2, 9, 16, 16) * 2 - 1, torch.tensor([5, 600])
+w_res, w_noise = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+def grads(fast, dtype=torch.float32):
+    torch.set_default_dtype(dtype)
+    net.to(dtype)
+    norm.set_fast_norm(net, fast)
+    net.zero_grad(set_to_none=True)
+    res, noise = net(x.to(dtype), t)
+    ((res * w_res.to(dtype)).sum() + (noise * w_noise.to(dtype)).sum()).backward()   # linear: well conditioned
+    torch.set_default_dtype(torch.float32)
+    return {n: p.grad.double().clone() for n, p in net.named_parameters() if p.grad is not None}
+exact = grads(False, torch.float64)
+ref = grads(False)
+n_native = len(used)
+a = grads(True)
+n_fast = len(used) - n_native
+b = grads(True)
+def total_rel(g):
+    return (sum(((g[n] - exact[n]) ** 2).sum() for n in exact) / sum((exact[n] ** 2).sum() for n in exact)).sqrt().item()
+top = max(exact[n].abs().max().item() for n in exact)
+worst = max(((a[n] - exact[n]).abs().max() / exact[n].abs().max()).item()
+            for n in exact if exact[n].abs().max() > 1e-3 * top)
+n_norms = sum(isinstance(m, norm.GroupNormAct) for m in net.modules())
+print(json.dumps([total_rel(ref), total_rel(a), worst, sorted(a) == sorted(exact),
+                  all(torch.equal(a[n], b[n]) for n in a), n_native, n_fast, n_norms]))
+"""
+
+
+def test_a_stage2_backward_through_the_triton_group_norm_in_the_interpreter():
+    """A whole stage-2 network's backward (test width, both decoders, a linear loss of both
+    outputs) with every GroupNorm on the Triton form (counted) against float64 autograd of
+    the native form: all parameter gradients together within 1e-4 (relative, as a vector;
+    measured 3.2e-6, the native float32 form 4.2e-6), each gradient that is not ~0 within
+    1e-3 of its largest entry (measured 1e-5); the same parameters get gradients; two runs
+    bit-identical (no atomics: deterministic)."""
+    native, fast, worst, same_params, deterministic, n_native, n_fast, n_norms = \
+        _in_triton_interpreter(TRAINING_STEP_CHECK)
+    assert n_native == 0 and n_fast == n_norms > 0
+    assert fast < 1e-4 and worst < 1e-3 and same_params and deterministic, (native, fast, worst)
+
+
+def test_train_fast_norm_reaches_the_model_and_its_ema(synthetic_root, tiny_stage1, tmp_path):
+    """train.fast_norm switches the stage-2 GroupNorms (and channel norms) of the trained
+    network and of its EMA copy to their fast forms (on the CPU they keep the native path);
+    off by default; a value other than true/false is refused naming the key."""
+    from dsrdmpd.config import ConfigError, load_config
+    from dsrdmpd.models.norm import FastNorm
+    from dsrdmpd.training import Stage2Trainer
+    from conftest import ROOT
+    base = [f"data.root={synthetic_root}", f"train.stage1_checkpoint={tiny_stage1.weights}", "train.steps=1",
+            "data.val_limit=1", "train.val_every=100", "train.save_every=100"]
+
+    def norms(trainer):
+        return [m.fast for net in (trainer.model, trainer.ema.ema_model) for m in net.modules()
+                if isinstance(m, FastNorm)]
+    off = Stage2Trainer(load_config(ROOT / "configs" / "stage2_tiny.yaml", base), tmp_path / "a")
+    on = Stage2Trainer(load_config(ROOT / "configs" / "stage2_tiny.yaml", [*base, "train.fast_norm=true"]),
+                       tmp_path / "b")
+    try:
+        assert norms(off) and not any(norms(off))
+        assert all(norms(on))
+    finally:
+        off.close(), on.close()
+    with pytest.raises(ConfigError, match="^train.fast_norm: expected"):
+        load_config(ROOT / "configs" / "stage2_tiny.yaml", ["train.fast_norm=maybe"])

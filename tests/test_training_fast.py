@@ -33,6 +33,7 @@ def test_shipped_configs_hold_the_new_keys_with_their_defaults():
         train = load_config(ROOT / "configs" / name)["train"]
         assert (train["precision"], train["channels_last"], train["fused_optimizer"], train["cuda_graph"]) == \
             (None, False, "auto", False)
+    assert load_config(ROOT / "configs" / "stage2_rsid.yaml")["train"]["fast_norm"] is False
 
 
 @pytest.mark.parametrize("precision,tf32,mixed", [("fp32", False, "no"), ("tf32", True, "no"), ("bf16", True, "bf16"),

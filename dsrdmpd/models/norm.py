@@ -12,9 +12,9 @@ Two implementations:
   form there; a ``var_mean`` over a (B, G, -1) view measured 7-14x slower per call at 64-128
   channels on the 2-core development CPU), whenever autograd records (training), and
   whenever the fast path is switched off (the default: :func:`set_fast_norm`).
-* fast (CUDA only, inference only, opt-in): statistics by a split reduction, so that a
-  batch of one still fills the card. Each (image, group) is cut into chunks of
-  ``CHUNK`` elements; each chunk gives (count, mean, M2) in one pass over registers, and
+* fast (CUDA only, opt-in; for training too, with a backward: :class:`GroupNormActFunction`):
+  statistics by a split reduction, so that a batch of one still fills the card. Each
+  (image, group) is cut into chunks of ``CHUNK`` elements; each chunk gives (count, mean, M2) in one pass over registers, and
   the chunks are merged with the parallel-variance formula (Chan et al.):
   mean = sum(n_i mean_i) / N, M2 = sum(M2_i + n_i (mean_i - mean)^2) -- no
   sum-of-squares cancellation. One more pass normalises, applies weight/bias,
@@ -244,6 +244,93 @@ if triton is not None:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
+    @triton.jit
+    def _recompute_dz(x, dy, mean, rstd, w, bb, sc, sh, HAS_SS: tl.constexpr, ACT: tl.constexpr):
+        """(xhat, u, dz): the forward's normalised input and affine output, and the gradient
+        at the pre-activation z, from x and dy (float32)."""
+        xhat = (x - mean) * rstd
+        u = xhat * w + bb
+        if HAS_SS:
+            z = u * (sc + 1.0) + sh
+        else:
+            z = u
+        if ACT:
+            sig = tl.sigmoid(z)
+            dz = dy * sig * (1.0 + z * (1.0 - sig))
+        else:
+            dz = dy
+        return xhat, u, dz
+
+    @triton.jit
+    def _grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
+                          STEP, C, HW, CG, G, K, CHANNELS_LAST: tl.constexpr, HAS_SS: tl.constexpr, ACT: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Program (position block k, image bi): per channel, the sums over the block's
+        positions of dz * u, dz and dz * xhat -> part[0:3, bi, k, :] (blocks on axis 0; STEP
+        = B * K * C, the distance between the three)."""
+        k = tl.program_id(0)
+        bi = tl.program_id(1)
+        c = tl.arange(0, BLOCK_C)[:, None]
+        p = k * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+        cm = c < C
+        valid = cm & (p < HW)
+        base = bi.to(tl.int64) * C * HW
+        if CHANNELS_LAST:
+            offs = base + p.to(tl.int64) * C + c
+        else:
+            offs = base + c.to(tl.int64) * HW + p
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        row = bi * G + c // CG
+        mean = tl.load(mean_ptr + row, mask=cm, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=cm, other=1.0)
+        w = tl.load(w_ptr + c, mask=cm, other=1.0)
+        bb = tl.load(b_ptr + c, mask=cm, other=0.0)
+        sc = 0.0
+        sh = 0.0
+        if HAS_SS:
+            sc = tl.load(scale_ptr + bi * C + c, mask=cm, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + bi * C + c, mask=cm, other=0.0).to(tl.float32)
+        xhat, u, dz = _recompute_dz(x, dy, mean, rstd, w, bb, sc, sh, HAS_SS, ACT)
+        dz = tl.where(valid, dz, 0.0)
+        cc = tl.arange(0, BLOCK_C)
+        out = part_ptr + (bi.to(tl.int64) * K + k) * C + cc
+        tl.store(out, tl.sum(dz * u, axis=1), mask=cc < C)
+        tl.store(out + STEP, tl.sum(dz, axis=1), mask=cc < C)
+        tl.store(out + 2 * STEP, tl.sum(dz * xhat, axis=1), mask=cc < C)
+
+    @triton.jit
+    def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, m1_ptr,
+                           m2_ptr, total, C, HW, CG, G, CHANNELS_LAST: tl.constexpr, HAS_SS: tl.constexpr,
+                           ACT: tl.constexpr, BLOCK: tl.constexpr):
+        """Element-wise, in memory order: dx = rstd * (dxhat - m1 - xhat * m2) with dxhat =
+        dz * (scale + 1) * weight and m1, m2 the group means of dxhat and dxhat * xhat."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < total
+        if CHANNELS_LAST:
+            ch = offs % C
+        else:
+            ch = (offs // HW) % C
+        bi = offs // (HW * C)
+        row = bi * G + ch // CG
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row, mask=valid, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=valid, other=1.0)
+        w = tl.load(w_ptr + ch, mask=valid, other=1.0)
+        bb = tl.load(b_ptr + ch, mask=valid, other=0.0)
+        sc = 0.0
+        sh = 0.0
+        if HAS_SS:
+            sc = tl.load(scale_ptr + bi * C + ch, mask=valid, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + bi * C + ch, mask=valid, other=0.0).to(tl.float32)
+        xhat, u, dz = _recompute_dz(x, dy, mean, rstd, w, bb, sc, sh, HAS_SS, ACT)
+        dxhat = dz * (sc + 1.0) * w
+        m1 = tl.load(m1_ptr + row, mask=valid, other=0.0)
+        m2 = tl.load(m2_ptr + row, mask=valid, other=0.0)
+        tl.store(dx_ptr + offs, (rstd * (dxhat - m1 - xhat * m2)).to(dx_ptr.dtype.element_ty), mask=valid)
+
+
 CHANNEL_TILE = 4096   # elements (channels x positions) per program of the channel-norm kernel
 
 
@@ -312,8 +399,9 @@ def channel_layer_norm_triton(x: torch.Tensor, gain: torch.Tensor, eps: float,
     return y
 
 
-def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_dtype,
-                           pre_bias=None, residual=None, residual_bias=None):
+def _group_stats_triton(x: torch.Tensor, groups: int, eps: float, pb: Optional[torch.Tensor] = None):
+    """(x in a layout the kernels read, channels-last?, mean (B*G,), rstd (B*G,)) of x (+ pb),
+    by the split reduction (partials, merge)."""
     b, c, h, w = x.shape
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not cl:
@@ -322,26 +410,99 @@ def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_
     n = cg * hw
     k = triton.cdiv(n, CHUNK)
     rows = b * groups
-    pb, rb = _channel_vector(pre_bias, c, "pre_bias"), _channel_vector(residual_bias, c, "residual_bias")
-    res = _in_format(residual, cl)
     part = torch.empty((3, rows, k), device=x.device, dtype=torch.float32)
     _partials_kernel[partials_grid(k, rows)](x, x if pb is None else pb, part[0], part[1], part[2], c, hw, cg,
                                              groups, n, k, CHANNELS_LAST=cl, HAS_PB=pb is not None, BLOCK=CHUNK)
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     _merge_kernel[(rows,)](part[0], part[1], part[2], mean, rstd, k, n, eps, BLOCK=256)
+    return x, cl, mean, rstd
+
+
+def _flat_scale_shift(scale, shift, b, c):
+    """scale/shift (B, C, 1, 1) as contiguous (B, C) tensors (None stays None)."""
+    if scale is None:
+        return None, None
+    return scale.reshape(b, c).contiguous(), shift.reshape(b, c).contiguous()
+
+
+def _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_dtype,
+                           pre_bias=None, residual=None, residual_bias=None, stats=None):
+    """The fast GroupNormAct forward; ``stats`` (a list), if given, receives (mean, rstd)."""
+    b, c, h, w = x.shape
+    pb, rb = _channel_vector(pre_bias, c, "pre_bias"), _channel_vector(residual_bias, c, "residual_bias")
+    x, cl, mean, rstd = _group_stats_triton(x, groups, eps, pb)
+    if stats is not None:
+        stats.extend((mean, rstd))
+    res = _in_format(residual, cl)
     y = torch.empty_like(x, dtype=out_dtype)          # keeps the memory format
     has_ss = scale is not None
-    if has_ss:
-        scale = scale.reshape(b, c).contiguous()
-        shift = shift.reshape(b, c).contiguous()
+    scale, shift = _flat_scale_shift(scale, shift, b, c)
     total = x.numel()
     _apply_kernel[(triton.cdiv(total, APPLY_BLOCK),)](
         x, y, mean, rstd, weight.float().contiguous(), bias.float().contiguous(),
         scale if has_ss else x, shift if has_ss else x, x if pb is None else pb, x if res is None else res,
-        x if rb is None else rb, total, c, hw, cg, groups, CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act,
+        x if rb is None else rb, total, c, h * w, c // groups, groups, CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act,
         HAS_PB=pb is not None, HAS_RES=res is not None, HAS_RB=rb is not None, BLOCK=APPLY_BLOCK)
     return y
+
+
+class GroupNormActFunction(torch.autograd.Function):
+    """The fast GroupNormAct with a backward (training on CUDA): the forward kernels above,
+    and two backward passes over (x, dy), the forward's output recomputed in registers:
+
+    1. per (image, channel), sums over the positions of dz * u, dz and dz * xhat (xhat
+       the normalised input, u = xhat * weight + bias, z = u * (scale + 1) + shift, dz the
+       gradient at z: dy times SiLU's derivative), as partials per block of positions
+       summed in a fixed order (no atomics: deterministic);
+    2. dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dz *
+       (scale + 1) * weight, the two group means from the sums of pass 1.
+
+    The parameter gradients come from the same sums: d scale = sum dz * u, d shift =
+    sum dz, d weight = sum_b (scale + 1) sum dz * xhat, d bias = sum_b (scale + 1) sum dz."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps, act, out_dtype):
+        stats = []
+        y = _group_norm_act_triton(x, groups, weight, bias, eps, scale, shift, act, out_dtype, stats=stats)
+        ctx.save_for_backward(x, weight, bias, scale, shift, *stats)
+        ctx.groups, ctx.act = groups, act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        groups, act = ctx.groups, ctx.act
+        b, c, h, w = x.shape
+        hw, cg = h * w, c // groups
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+        has_ss = scale is not None
+        sc, sh = _flat_scale_shift(scale, shift, b, c)
+        wf, bf = weight.float().contiguous(), bias.float().contiguous()
+        block_c, block_p = channel_norm_blocks(c)
+        k = triton.cdiv(hw, block_p)
+        part = torch.empty((3, b, k, c), device=x.device, dtype=torch.float32)
+        _grad_sums_kernel[(k, b)](x, dy, mean, rstd, wf, bf, sc if has_ss else x, sh if has_ss else x, part,
+                                  b * k * c, c, hw, cg, groups, k, CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act,
+                                  BLOCK_C=block_c, BLOCK_P=block_p)
+        s_zu, s_z, s_zx = part.sum(dim=2)                   # (B, C) each, summed in a fixed order
+        gain = sc.float() + 1 if has_ss else torch.ones_like(s_z)
+        n = cg * hw
+        m1 = (wf * gain * s_z).view(b, groups, cg).sum(-1).reshape(-1) / n
+        m2 = (wf * gain * s_zx).view(b, groups, cg).sum(-1).reshape(-1) / n
+        dx = torch.empty_like(x)
+        total = x.numel()
+        _grad_input_kernel[(triton.cdiv(total, APPLY_BLOCK),)](
+            x, dy, dx, mean, rstd, wf, bf, sc if has_ss else x, sh if has_ss else x, m1.contiguous(),
+            m2.contiguous(), total, c, hw, cg, groups, CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act,
+            BLOCK=APPLY_BLOCK)
+        d_weight = (gain * s_zx).sum(0).to(weight.dtype)
+        d_bias = (gain * s_z).sum(0).to(bias.dtype)
+        d_scale = s_zu.view(b, c, 1, 1).to(scale.dtype) if has_ss else None
+        d_shift = s_z.view(b, c, 1, 1).to(shift.dtype) if has_ss else None
+        return dx, d_weight, d_bias, d_scale, d_shift, None, None, None, None
 
 
 class FastNorm:
@@ -366,13 +527,39 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
 
     def forward(self, x: torch.Tensor, scale_shift: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 act: bool = False) -> torch.Tensor:
-        if self.fast and self.uses_fast_path(x):
-            return self.forward_fast(x, scale_shift, act)
+        if self.fast:
+            if self.uses_fast_path(x):
+                return self.forward_fast(x, scale_shift, act)
+            if self.uses_training_path(x):
+                return self.forward_trainable(x, scale_shift, act)
         return self.forward_native(x, scale_shift, act)
 
     def uses_fast_path(self, x: torch.Tensor) -> bool:
-        """Affine, CUDA input, and no autograd recording (the fast kernels have no backward)."""
+        """Affine, CUDA input, and no autograd recording (the inference form)."""
         return self.affine and self.cuda_inference(x, self.weight)
+
+    def uses_training_path(self, x: torch.Tensor) -> bool:
+        """Affine, 4-D CUDA input and Triton importable: the Triton kernels with their
+        backward (:class:`GroupNormActFunction`) when autograd records."""
+        return self.affine and x.is_cuda and x.dim() == 4 and triton_available()
+
+    @staticmethod
+    def _out_dtype(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]) -> torch.dtype:
+        """The native path's output dtype: float32 under autocast (GroupNorm is on its float32
+        list), else x's; promoted with scale/shift's."""
+        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if scale is not None:
+            out_dtype = torch.promote_types(out_dtype, torch.promote_types(scale.dtype, shift.dtype))
+        return out_dtype
+
+    def forward_trainable(self, x, scale_shift=None, act=False):
+        """The Triton forward and backward (CUDA, or Triton's interpreter); gradients for x,
+        weight, bias, scale and shift, deterministic (no atomics)."""
+        scale, shift = scale_shift if scale_shift is not None else (None, None)
+        if scale is not None and (scale.shape[2:] != (1, 1) or shift.shape[2:] != (1, 1)):
+            raise ValueError(f"scale/shift must be (B, C, 1, 1), got {tuple(scale.shape)}")
+        return GroupNormActFunction.apply(x, self.weight, self.bias, scale, shift, self.num_groups, self.eps, act,
+                                          self._out_dtype(x, scale, shift))
 
     def forward_native(self, x, scale_shift=None, act=False):
         """The reference: F.group_norm, then x * (scale + 1) + shift, then SiLU."""
@@ -394,9 +581,7 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
         needs no pass of its own. The same float32 operations in the same order as the
         separate ops."""
         scale, shift = scale_shift if scale_shift is not None else (None, None)
-        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if scale is not None:
-            out_dtype = torch.promote_types(out_dtype, torch.promote_types(scale.dtype, shift.dtype))
+        out_dtype = self._out_dtype(x, scale, shift)
         if scale is not None and (scale.shape[2:] != (1, 1) or shift.shape[2:] != (1, 1)):
             raise ValueError(f"scale/shift must be (B, C, 1, 1), got {tuple(scale.shape)}")
         _check_residual(residual, x)
@@ -424,8 +609,8 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
 
 def set_fast_norm(module: nn.Module, enabled: bool) -> nn.Module:
     """Switch the fast CUDA normalisation of every :class:`FastNorm` inside ``module``
-    (GroupNormAct, ChannelLayerNorm; the CPU and training always take the native path);
-    returns ``module``."""
+    (GroupNormAct, ChannelLayerNorm; the CPU always takes the native path, and so does
+    training except GroupNormAct's Triton form with its backward); returns ``module``."""
     for m in module.modules():
         if isinstance(m, FastNorm):
             m.fast = bool(enabled)

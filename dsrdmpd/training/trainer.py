@@ -26,6 +26,7 @@ from ..messages import first_few, one_line
 from ..processes import on_main
 from ..runfolder import RunFolder
 from ..visualize import save_panel
+from ..models.norm import set_fast_norm
 from .common import (CSVLog, Throughput, capture_rng, claim_run_dir, configure_cuda, load_training_state,
                      make_loader, optional_tensorboard, plan_data, prepare_run_dir, progress, record_resume,
                      resolve_resume, restore_rng, save_training_checkpoint, seed_everything)
@@ -83,9 +84,10 @@ class BaseTrainer:
     train_defaults: Dict[str, Any] = {}
     # train keys read without a default value: device ('auto' | 'cpu'), tensorboard, val_protocol, val_every,
     # save_every (last.pt), keep_every (step_<N>.pt snapshots), tf32 and deterministic (CUDA only, see
-    # configure_cuda), precision, channels_last, fused_optimizer, cuda_graph (see step_options)
+    # configure_cuda), precision, channels_last, fused_optimizer, cuda_graph (see step_options), fast_norm
+    # (the stage-2 GroupNorms' Triton kernels with their backward, CUDA only)
     train_options = ("device", "tensorboard", "val_protocol", "val_every", "save_every", "keep_every", "tf32",
-                     "deterministic", "precision", "channels_last", "fused_optimizer", "cuda_graph")
+                     "deterministic", "precision", "channels_last", "fused_optimizer", "cuda_graph", "fast_norm")
     data_keys = ("preset", "root", "train_split", "val_split", "val_holdout", "val_limit", "crop", "flip", "resize",
                  "resize_mode", "num_workers", "hazy_dir", "gt_dir", "hazy_key", "gt_key", "list_file")
 
@@ -141,6 +143,10 @@ class BaseTrainer:
             self.step = 0
             self.best: Dict[str, Any] = {"psnr": -math.inf, "step": None}
             self.build()
+            if self.tcfg.get("fast_norm", False):     # no effect on the CPU, which keeps the native norms
+                for net in (self.model, getattr(getattr(self, "ema", None), "ema_model", None)):
+                    if net is not None:
+                        set_fast_norm(net, True)
             if self.step_options.channels_last:
                 self.model.to(memory_format=torch.channels_last)
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
