@@ -876,7 +876,8 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/models/norm.py", "dev = tl.where(valid, v - mean, 0.0)", "dev = v - mean",
              ("tests/test_fast_path.py::test_triton_kernels_in_the_interpreter",)),
     Mutation("triton-cl-channel", "Triton GroupNorm apply: channels-last elements take the NCHW channel index",
-             "dsrdmpd/models/norm.py", "            ch = offs % C\n", "            ch = (offs // HW) % C\n",
+             "dsrdmpd/models/norm.py", "            ch = offs % C\n            bi = offs // (HW * C)\n",
+             "            ch = (offs // HW) % C\n            bi = offs // (HW * C)\n",
              ("tests/test_fast_path.py::test_triton_kernels_in_the_interpreter",)),
     Mutation("triton-merge-within-only", "Triton GroupNorm merge: the spread between chunk means left out of the variance",
              "dsrdmpd/models/norm.py", "acc2 += tl.load(m2_ptr + base + j, mask=m, other=0.0) + cnt * d * d",
@@ -1116,6 +1117,9 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/training/trainer.py", 'for net in (self.model, getattr(getattr(self, "ema", None), "ema_model", None)):',
              "for net in (self.model,):",
              ("tests/test_fast_path.py::test_train_fast_norm_reaches_the_model_and_its_ema",)),
+    Mutation("gn-backward-cl-channel", "Triton GroupNorm backward: channels-last elements take the NCHW channel index in dx",
+             "dsrdmpd/models/norm.py", "            ch = offs % C\n        else:\n", "            ch = (offs // HW) % C\n        else:\n",
+             ("tests/test_fast_path.py::test_triton_group_norm_backward_in_the_interpreter",)),
 ]
 
 
