@@ -15,7 +15,8 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]        # PYTHON=python3 for another interpreter
 # A second, shorter slice can rerun some parts: PARTS (default all: "1 2 2b 2s 2t 3 4t 4a 4g 4c")
 # names them; FAST_TESTS (a pytest -k expression), PAIRS / PAIR_VARIANTS (part 2),
-# GRID_PAIRS / GRID_VARIANTS (4g) and AOT_LIMIT / AOT_CASE (4a, seconds) narrow or widen them:
+# GRID_PAIRS / GRID_VARIANTS (4g), SCENE_VARIANT / SCENE_TILE_BATCH (2s) and AOT_LIMIT / AOT_CASE
+# (4a, seconds) narrow or widen them:
 #   PARTS="1 2 4a" FAST_TESTS="graphed_training or fused_adam" PAIRS="512x1" BUDGET=300 bash scripts/gpu_check.sh
 # The profiled rows of part 2 also give, in benchmark.csv, the GPU time per image
 # (gpu_busy_ms_per_image) and the kernels with the most GPU time (top_kernels); part 2b the
@@ -77,7 +78,8 @@ if want 2b; then
 fi
 if want 2s; then
     stop "$(limit "${SCENE_LIMIT:-40}")" "$py" scripts/benchmark.py --device cuda --sizes --variants --train-size 0 \
-        --scene 4096 --tile 512 --overlap 64 --tile-batch 4 --scene-variant tf32+cl+fastnorm+graphs --warmup 1 \
+        --scene 4096 --tile 512 --overlap 64 --tile-batch "${SCENE_TILE_BATCH:-4}" \
+        --scene-variant "${SCENE_VARIANT:-tf32+cl+fastnorm+graphs}" --warmup 1 \
         --case-timeout 35 --out "$out/scene" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 if want 2t; then
@@ -88,7 +90,7 @@ fi
 
 # 3. the CUDA tests of training (graph-captured step, exact resume with the step options) and the command line
 if want 3; then
-    stop "$(limit "${TEST_LIMIT:-90}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda.py 2>&1 \
+    stop "$(limit "${TEST_LIMIT:-110}")" "$py" -m pytest -q -rs --durations=15 tests/test_cuda.py 2>&1 \
         | tee -a "$out/check.txt" || status=1
 fi
 
