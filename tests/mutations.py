@@ -1120,6 +1120,13 @@ MUTATIONS: List[Mutation] = [
     Mutation("gn-backward-cl-channel", "Triton GroupNorm backward: channels-last elements take the NCHW channel index in dx",
              "dsrdmpd/models/norm.py", "            ch = offs % C\n        else:\n", "            ch = (offs // HW) % C\n        else:\n",
              ("tests/test_fast_path.py::test_triton_group_norm_backward_in_the_interpreter",)),
+    Mutation("resblock-first-norm-float32-under-autocast", "under autocast the ResBlock's first norm writes float32 for a convolution that casts it to bfloat16 (a pass and twice the bytes)",
+             "dsrdmpd/models/unet_blocks.py", "h = self.block1(x, scale_shift, feeds_conv=True)", "h = self.block1(x, scale_shift)",
+             ("tests/test_fast_path.py::test_under_autocast_the_norms_before_convolutions_write_bfloat16_in_the_interpreter",)),
+    Mutation("feeds-conv-ignores-autocast", "a norm that feeds a convolution writes autocast's dtype even without autocast",
+             "dsrdmpd/models/norm.py", "if feeds_conv and residual is None and autocast_dtype(x) is not None:",
+             "if feeds_conv and residual is None:",
+             ("tests/test_fast_path.py::test_a_norm_that_feeds_a_conv_writes_autocast_s_dtype",)),
 ]
 
 

@@ -371,6 +371,15 @@ def _channel_vector(v: Optional[torch.Tensor], c: int, what: str) -> Optional[to
     return v.reshape(c).float().contiguous()
 
 
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """Autocast's lower precision (bfloat16, float16) for x's device while autocast is on
+    there, else None: the dtype a convolution casts its float32 input to."""
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 def _check_residual(residual: Optional[torch.Tensor], x: torch.Tensor) -> None:
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
@@ -378,11 +387,13 @@ def _check_residual(residual: Optional[torch.Tensor], x: torch.Tensor) -> None:
 
 def channel_layer_norm_triton(x: torch.Tensor, gain: torch.Tensor, eps: float,
                               pre_bias: Optional[torch.Tensor] = None,
-                              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              residual: Optional[torch.Tensor] = None,
+                              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """(x' - mean_c) / sqrt(var_c + eps) * gain over the channels of x' = x + pre_bias (B, C,
     H, W; ``pre_bias`` per channel: the bias of the convolution before, which then runs
     without it), plus ``residual`` (B, C, H, W) if given, by one Triton kernel; float32
-    arithmetic, output in x's memory format and dtype (promoted with the residual's)."""
+    arithmetic, output in x's memory format and in ``out_dtype`` (default: x's dtype
+    promoted with the residual's)."""
     b, c, h, w = x.shape
     _check_residual(residual, x)
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -390,7 +401,8 @@ def channel_layer_norm_triton(x: torch.Tensor, gain: torch.Tensor, eps: float,
         x = x.contiguous()
     pb = _channel_vector(pre_bias, c, "pre_bias")
     res = _in_format(residual, cl)
-    out_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
+    if out_dtype is None:
+        out_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
     y = torch.empty_like(x, dtype=out_dtype)
     block_c, block_p = channel_norm_blocks(c)
     _channel_norm_kernel[channel_norm_grid(b, h * w, c)](
@@ -571,7 +583,7 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
 
     def forward_fast(self, x, scale_shift=None, act=False, use_triton: Optional[bool] = None,
                      pre_bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                     residual_bias: Optional[torch.Tensor] = None):
+                     residual_bias: Optional[torch.Tensor] = None, feeds_conv: bool = False):
         """Split-reduction statistics and one fused apply pass (Triton, or plain torch).
 
         Fusions for the blocks around the norm (each optional): ``pre_bias`` (C values) is
@@ -579,9 +591,13 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
         its own pass over the output; ``residual`` (x's shape, plus ``residual_bias``, C
         values, if given) is added to the result -- a residual block's skip, whose add then
         needs no pass of its own. The same float32 operations in the same order as the
-        separate ops."""
+        separate ops. ``feeds_conv`` (the output goes to a convolution and nowhere else):
+        under autocast it is written in autocast's dtype, the very values the convolution
+        would cast the float32 output to, at half the bytes and without the cast's pass."""
         scale, shift = scale_shift if scale_shift is not None else (None, None)
         out_dtype = self._out_dtype(x, scale, shift)
+        if feeds_conv and residual is None and autocast_dtype(x) is not None:
+            out_dtype = autocast_dtype(x)
         if scale is not None and (scale.shape[2:] != (1, 1) or shift.shape[2:] != (1, 1)):
             raise ValueError(f"scale/shift must be (B, C, 1, 1), got {tuple(scale.shape)}")
         _check_residual(residual, x)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .norm import FastNorm, GroupNormAct, channel_layer_norm_triton, triton_available
+from .norm import FastNorm, GroupNormAct, autocast_dtype, channel_layer_norm_triton, triton_available
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -80,11 +80,14 @@ class ChannelLayerNorm(FastNorm, nn.Module):
                 and self.cuda_inference(x, self.g, conv.weight, conv.bias))
 
     def forward(self, x: torch.Tensor, pre_bias: Optional[torch.Tensor] = None,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, feeds_conv: bool = False) -> torch.Tensor:
         """norm(x + pre_bias) + residual, each addition only if given: ``pre_bias`` (C
-        values) is the bias of the convolution before, ``residual`` (x's shape) a skip."""
+        values) is the bias of the convolution before, ``residual`` (x's shape) a skip.
+        ``feeds_conv`` (the output goes to a convolution only): on the fast path under
+        autocast, written in autocast's dtype (what the convolution casts it to)."""
         if self.fast and self.uses_fast_path(x):
-            return channel_layer_norm_triton(x, self.g.view(-1), _eps(self.g.dtype), pre_bias, residual)
+            out_dtype = autocast_dtype(x) if feeds_conv and residual is None else None
+            return channel_layer_norm_triton(x, self.g.view(-1), _eps(self.g.dtype), pre_bias, residual, out_dtype)
         if pre_bias is not None:
             x = x + pre_bias.view(1, -1, 1, 1)
         y = self.forward_native(x)
@@ -139,13 +142,14 @@ class ConvNormAct(nn.Module):
         return (self.norm.fast and self.norm.affine and self.proj.bias is not None
                 and self.norm.cuda_inference(x, self.norm.weight, self.proj.weight, self.proj.bias))
 
-    def forward(self, x, scale_shift=None, residual=None, residual_bias=None):
-        """silu(norm(conv(x)) [* (scale + 1) + shift]) [+ residual + residual_bias]."""
+    def forward(self, x, scale_shift=None, residual=None, residual_bias=None, feeds_conv=False):
+        """silu(norm(conv(x)) [* (scale + 1) + shift]) [+ residual + residual_bias].
+        ``feeds_conv``: the output goes to a convolution only (see GroupNormAct.forward_fast)."""
         if self.fuses(x):     # the conv's bias and the residual added inside the norm's kernels
             p = self.proj
             h = F.conv2d(x, p.standardized_weight(), None, p.stride, p.padding, p.dilation, p.groups)
             return self.norm.forward_fast(h, scale_shift, act=True, pre_bias=p.bias, residual=residual,
-                                          residual_bias=residual_bias)
+                                          residual_bias=residual_bias, feeds_conv=feeds_conv)
         y = self.norm(self.proj(x), scale_shift, act=True)
         if residual is None:
             return y
@@ -164,7 +168,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale_shift = self.time_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
-        h = self.block1(x, scale_shift)
+        h = self.block1(x, scale_shift, feeds_conv=True)       # block2's convolution is its only reader
         if self.block2.fuses(h):   # fast CUDA inference: the skip (its conv without bias) added in block2's kernel
             s = self.shortcut
             if isinstance(s, nn.Conv2d):
@@ -268,9 +272,10 @@ class PreNormResidual(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # both attentions start with their to_qkv convolution: the norm's output feeds it alone
         if isinstance(self.fn, LinearAttention):     # adds the residual itself (fused on the fast path)
-            return self.fn(self.norm(x), residual=x)
-        return self.fn(self.norm(x)) + x
+            return self.fn(self.norm(x, feeds_conv=True), residual=x)
+        return self.fn(self.norm(x, feeds_conv=isinstance(self.fn, Attention))) + x
 
 
 class Resample(nn.Module):
