@@ -1123,9 +1123,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("resblock-first-norm-float32-under-autocast", "under autocast the ResBlock's first norm writes float32 for a convolution that casts it to bfloat16 (a pass and twice the bytes)",
              "dsrdmpd/models/unet_blocks.py", "h = self.block1(x, scale_shift, feeds_conv=True)", "h = self.block1(x, scale_shift)",
              ("tests/test_fast_path.py::test_under_autocast_the_norms_before_convolutions_write_bfloat16_in_the_interpreter",)),
-    Mutation("feeds-conv-ignores-autocast", "a norm that feeds a convolution writes autocast's dtype even without autocast",
+    Mutation("feeds-conv-rounds-the-residual-stream", "a norm asked to feed a convolution writes bfloat16 even when it adds a residual (the residual stream rounded)",
              "dsrdmpd/models/norm.py", "if feeds_conv and residual is None and autocast_dtype(x) is not None:",
-             "if feeds_conv and residual is None:",
+             "if feeds_conv and autocast_dtype(x) is not None:",
              ("tests/test_fast_path.py::test_a_norm_that_feeds_a_conv_writes_autocast_s_dtype",)),
 ]
 
