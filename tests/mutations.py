@@ -1124,8 +1124,8 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/models/unet_blocks.py", "h = self.block1(x, scale_shift, feeds_conv=True)", "h = self.block1(x, scale_shift)",
              ("tests/test_fast_path.py::test_under_autocast_the_norms_before_convolutions_write_bfloat16_in_the_interpreter",)),
     Mutation("feeds-conv-rounds-the-residual-stream", "a norm asked to feed a convolution writes bfloat16 even when it adds a residual (the residual stream rounded)",
-             "dsrdmpd/models/norm.py", "if feeds_conv and residual is None and autocast_dtype(x) is not None:",
-             "if feeds_conv and autocast_dtype(x) is not None:",
+             "dsrdmpd/models/norm.py", "            out_dtype = torch.promote_types(out_dtype, residual.dtype)\n",
+             "            pass\n",
              ("tests/test_fast_path.py::test_a_norm_that_feeds_a_conv_writes_autocast_s_dtype",)),
 ]
 

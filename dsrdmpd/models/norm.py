@@ -596,7 +596,7 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
         would cast the float32 output to, at half the bytes and without the cast's pass."""
         scale, shift = scale_shift if scale_shift is not None else (None, None)
         out_dtype = self._out_dtype(x, scale, shift)
-        if feeds_conv and residual is None and autocast_dtype(x) is not None:
+        if feeds_conv and autocast_dtype(x) is not None:      # (a residual's float32 is promoted back below)
             out_dtype = autocast_dtype(x)
         if scale is not None and (scale.shape[2:] != (1, 1) or shift.shape[2:] != (1, 1)):
             raise ValueError(f"scale/shift must be (B, C, 1, 1), got {tuple(scale.shape)}")
