@@ -1127,6 +1127,26 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/models/norm.py", "            out_dtype = torch.promote_types(out_dtype, residual.dtype)\n",
              "            pass\n",
              ("tests/test_fast_path.py::test_a_norm_that_feeds_a_conv_writes_autocast_s_dtype",)),
+    # the linear attention's Triton kernels
+    Mutation("attention-context-without-max", "Triton linear attention: the context's exponentials skip the max the sums were taken with",
+             "dsrdmpd/models/linear_attention_triton.py", "e = tl.where(valid, tl.exp(k - m[:, None]), 0.0)",
+             "e = tl.where(valid, tl.exp(k), 0.0)",
+             ("tests/test_fast_path.py::test_triton_linear_attention_in_the_interpreter",)),
+    Mutation("attention-q-softmax-over-positions", "Triton linear attention: q's softmax taken over the block's positions, not over d",
+             "dsrdmpd/models/linear_attention_triton.py", "q = tl.exp(q - tl.max(q, axis=0)[None, :])\n            q = q / tl.sum(q, axis=0)[None, :]",
+             "q = tl.exp(q - tl.max(q, axis=1)[:, None])\n            q = q / tl.sum(q, axis=1)[:, None]",
+             ("tests/test_fast_path.py::test_triton_linear_attention_in_the_interpreter",)),
+    Mutation("attention-chunk-partials-one-kept", "Triton linear attention: only the first chunk's partial context is kept",
+             "dsrdmpd/models/linear_attention_triton.py", "context = part.sum(dim=1) / s.view(", "context = part[:, 0] / s.view(",
+             ("tests/test_fast_path.py::test_triton_linear_attention_in_the_interpreter",)),
+    Mutation("attention-stats-merge-unscaled", "Triton linear attention: the blocks' exp sums merged without rescaling to the common max",
+             "dsrdmpd/models/linear_attention_triton.py", "s = (ksum * torch.exp(kmax - m[:, None, :])).sum(dim=1)",
+             "s = ksum.sum(dim=1)",
+             ("tests/test_fast_path.py::test_triton_linear_attention_in_the_interpreter",)),
+    Mutation("attention-fast-path-ignores-switch", "the Triton linear attention runs without fast_norm (the CPU condition aside)",
+             "dsrdmpd/models/unet_blocks.py", "        return (self.fast and triton_available()\n                and attention_kernels_support(",
+             "        return (triton_available()\n                and attention_kernels_support(",
+             ("tests/test_fast_path.py::test_linear_attention_fast_path_switch_and_shape_rule",)),
 ]
 
 

@@ -371,6 +371,7 @@ def test_a_norm_that_feeds_a_conv_writes_autocast_s_dtype():
 AUTOCAST_CHECK = r"""import json, torch
 from dsrdmpd.builders import build_stage2
 from dsrdmpd.models import norm, unet_blocks as ub
+ub.LinearAttention.uses_fast_path = lambda self, x: False     # the norms' dtypes here; the attention has its own test
 norm.FastNorm.cuda_inference = staticmethod(lambda x, *p: x.dim() == 4 and not torch.is_grad_enabled())
 fast = norm.GroupNormAct.forward_fast
 norm.GroupNormAct.forward_fast = lambda self, *a, **k: fast(self, *a, **{**k, "use_triton": True})
@@ -758,3 +759,116 @@ def test_train_fast_norm_reaches_the_model_and_its_ema(synthetic_root, tiny_stag
         off.close(), on.close()
     with pytest.raises(ConfigError, match="^train.fast_norm: expected"):
         load_config(ROOT / "configs" / "stage2_tiny.yaml", ["train.fast_norm=maybe"])
+
+
+
+ATTENTION_CHECK = r"""
+import json, torch
+from dsrdmpd.models import linear_attention_triton as lat
+from dsrdmpd.models.linear_attention_triton import context_chunk, linear_attention_core
+torch.manual_seed(0)
+rows = []
+# 16 x 16: one context chunk per image; 40 x 52: 33 chunks and a part block; with 8 programs
+# aimed at: chunks of 16 blocks, the last one partly past the image; bfloat16 qkv (autocast's
+# conv output)
+for target, dtype, cl, (b, h, w) in [(512, torch.float32, False, (1, 16, 16)), (512, torch.float32, False, (2, 40, 52)),
+                                     (512, torch.float32, True, (2, 40, 52)), (8, torch.float32, True, (2, 40, 52)),
+                                     (512, torch.bfloat16, True, (1, 40, 52))]:
+    lat.TARGET_PROGRAMS = target
+    qkv = (torch.randn(b, 384, h, w) * 2).to(dtype)
+    if cl:
+        qkv = qkv.contiguous(memory_format=torch.channels_last)
+    q, k, v = (t.reshape(b, 4, 32, h * w) for t in qkv.double().chunk(3, dim=1))
+    scale = 32 ** -0.5
+    ref = torch.einsum("bhde,bhdn->bhen", torch.einsum("bhdn,bhen->bhde", k.softmax(-1), v) * (scale / (h * w)),
+                       q.softmax(-2)).reshape(b, -1, h, w)
+    out = linear_attention_core(qkv, 4, 32, scale)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    rows.append([str(dtype), context_chunk(b, h * w), ((out.double() - ref).abs().max() / ref.abs().max()).item(),
+                 out.dtype == dtype and out.is_contiguous(memory_format=fmt)])
+print(json.dumps(rows))
+"""
+
+
+def test_triton_linear_attention_in_the_interpreter():
+    """The linear attention's core (k's softmax statistics, the context from chunk
+    partials, q's softmax and the output product) under Triton's interpreter against
+    float64 einsums of the native form: float32 within 1e-5 of the largest output
+    (measured: under 6e-7), bfloat16 (output rounded to bfloat16) within one unit in the
+    last place of the largest output (2^-7: the interpreter's conversion may truncate;
+    measured 5.7e-3); NCHW and channels-last, one and
+    many context chunks, chunks of many blocks, a part block; dtype and memory format
+    kept."""
+    rows = _in_triton_interpreter(ATTENTION_CHECK)
+    assert [r[1] for r in rows] == [64, 64, 64, 1024, 64]
+    for dtype, chunk, err, kept in rows:
+        assert kept and err < (1e-5 if dtype == "torch.float32" else 2 ** -7 + 1e-5), (dtype, chunk, err)
+
+
+def test_context_chunks_fill_the_card_at_batch_one():
+    """Positions per context program: whole blocks, about TARGET_PROGRAMS programs for big
+    images, never below one block nor above 8192 positions."""
+    from dsrdmpd.models.linear_attention_triton import POSITIONS, TARGET_PROGRAMS, context_chunk
+    for batch, positions in [(1, 256), (1, 65536), (1, 262144), (32, 65536), (1, 4096 * 4096)]:
+        chunk = context_chunk(batch, positions)
+        assert chunk % POSITIONS == 0 and POSITIONS <= chunk <= 8192
+        programs = batch * -(-positions // chunk)
+        assert programs >= min(TARGET_PROGRAMS, batch * -(-positions // POSITIONS)) or chunk == 8192
+        assert chunk == POSITIONS or programs * 2 > TARGET_PROGRAMS
+    assert context_chunk(1, 512 * 512) == 512
+
+
+def test_linear_attention_fast_path_switch_and_shape_rule(monkeypatch):
+    """The fast attention runs only when switched on (set_fast_norm), on CUDA inference,
+    with Triton and the kernels' head shape; the CPU keeps the native form."""
+    from dsrdmpd.models import linear_attention_triton as lat
+    from dsrdmpd.models.norm import FastNorm
+    from dsrdmpd.models.unet_blocks import LinearAttention
+    m = LinearAttention(64)
+    x = torch.randn(1, 64, 8, 8)
+    assert not m.fast and not m.uses_fast_path(x)
+    set_fast_norm(m, True)
+    assert m.fast and not m.uses_fast_path(x)                     # CPU input
+    assert lat.supported(4, 32) == (lat.triton is not None)
+    assert not lat.supported(4, 24) and not lat.supported(3, 32) and not lat.supported(1, 8)
+    if lat.triton is not None:                                    # as if on CUDA: the switch decides
+        monkeypatch.setattr(FastNorm, "cuda_inference", staticmethod(lambda t, *p: True))
+        assert m.uses_fast_path(x)
+        set_fast_norm(m, False)
+        assert not m.uses_fast_path(x)
+        assert not set_fast_norm(LinearAttention(64, heads=3), True).uses_fast_path(x)   # 96 channels: native
+
+
+def test_attention_kernels_compile_for_hopper(monkeypatch, tmp_path):
+    """The linear attention's three kernels through Triton's compiler to sm_90 machine code
+    (no GPU needed; needs ``triton``): float32 and bfloat16 qkv, full-float32 and TF32 dots,
+    channels-last and the NCHW specialisation (a position stride of 1 becomes a constant)."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from dsrdmpd.models import linear_attention_triton as lat
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+
+    def compile_(fn, consts, dtype):
+        def kind(a):
+            if a in ("qkv_ptr", "out_ptr"):
+                return f"*{dtype}"
+            return "*fp32" if a.endswith("_ptr") else "i32"
+        missing = [q.name for q in fn.params if q.is_constexpr and q.name not in consts]
+        assert not missing, f"constexpr arguments left unset: {missing}"
+        signature = {a: "constexpr" if a in consts else kind(a) for a in fn.arg_names}
+        src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32))
+
+    kernels = []
+    # (qkv dtype, NCHW?, dots): true float32 channels-last, TF32 NCHW, bfloat16 autocast channels-last
+    for dtype, nchw, precision in (("fp32", False, "ieee"), ("fp32", True, "tf32"), ("bf16", False, "tf32")):
+        unit = {"sp": 1} if nchw else {}
+        kernels.append(compile_(lat._key_stats_kernel, {"HD": 128, "BLOCK_P": lat.POSITIONS, **unit}, dtype))
+        kernels.append(compile_(lat._context_kernel, {"HEADS": 4, "D": 32, "CHUNK": 512, "BLOCK_P": lat.POSITIONS,
+                                                      "DOT_PRECISION": precision, **unit}, dtype))
+        kernels.append(compile_(lat._output_kernel, {"HEADS": 4, "D": 32, "BLOCK_P": lat.POSITIONS,
+                                                     "DOT_PRECISION": precision,
+                                                     **({"sp": 1, "op": 1} if nchw else {})}, dtype))
+    assert len(kernels) == 9 and all(len(k.asm["cubin"]) > 1000 for k in kernels)

@@ -518,8 +518,9 @@ class GroupNormActFunction(torch.autograd.Function):
 
 
 class FastNorm:
-    """Marks a normalisation with a fast CUDA form, on when ``fast`` is true (off by default):
-    what :func:`set_fast_norm` switches and :func:`native_norm` switches off for a block."""
+    """Marks a module with a fast CUDA form, on when ``fast`` is true (off by default): the
+    normalisations, and the linear attention whose core has Triton kernels too. What
+    :func:`set_fast_norm` switches and :func:`native_norm` switches off for a block."""
 
     fast = False
 

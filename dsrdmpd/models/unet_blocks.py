@@ -11,6 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .linear_attention_triton import linear_attention_core, supported as attention_kernels_support
 from .norm import FastNorm, GroupNormAct, autocast_dtype, channel_layer_norm_triton, triton_available
 
 
@@ -178,8 +179,11 @@ class ResBlock(nn.Module):
         return self.block2(h) + self.shortcut(x)
 
 
-class LinearAttention(nn.Module):
-    """Linear attention, 4 heads of 32, followed by a 1x1 conv and a channel LayerNorm."""
+class LinearAttention(FastNorm, nn.Module):
+    """Linear attention, 4 heads of 32, followed by a 1x1 conv and a channel LayerNorm.
+    With ``fast`` (:func:`dsrdmpd.models.norm.set_fast_norm`), CUDA inference runs its core
+    (softmaxes, context, output) as Triton kernels
+    (:func:`dsrdmpd.models.linear_attention_triton.linear_attention_core`)."""
 
     def __init__(self, channels: int, heads: int = 4, dim_head: int = 32):
         super().__init__()
@@ -192,7 +196,10 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W), plus ``residual`` (that shape) if given."""
         b, _, h, w = x.shape
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if self.uses_fast_path(x):
+            out = linear_attention_core(self.to_qkv(x), self.heads, self.to_qkv.out_channels // (3 * self.heads),
+                                        self.scale)
+        elif x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             out = self._attend_channels_last(x)
         else:
             q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
@@ -208,6 +215,13 @@ class LinearAttention(nn.Module):
         y = self.out_norm(self.to_out(out))
         return y if residual is None else y + residual
 
+
+    def uses_fast_path(self, x: torch.Tensor) -> bool:
+        """``fast`` on, Triton importable, the kernels' head shape, CUDA input and no autograd
+        recording (the kernels have no backward)."""
+        return (self.fast and triton_available()
+                and attention_kernels_support(self.heads, self.to_qkv.out_channels // (3 * self.heads))
+                and self.cuda_inference(x, self.to_qkv.weight))
 
     def _attend_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """The same attention on channels-last x, without a layout change: positions stay
