@@ -318,7 +318,7 @@ with torch.no_grad():
         elif "norm.bias" in name:
             p.normal_(0, 0.3)
 net = s2.net.eval()
-x, t = torch.rand(2, 9, 16, 16) * 2 - 1, torch.tensor([3, 700])
+x, t = torch.rand(1, 9, 16, 16) * 2 - 1, torch.tensor([700])     # batches of 2: the kernel tests
 rows = []
 for cl in (False, True):
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -694,8 +694,8 @@ with torch.no_grad():
             p.copy_(1 + 0.3 * torch.randn_like(p))
         elif "norm.bias" in name:
             p.normal_(0, 0.3)
-x, t = torch.rand(2, 9, 16, 16) * 2 - 1, torch.tensor([5, 600])
-w_res, w_noise = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+x, t = torch.rand(1, 9, 16, 16) * 2 - 1, torch.tensor([600])     # batches of 2: the kernel test
+w_res, w_noise = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
 def grads(fast, dtype=torch.float32):
     torch.set_default_dtype(dtype)
     net.to(dtype)
@@ -726,8 +726,8 @@ def test_a_stage2_backward_through_the_triton_group_norm_in_the_interpreter():
     """A whole stage-2 network's backward (test width, both decoders, a linear loss of both
     outputs) with every GroupNorm on the Triton form (counted) against float64 autograd of
     the native form: all parameter gradients together within 1e-4 (relative, as a vector;
-    measured 3.2e-6, the native float32 form 4.2e-6), each gradient that is not ~0 within
-    1e-3 of its largest entry (measured 1e-5); the same parameters get gradients; two runs
+    measured 3.2e-6, the native float32 form 3.4e-6), each gradient that is not ~0 within
+    1e-3 of its largest entry (measured 1.8e-5); the same parameters get gradients; two runs
     bit-identical (no atomics: deterministic)."""
     native, fast, worst, same_params, deterministic, n_native, n_fast, n_norms = \
         _in_triton_interpreter(TRAINING_STEP_CHECK)

@@ -23,7 +23,7 @@ channels-last). The position chunks of the context are sized so that a batch of 
 still gives hundreds of programs: the native (d x N) @ (N x d) product with N up to 262144
 is a handful of output tiles per image. Partials are summed in a fixed order (no atomics):
 deterministic. Dots run in TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is on (as
-the native matmuls do), else in full float32.
+the native matmuls do) or qkv is 16-bit (autocast), else in full float32.
 """
 from __future__ import annotations
 
@@ -149,7 +149,10 @@ def linear_attention_core(qkv: torch.Tensor, heads: int, dim_head: int, scale: f
     n = h * w
     sb, sc, sp = _strides(qkv)
     dev = qkv.device
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # 16-bit qkv (autocast's conv output): TF32 dots (autocast's own matmuls take 16-bit
+    # operands; Triton's interpreter cannot check 16-bit dots, and TF32 is the closer one)
+    low = qkv.dtype in (torch.bfloat16, torch.float16)
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 or low else "ieee"
     # 1. k's softmax statistics over the positions
     jb = triton.cdiv(n, POSITIONS)
     kmax = torch.empty((b, jb, hd), device=dev, dtype=torch.float32)
