@@ -261,7 +261,7 @@ MUTATIONS: List[Mutation] = [
              "set_weight_cache(set_fast_norm(net, fast_norm), False)",
              ("tests/test_fast_path.py::test_dehazer_caches_standardised_weights_exactly",)),
     Mutation("cpu-norm-not-native", "the CPU routed to the fast (non-native) normalisation",
-             "dsrdmpd/models/norm.py", "return x.is_cuda and x.dim() == 4 and not records",
+             "dsrdmpd/models/norm.py", "return on_cuda(x) and x.dim() == 4 and not records",
              "return x.dim() == 4 and not records",
              ("tests/test_fast_path.py::test_cpu_norm_is_bit_identical_to_group_norm",)),
     Mutation("split-merge-within-only", "chunk partials merged without the between-chunk term of the variance",
@@ -1147,6 +1147,14 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/models/unet_blocks.py", "        return (self.fast and triton_available()\n                and attention_kernels_support(",
              "        return (triton_available()\n                and attention_kernels_support(",
              ("tests/test_fast_path.py::test_linear_attention_fast_path_switch_and_shape_rule",)),
+    Mutation("fast-inference-while-recording", "the inference kernels (no backward) run while autograd records whenever input and weights need no gradient (a trainable time embedding loses its gradient)",
+             "dsrdmpd/models/norm.py", "        records = torch.is_grad_enabled()\n",
+             "        records = torch.is_grad_enabled() and x.requires_grad\n",
+             ("tests/test_fast_path.py::test_fast_path_keeps_gradients_of_a_frozen_block_s_time_embedding",)),
+    Mutation("gn-backward-partials-overlap", "Triton GroupNorm backward: the three per-channel sums written into one buffer",
+             "dsrdmpd/models/norm.py", "part[0],\n                                  part[1], part[2],",
+             "part[0],\n                                  part[0], part[0],",
+             ("tests/test_fast_path.py::test_triton_group_norm_backward_in_the_interpreter",)),
 ]
 
 

@@ -294,12 +294,8 @@ WIRING_CHECK = r"""
 import json, torch
 from dsrdmpd.builders import build_stage2
 from dsrdmpd.models import norm, unet_blocks as ub
-# the fast paths on CPU tensors: CUDA-only by their condition, and the GroupNorm's Triton
-# kernels chosen for CUDA input; under the interpreter both run here
-norm.FastNorm.cuda_inference = staticmethod(
-    lambda x, *p: x.dim() == 4 and not (torch.is_grad_enabled() and (x.requires_grad or any(q is not None and q.requires_grad for q in p))))
-fast = norm.GroupNormAct.forward_fast
-norm.GroupNormAct.forward_fast = lambda self, *a, **k: fast(self, *a, **{**k, "use_triton": True})
+# the fast paths on CPU tensors (they are CUDA-only by their device test), run by the interpreter
+norm.on_cuda = lambda x: True
 calls = {"group": 0, "group+bias": 0, "group+residual": 0, "channel": 0, "channel+bias": 0, "channel+residual": 0}
 gn, cn = norm._group_norm_act_triton, ub.channel_layer_norm_triton
 def count_gn(*a):
@@ -372,9 +368,7 @@ AUTOCAST_CHECK = r"""import json, torch
 from dsrdmpd.builders import build_stage2
 from dsrdmpd.models import norm, unet_blocks as ub
 ub.LinearAttention.uses_fast_path = lambda self, x: False     # the norms' dtypes here; the attention has its own test
-norm.FastNorm.cuda_inference = staticmethod(lambda x, *p: x.dim() == 4 and not torch.is_grad_enabled())
-fast = norm.GroupNormAct.forward_fast
-norm.GroupNormAct.forward_fast = lambda self, *a, **k: fast(self, *a, **{**k, "use_triton": True})
+norm.on_cuda = lambda x: True       # the fast paths on CPU tensors, run by the interpreter
 dtypes = {"group": [], "channel": []}
 gn, cn = norm._group_norm_act_triton, ub.channel_layer_norm_triton
 def count_gn(*a, **k):
@@ -391,7 +385,6 @@ with torch.inference_mode():
         ref = net(x, t)
         norm.set_fast_norm(net, True)
         out = net(x, t)
-err = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, ref))
 err32 = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, ref32))
 err = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, ref32))
 import collections
@@ -561,7 +554,7 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
     from dsrdmpd.models import norm
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))       # a real compile, not an earlier cache entry
 
-    def compile_(fn, consts, dtype="fp32", out_dtype=None, res_dtype="fp32", types=None):
+    def compile_(fn, consts, dtype="fp32", out_dtype=None, res_dtype="fp32", types=None, num_warps=4):
         def kind(a):
             if a in consts:
                 return "constexpr"
@@ -578,7 +571,7 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
         missing = [q.name for q in fn.params if q.is_constexpr and q.name not in consts]
         assert not missing, f"constexpr flags left unset: {missing}"
         src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
     plain = {"HAS_PB": False, "HAS_RES": False, "HAS_RB": False}
     kernels = []
@@ -613,19 +606,19 @@ def test_triton_kernels_compile_for_hopper(monkeypatch, tmp_path):
                         "BLOCK_P": block_p}, dtype, None, "fp32"))
     # the training form's backward: x in float32 or bfloat16 (autocast), dy float32, dx in x's dtype
     for dtype in ("fp32", "bf16"):
-        grad_types = {"dy_ptr": "*fp32", "dx_ptr": f"*{dtype}", "part_ptr": "*fp32"}
+        grad_types = {"dy_ptr": "*fp32", "dx_ptr": f"*{dtype}"}
         for cl in (False, True):
             for ss, act in ((True, True), (False, False)):
                 flags = {"CHANNELS_LAST": cl, "HAS_SS": ss, "ACT": act}
                 block_c, block_p = norm.channel_norm_blocks(64)
                 kernels.append(compile_(norm._grad_sums_kernel, {**flags, "BLOCK_C": block_c, "BLOCK_P": block_p},
-                                        dtype, types=grad_types))
+                                        dtype, types=grad_types, num_warps=8))
                 kernels.append(compile_(norm._grad_input_kernel, {**flags, "BLOCK": norm.APPLY_BLOCK}, dtype,
                                         types=grad_types))
         # integer arguments equal to 1 become constants (a 1 x 1 lowest level: HW = K = 1)
         kernels.append(compile_(norm._grad_sums_kernel, {"CHANNELS_LAST": False, "HAS_SS": True, "ACT": True,
                                                          "BLOCK_C": 512, "BLOCK_P": 8, "HW": 1, "K": 1}, dtype,
-                                types=grad_types))
+                                types=grad_types, num_warps=8))
     assert len(kernels) == 2 * 2 * (2 + 4 + 3) + 4 + 2 * 2 * 2 * 2 + 2 * (2 * 2 * 2 + 1) and all(len(k.asm["cubin"]) > 1000 for k in kernels)
 
 TRAINING_GRAD_CHECK = r"""
@@ -681,7 +674,7 @@ import json, torch
 from dsrdmpd.builders import build_stage2
 from dsrdmpd.models import norm
 from dsrdmpd.models import unet_blocks
-norm.GroupNormAct.uses_training_path = lambda self, x: self.affine and x.dim() == 4     # CPU tensors, interpreter
+norm.on_cuda = lambda x: True       # the fast paths on CPU tensors, run by the interpreter
 unet_blocks._eps = lambda dtype: 1e-5      # float32's eps in the float64 reference too (the authors' rule gives it 1e-3)
 used = []
 real = norm.GroupNormActFunction.apply
@@ -725,14 +718,14 @@ print(json.dumps([total_rel(ref), total_rel(a), worst, sorted(a) == sorted(exact
 def test_a_stage2_backward_through_the_triton_group_norm_in_the_interpreter():
     """A whole stage-2 network's backward (test width, both decoders, a linear loss of both
     outputs) with every GroupNorm on the Triton form (counted) against float64 autograd of
-    the native form: all parameter gradients together within 1e-4 (relative, as a vector;
-    measured 3.2e-6, the native float32 form 3.4e-6), each gradient that is not ~0 within
+    the native form: all parameter gradients together within 1e-4 (relative, as a vector)
+    and within 3x the native float32 form's distance (measured 3.2e-6 and 3.4e-6), each gradient that is not ~0 within
     1e-3 of its largest entry (measured 1.8e-5); the same parameters get gradients; two runs
     bit-identical (no atomics: deterministic)."""
     native, fast, worst, same_params, deterministic, n_native, n_fast, n_norms = \
         _in_triton_interpreter(TRAINING_STEP_CHECK)
     assert n_native == 0 and n_fast == n_norms > 0
-    assert fast < 1e-4 and worst < 1e-3 and same_params and deterministic, (native, fast, worst)
+    assert fast < 1e-4 and fast < 3 * native and worst < 1e-3 and same_params and deterministic, (native, fast, worst)
 
 
 def test_train_fast_norm_reaches_the_model_and_its_ema(synthetic_root, tiny_stage1, tmp_path):
@@ -819,24 +812,29 @@ def test_context_chunks_fill_the_card_at_batch_one():
 
 
 def test_linear_attention_fast_path_switch_and_shape_rule(monkeypatch):
-    """The fast attention runs only when switched on (set_fast_norm), on CUDA inference,
-    with Triton and the kernels' head shape; the CPU keeps the native form."""
+    """The fast attention runs only when switched on (set_fast_norm), on CUDA, with
+    autograd off, with Triton and the kernels' head shape; the CPU keeps the native form."""
     from dsrdmpd.models import linear_attention_triton as lat
-    from dsrdmpd.models.norm import FastNorm
+    from dsrdmpd.models import norm as norm_module
     from dsrdmpd.models.unet_blocks import LinearAttention
     m = LinearAttention(64)
     x = torch.randn(1, 64, 8, 8)
-    assert not m.fast and not m.uses_fast_path(x)
-    set_fast_norm(m, True)
-    assert m.fast and not m.uses_fast_path(x)                     # CPU input
+    with torch.no_grad():
+        assert not m.fast and not m.uses_fast_path(x)
+        set_fast_norm(m, True)
+        assert m.fast and not m.uses_fast_path(x)                 # CPU input
     assert lat.supported(4, 32) == (lat.triton is not None)
     assert not lat.supported(4, 24) and not lat.supported(3, 32) and not lat.supported(1, 8)
+    assert not lat.supported(1, 128)                              # its tiles would spill registers
     if lat.triton is not None:                                    # as if on CUDA: the switch decides
-        monkeypatch.setattr(FastNorm, "cuda_inference", staticmethod(lambda t, *p: True))
-        assert m.uses_fast_path(x)
-        set_fast_norm(m, False)
-        assert not m.uses_fast_path(x)
-        assert not set_fast_norm(LinearAttention(64, heads=3), True).uses_fast_path(x)   # 96 channels: native
+        monkeypatch.setattr(norm_module, "on_cuda", lambda t: True)
+        with torch.no_grad():
+            assert m.uses_fast_path(x)
+            assert not set_fast_norm(LinearAttention(64, heads=3), True).uses_fast_path(x)   # 96 channels
+            set_fast_norm(m, False)
+            assert not m.uses_fast_path(x)
+        set_fast_norm(m, True)
+        assert not m.uses_fast_path(x)                            # autograd on: the native form
 
 
 def test_attention_kernels_compile_for_hopper(monkeypatch, tmp_path):
@@ -872,3 +870,33 @@ def test_attention_kernels_compile_for_hopper(monkeypatch, tmp_path):
                                                      "DOT_PRECISION": precision,
                                                      **({"sp": 1, "op": 1} if nchw else {})}, dtype))
     assert len(kernels) == 9 and all(len(k.asm["cubin"]) > 1000 for k in kernels)
+
+
+GRAD_FLOW_CHECK = r"""
+import json, torch
+from dsrdmpd.models import norm, unet_blocks as ub
+norm.on_cuda = lambda x: True       # the fast paths on CPU tensors, run by the interpreter
+torch.manual_seed(0)
+block = ub.ResBlock(16, 32, 64)     # a 1x1-conv skip
+block.requires_grad_(False)         # frozen: only the time embedding trains
+x, w = torch.randn(2, 16, 8, 8), torch.randn(2, 32, 8, 8)
+temb = torch.randn(2, 64, requires_grad=True)
+def run(fast):
+    norm.set_fast_norm(block, fast)
+    temb.grad = None
+    y = block(x, temb)
+    (y * w).sum().backward()
+    return y.requires_grad, temb.grad.clone()
+native, native_grad = run(False)
+fast, fast_grad = run(True)
+print(json.dumps([native, fast, ((fast_grad - native_grad).abs().max() / native_grad.abs().max()).item()]))
+"""
+
+
+def test_fast_path_keeps_gradients_of_a_frozen_block_s_time_embedding():
+    """A ResBlock whose own weights and input need no gradient but whose time embedding
+    does (fine-tuning the conditioning alone): with the fast norms on and autograd on, the
+    output still records and the time embedding's gradient equals the native one within
+    1e-5 (the inference kernels, which have no backward, must not run while autograd is on)."""
+    native, fast, err = _in_triton_interpreter(GRAD_FLOW_CHECK)
+    assert native and fast and err < 1e-5, (fast, err)

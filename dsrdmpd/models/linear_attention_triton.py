@@ -113,9 +113,10 @@ def _power_of_two(n: int) -> bool:
 
 
 def supported(heads: int, dim_head: int) -> bool:
-    """The kernels' shape rule: dim_head a power of two from 16 (tensor-core dots) to 128,
-    heads * dim_head a power of two (one register tile of k channels); the paper's 4 x 32."""
-    return (triton is not None and 16 <= dim_head <= 128 and _power_of_two(dim_head)
+    """The kernels' shape rule: dim_head a power of two from 16 (tensor-core dots) to 64
+    (at 128 the per-head tiles spill registers), heads * dim_head a power of two (one
+    register tile of k channels); the paper's 4 x 32."""
+    return (triton is not None and 16 <= dim_head <= 64 and _power_of_two(dim_head)
             and _power_of_two(heads * dim_head))
 
 
@@ -127,6 +128,16 @@ def context_chunk(batch: int, positions: int) -> int:
     while chunk < want and chunk < 8192:
         chunk *= 2
     return chunk
+
+
+def matmul_allows_tf32() -> bool:
+    """Whether float32 matmuls may use TF32 now: the legacy switch (what the Dehazer sets),
+    or, where PyTorch refuses to read it after its newer ``fp32_precision`` setting was
+    used, that setting."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        return getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32"
 
 
 def _strides(t: torch.Tensor):
@@ -152,7 +163,7 @@ def linear_attention_core(qkv: torch.Tensor, heads: int, dim_head: int, scale: f
     # 16-bit qkv (autocast's conv output): TF32 dots (autocast's own matmuls take 16-bit
     # operands; Triton's interpreter cannot check 16-bit dots, and TF32 is the closer one)
     low = qkv.dtype in (torch.bfloat16, torch.float16)
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 or low else "ieee"
+    precision = "tf32" if matmul_allows_tf32() or low else "ieee"
     # 1. k's softmax statistics over the positions
     jb = triton.cdiv(n, POSITIONS)
     kmax = torch.empty((b, jb, hd), device=dev, dtype=torch.float32)
@@ -169,7 +180,7 @@ def linear_attention_core(qkv: torch.Tensor, heads: int, dim_head: int, scale: f
     context = part.sum(dim=1) / s.view(b, heads, dim_head, 1) * (scale / n)      # (B, heads, d, e)
     # 3. out = context^T softmax_d(q)
     fmt = torch.channels_last if cl else torch.contiguous_format
-    out = torch.empty((b, hd, h, w), device=dev, dtype=out_dtype or qkv.dtype).contiguous(memory_format=fmt)
+    out = torch.empty((b, hd, h, w), device=dev, dtype=out_dtype or qkv.dtype, memory_format=fmt)
     ob, oc, op = _strides(out)
     _output_kernel[(jb, b)](qkv, context.contiguous(), out, n, sb, sc, sp, ob, oc, op, HEADS=heads, D=dim_head,
                             BLOCK_P=POSITIONS, DOT_PRECISION=precision)

@@ -52,6 +52,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 try:                                  # Triton ships with CUDA builds of torch
@@ -62,6 +63,11 @@ except ImportError:                   # CPU builds: the plain-torch fast form is
 
 CHUNK = 4096          # elements per partial statistic (a power of two)
 APPLY_BLOCK = 1024    # elements per program of the apply kernel
+
+
+def on_cuda(x: torch.Tensor) -> bool:
+    """x lives on a CUDA device (one place for the fast paths' device test)."""
+    return x.is_cuda
 
 
 def triton_available() -> bool:
@@ -262,12 +268,11 @@ if triton is not None:
         return xhat, u, dz
 
     @triton.jit
-    def _grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
-                          STEP, C, HW, CG, G, K, CHANNELS_LAST: tl.constexpr, HAS_SS: tl.constexpr, ACT: tl.constexpr,
+    def _grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, zu_ptr, z_ptr,
+                          zx_ptr, C, HW, CG, G, K, CHANNELS_LAST: tl.constexpr, HAS_SS: tl.constexpr, ACT: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """Program (position block k, image bi): per channel, the sums over the block's
-        positions of dz * u, dz and dz * xhat -> part[0:3, bi, k, :] (blocks on axis 0; STEP
-        = B * K * C, the distance between the three)."""
+        positions of dz * u, dz and dz * xhat -> zu/z/zx[bi, k, :] (blocks on axis 0)."""
         k = tl.program_id(0)
         bi = tl.program_id(1)
         c = tl.arange(0, BLOCK_C)[:, None]
@@ -294,10 +299,10 @@ if triton is not None:
         xhat, u, dz = _recompute_dz(x, dy, mean, rstd, w, bb, sc, sh, HAS_SS, ACT)
         dz = tl.where(valid, dz, 0.0)
         cc = tl.arange(0, BLOCK_C)
-        out = part_ptr + (bi.to(tl.int64) * K + k) * C + cc
-        tl.store(out, tl.sum(dz * u, axis=1), mask=cc < C)
-        tl.store(out + STEP, tl.sum(dz, axis=1), mask=cc < C)
-        tl.store(out + 2 * STEP, tl.sum(dz * xhat, axis=1), mask=cc < C)
+        out = (bi.to(tl.int64) * K + k) * C + cc
+        tl.store(zu_ptr + out, tl.sum(dz * u, axis=1), mask=cc < C)
+        tl.store(z_ptr + out, tl.sum(dz, axis=1), mask=cc < C)
+        tl.store(zx_ptr + out, tl.sum(dz * xhat, axis=1), mask=cc < C)
 
     @triton.jit
     def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, m1_ptr,
@@ -482,6 +487,7 @@ class GroupNormActFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable            # a second derivative through the kernels would be silently wrong
     def backward(ctx, dy):
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
         groups, act = ctx.groups, ctx.act
@@ -496,20 +502,24 @@ class GroupNormActFunction(torch.autograd.Function):
         block_c, block_p = channel_norm_blocks(c)
         k = triton.cdiv(hw, block_p)
         part = torch.empty((3, b, k, c), device=x.device, dtype=torch.float32)
-        _grad_sums_kernel[(k, b)](x, dy, mean, rstd, wf, bf, sc if has_ss else x, sh if has_ss else x, part,
-                                  b * k * c, c, hw, cg, groups, k, CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act,
-                                  BLOCK_C=block_c, BLOCK_P=block_p)
+        # 8 warps: at 64 channels (the full-resolution level) the 64 x 64 tile spills with 4
+        # (ptxas, sm_90: 255 registers and 260-332 bytes of spill; 184 and none with 8)
+        _grad_sums_kernel[(k, b)](x, dy, mean, rstd, wf, bf, sc if has_ss else x, sh if has_ss else x, part[0],
+                                  part[1], part[2], c, hw, cg, groups, k, CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act,
+                                  BLOCK_C=block_c, BLOCK_P=block_p, num_warps=8)
         s_zu, s_z, s_zx = part.sum(dim=2)                   # (B, C) each, summed in a fixed order
         gain = sc.float() + 1 if has_ss else torch.ones_like(s_z)
         n = cg * hw
         m1 = (wf * gain * s_z).view(b, groups, cg).sum(-1).reshape(-1) / n
         m2 = (wf * gain * s_zx).view(b, groups, cg).sum(-1).reshape(-1) / n
-        dx = torch.empty_like(x)
-        total = x.numel()
-        _grad_input_kernel[(triton.cdiv(total, APPLY_BLOCK),)](
-            x, dy, dx, mean, rstd, wf, bf, sc if has_ss else x, sh if has_ss else x, m1.contiguous(),
-            m2.contiguous(), total, c, hw, cg, groups, CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act,
-            BLOCK=APPLY_BLOCK)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            total = x.numel()
+            _grad_input_kernel[(triton.cdiv(total, APPLY_BLOCK),)](
+                x, dy, dx, mean, rstd, wf, bf, sc if has_ss else x, sh if has_ss else x, m1.contiguous(),
+                m2.contiguous(), total, c, hw, cg, groups, CHANNELS_LAST=cl, HAS_SS=has_ss, ACT=act,
+                BLOCK=APPLY_BLOCK)
         d_weight = (gain * s_zx).sum(0).to(weight.dtype)
         d_bias = (gain * s_z).sum(0).to(bias.dtype)
         d_scale = s_zu.view(b, c, 1, 1).to(scale.dtype) if has_ss else None
@@ -525,12 +535,13 @@ class FastNorm:
     fast = False
 
     @staticmethod
-    def cuda_inference(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-        """4-D CUDA input and no autograd recording through ``x`` or ``params`` (the fast
-        kernels have no backward)."""
-        records = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
-                                                                      for p in params))
-        return x.is_cuda and x.dim() == 4 and not records
+    def cuda_inference(x: torch.Tensor) -> bool:
+        """4-D CUDA input with autograd off (``no_grad`` / ``inference_mode``, as the Dehazer
+        and the sampler run): the fast inference kernels have no backward, and while
+        autograd is on any tensor they read (the input, weights, the time scale/shift, a
+        skip) may need a gradient."""
+        records = torch.is_grad_enabled()
+        return on_cuda(x) and x.dim() == 4 and not records
 
 
 class GroupNormAct(FastNorm, nn.GroupNorm):
@@ -549,12 +560,12 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
 
     def uses_fast_path(self, x: torch.Tensor) -> bool:
         """Affine, CUDA input, and no autograd recording (the inference form)."""
-        return self.affine and self.cuda_inference(x, self.weight)
+        return self.affine and self.cuda_inference(x)
 
     def uses_training_path(self, x: torch.Tensor) -> bool:
         """Affine, 4-D CUDA input and Triton importable: the Triton kernels with their
         backward (:class:`GroupNormActFunction`) when autograd records."""
-        return self.affine and x.is_cuda and x.dim() == 4 and triton_available()
+        return self.affine and on_cuda(x) and x.dim() == 4 and triton_available()
 
     @staticmethod
     def _out_dtype(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]) -> torch.dtype:
@@ -606,7 +617,7 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
             out_dtype = torch.promote_types(out_dtype, residual.dtype)
         elif residual_bias is not None:
             raise ValueError("residual_bias needs a residual")
-        use_triton = (x.is_cuda and triton_available()) if use_triton is None else use_triton
+        use_triton = (on_cuda(x) and triton_available()) if use_triton is None else use_triton
         if use_triton:
             return _group_norm_act_triton(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, act,
                                           out_dtype, pre_bias, residual, residual_bias)

@@ -72,13 +72,13 @@ class ChannelLayerNorm(FastNorm, nn.Module):
 
     def uses_fast_path(self, x: torch.Tensor) -> bool:
         """Triton importable, CUDA input, and no autograd recording (no backward kernel)."""
-        return triton_available() and self.cuda_inference(x, self.g)
+        return triton_available() and self.cuda_inference(x)
 
     def fuses(self, x: torch.Tensor, conv: nn.Conv2d) -> bool:
         """Whether the fast kernel takes over ``conv``'s bias (``conv`` then runs without it)
         for ``conv``'s input ``x``: the fast path on, and no autograd recording."""
         return (self.fast and conv.bias is not None and triton_available()
-                and self.cuda_inference(x, self.g, conv.weight, conv.bias))
+                and self.cuda_inference(x))
 
     def forward(self, x: torch.Tensor, pre_bias: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None, feeds_conv: bool = False) -> torch.Tensor:
@@ -141,7 +141,7 @@ class ConvNormAct(nn.Module):
         """Whether the norm's fast kernels take over the conv's bias (and a residual) for
         input ``x``: the fast path on, affine, and no autograd recording."""
         return (self.norm.fast and self.norm.affine and self.proj.bias is not None
-                and self.norm.cuda_inference(x, self.norm.weight, self.proj.weight, self.proj.bias))
+                and self.norm.cuda_inference(x))
 
     def forward(self, x, scale_shift=None, residual=None, residual_bias=None, feeds_conv=False):
         """silu(norm(conv(x)) [* (scale + 1) + shift]) [+ residual + residual_bias].
@@ -221,7 +221,7 @@ class LinearAttention(FastNorm, nn.Module):
         recording (the kernels have no backward)."""
         return (self.fast and triton_available()
                 and attention_kernels_support(self.heads, self.to_qkv.out_channels // (3 * self.heads))
-                and self.cuda_inference(x, self.to_qkv.weight))
+                and self.cuda_inference(x))
 
     def _attend_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """The same attention on channels-last x, without a layout change: positions stay
