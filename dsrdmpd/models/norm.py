@@ -251,13 +251,23 @@ if triton is not None:
 
 
     @triton.jit
-    def _recompute_dz(x, dy, mean, rstd, w, bb, sc, sh, HAS_SS: tl.constexpr, ACT: tl.constexpr):
-        """(xhat, u, dz): the forward's normalised input and affine output, and the gradient
-        at the pre-activation z, from x and dy (float32)."""
+    def _recompute_dz(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, offs, valid, row, ch,
+                      bi, C, pmask, HAS_SS: tl.constexpr, ACT: tl.constexpr):
+        """What both backward kernels read at elements ``offs`` (channel ``ch``, (image,
+        group) ``row``; per-channel loads masked by ``pmask``), and the forward recomputed
+        from it in float32: (xhat, u, dz, rstd, weight, scale), xhat the normalised input,
+        u = xhat * weight + bias, dz the gradient at the pre-activation z."""
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row, mask=pmask, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=pmask, other=1.0)
+        w = tl.load(w_ptr + ch, mask=pmask, other=1.0)
         xhat = (x - mean) * rstd
-        u = xhat * w + bb
+        u = xhat * w + tl.load(b_ptr + ch, mask=pmask, other=0.0)
+        sc = 0.0
         if HAS_SS:
-            z = u * (sc + 1.0) + sh
+            sc = tl.load(scale_ptr + bi * C + ch, mask=pmask, other=0.0).to(tl.float32)
+            z = u * (sc + 1.0) + tl.load(shift_ptr + bi * C + ch, mask=pmask, other=0.0).to(tl.float32)
         else:
             z = u
         if ACT:
@@ -265,7 +275,7 @@ if triton is not None:
             dz = dy * sig * (1.0 + z * (1.0 - sig))
         else:
             dz = dy
-        return xhat, u, dz
+        return xhat, u, dz, rstd, w, sc
 
     @triton.jit
     def _grad_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, zu_ptr, z_ptr,
@@ -284,19 +294,8 @@ if triton is not None:
             offs = base + p.to(tl.int64) * C + c
         else:
             offs = base + c.to(tl.int64) * HW + p
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        row = bi * G + c // CG
-        mean = tl.load(mean_ptr + row, mask=cm, other=0.0)
-        rstd = tl.load(rstd_ptr + row, mask=cm, other=1.0)
-        w = tl.load(w_ptr + c, mask=cm, other=1.0)
-        bb = tl.load(b_ptr + c, mask=cm, other=0.0)
-        sc = 0.0
-        sh = 0.0
-        if HAS_SS:
-            sc = tl.load(scale_ptr + bi * C + c, mask=cm, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + bi * C + c, mask=cm, other=0.0).to(tl.float32)
-        xhat, u, dz = _recompute_dz(x, dy, mean, rstd, w, bb, sc, sh, HAS_SS, ACT)
+        xhat, u, dz, rstd, w, sc = _recompute_dz(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr,
+                                                 shift_ptr, offs, valid, bi * G + c // CG, c, bi, C, cm, HAS_SS, ACT)
         dz = tl.where(valid, dz, 0.0)
         cc = tl.arange(0, BLOCK_C)
         out = (bi.to(tl.int64) * K + k) * C + cc
@@ -318,18 +317,8 @@ if triton is not None:
             ch = (offs // HW) % C
         bi = offs // (HW * C)
         row = bi * G + ch // CG
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + row, mask=valid, other=0.0)
-        rstd = tl.load(rstd_ptr + row, mask=valid, other=1.0)
-        w = tl.load(w_ptr + ch, mask=valid, other=1.0)
-        bb = tl.load(b_ptr + ch, mask=valid, other=0.0)
-        sc = 0.0
-        sh = 0.0
-        if HAS_SS:
-            sc = tl.load(scale_ptr + bi * C + ch, mask=valid, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + bi * C + ch, mask=valid, other=0.0).to(tl.float32)
-        xhat, u, dz = _recompute_dz(x, dy, mean, rstd, w, bb, sc, sh, HAS_SS, ACT)
+        xhat, u, dz, rstd, w, sc = _recompute_dz(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr,
+                                                 shift_ptr, offs, valid, row, ch, bi, C, valid, HAS_SS, ACT)
         dxhat = dz * (sc + 1.0) * w
         m1 = tl.load(m1_ptr + row, mask=valid, other=0.0)
         m2 = tl.load(m2_ptr + row, mask=valid, other=0.0)
@@ -608,8 +597,9 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
         would cast the float32 output to, at half the bytes and without the cast's pass."""
         scale, shift = scale_shift if scale_shift is not None else (None, None)
         out_dtype = self._out_dtype(x, scale, shift)
-        if feeds_conv and autocast_dtype(x) is not None:      # (a residual's float32 is promoted back below)
-            out_dtype = autocast_dtype(x)
+        low = autocast_dtype(x) if feeds_conv else None
+        if low is not None:                                    # (a residual's float32 is promoted back below)
+            out_dtype = low
         if scale is not None and (scale.shape[2:] != (1, 1) or shift.shape[2:] != (1, 1)):
             raise ValueError(f"scale/shift must be (B, C, 1, 1), got {tuple(scale.shape)}")
         _check_residual(residual, x)

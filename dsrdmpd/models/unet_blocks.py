@@ -77,8 +77,7 @@ class ChannelLayerNorm(FastNorm, nn.Module):
     def fuses(self, x: torch.Tensor, conv: nn.Conv2d) -> bool:
         """Whether the fast kernel takes over ``conv``'s bias (``conv`` then runs without it)
         for ``conv``'s input ``x``: the fast path on, and no autograd recording."""
-        return (self.fast and conv.bias is not None and triton_available()
-                and self.cuda_inference(x))
+        return self.fast and conv.bias is not None and self.uses_fast_path(x)
 
     def forward(self, x: torch.Tensor, pre_bias: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None, feeds_conv: bool = False) -> torch.Tensor:
@@ -140,8 +139,7 @@ class ConvNormAct(nn.Module):
     def fuses(self, x: torch.Tensor) -> bool:
         """Whether the norm's fast kernels take over the conv's bias (and a residual) for
         input ``x``: the fast path on, affine, and no autograd recording."""
-        return (self.norm.fast and self.norm.affine and self.proj.bias is not None
-                and self.norm.cuda_inference(x))
+        return self.norm.fast and self.proj.bias is not None and self.norm.uses_fast_path(x)
 
     def forward(self, x, scale_shift=None, residual=None, residual_bias=None, feeds_conv=False):
         """silu(norm(conv(x)) [* (scale + 1) + shift]) [+ residual + residual_bias].
@@ -187,7 +185,7 @@ class LinearAttention(FastNorm, nn.Module):
 
     def __init__(self, channels: int, heads: int = 4, dim_head: int = 32):
         super().__init__()
-        self.heads, self.scale = heads, dim_head ** -0.5
+        self.heads, self.dim_head, self.scale = heads, dim_head, dim_head ** -0.5
         hidden = heads * dim_head
         self.to_qkv = nn.Conv2d(channels, 3 * hidden, 1, bias=False)
         self.to_out = nn.Conv2d(hidden, channels, 1)
@@ -197,8 +195,7 @@ class LinearAttention(FastNorm, nn.Module):
         """(B, C, H, W) -> (B, C, H, W), plus ``residual`` (that shape) if given."""
         b, _, h, w = x.shape
         if self.uses_fast_path(x):
-            out = linear_attention_core(self.to_qkv(x), self.heads, self.to_qkv.out_channels // (3 * self.heads),
-                                        self.scale)
+            out = linear_attention_core(self.to_qkv(x), self.heads, self.dim_head, self.scale)
         elif x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             out = self._attend_channels_last(x)
         else:
@@ -215,12 +212,11 @@ class LinearAttention(FastNorm, nn.Module):
         y = self.out_norm(self.to_out(out))
         return y if residual is None else y + residual
 
-
     def uses_fast_path(self, x: torch.Tensor) -> bool:
         """``fast`` on, Triton importable, the kernels' head shape, CUDA input and no autograd
         recording (the kernels have no backward)."""
         return (self.fast and triton_available()
-                and attention_kernels_support(self.heads, self.to_qkv.out_channels // (3 * self.heads))
+                and attention_kernels_support(self.heads, self.dim_head)
                 and self.cuda_inference(x))
 
     def _attend_channels_last(self, x: torch.Tensor) -> torch.Tensor:
