@@ -1155,6 +1155,18 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/models/norm.py", "part[0],\n                                  part[1], part[2],",
              "part[0],\n                                  part[0], part[0],",
              ("tests/test_fast_path.py::test_triton_group_norm_backward_in_the_interpreter",)),
+    Mutation("fusion-taps-no-second-row", "fusion encoders at the read positions: the resize's second tap reads the first tap's row and column again",
+             "dsrdmpd/models/perceptual.py", "i1 = torch.clamp(i0 + 1, max=n_in - 1)", "i1 = torch.clamp(i0, max=n_in - 1)",
+             ("tests/test_models.py::test_fusion_encoders_at_the_read_positions_equal_the_full_resize",
+              "tests/test_models.py::test_bilinear_taps_reproduce_pytorchs_resize")),
+    Mutation("fusion-taps-weights-swapped", "fusion encoders at the read positions: the column lerp's two weights swapped",
+             "dsrdmpd/models/perceptual.py", "col_weight[:w] * g[..., :w] + col_weight[w:] * g[..., w:]",
+             "col_weight[w:] * g[..., :w] + col_weight[:w] * g[..., w:]",
+             ("tests/test_models.py::test_fusion_encoders_at_the_read_positions_equal_the_full_resize",)),
+    Mutation("fusion-neighbourhood-shifted", "fusion encoders at the read positions: the 3x3 neighbourhoods gathered one row too low",
+             "dsrdmpd/models/perceptual.py", "r3 = (rows[:, None] + offsets).reshape(-1)",
+             "r3 = (rows[:, None] + offsets.clamp(min=1)).reshape(-1)",
+             ("tests/test_models.py::test_fusion_encoders_at_the_read_positions_equal_the_full_resize",)),
 ]
 
 
