@@ -30,6 +30,8 @@ from typing import Callable, Hashable, Iterable, Tuple, TypeVar, Union
 import torch
 from torch import nn
 
+from .models.layout import memory_format_of
+
 # What the capture forbids: "thread_local" restricts the capturing thread only. Under
 # PyTorch's default, "global", CUDA refuses other threads' unsafe calls too (cudaHostAlloc
 # among them, which a DataLoader's pin-memory thread makes while staging the next batch)
@@ -44,12 +46,6 @@ class CapturedGraph:
     inputs: Tuple[torch.Tensor, ...]        # static input buffers, copied into before replay
     outputs: Tuple[torch.Tensor, ...]       # static outputs, overwritten by every replay
     keepalive: Tuple[torch.Tensor, ...]     # tensors the graph reads that no module owns for sure
-
-
-def _memory_format(t: torch.Tensor):
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def require_cuda(tensors: Iterable[torch.Tensor]) -> None:
@@ -123,7 +119,7 @@ class GraphRunner:
         return self._modules()
 
     def key(self, *tensors: torch.Tensor, extra: Hashable = ()) -> Hashable:
-        return tuple((tuple(t.shape), t.dtype, str(t.device), _memory_format(t)) for t in tensors) + (extra,)
+        return tuple((tuple(t.shape), t.dtype, str(t.device), memory_format_of(t)) for t in tensors) + (extra,)
 
     def clear(self) -> None:
         """Drop every graph and its memory pool."""

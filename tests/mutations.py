@@ -1167,6 +1167,10 @@ MUTATIONS: List[Mutation] = [
              "dsrdmpd/models/perceptual.py", "r3 = (rows[:, None] + offsets).reshape(-1)",
              "r3 = (rows[:, None] + offsets.clamp(min=1)).reshape(-1)",
              ("tests/test_models.py::test_fusion_encoders_at_the_read_positions_equal_the_full_resize",)),
+    Mutation("fusion-gathers-in-deterministic-cuda-training", "the fusion encoders' gathers also in deterministic CUDA training (whose captured step must not meet the sorting backward)",
+             "dsrdmpd/models/perceptual.py", "            or not torch.are_deterministic_algorithms_enabled())",
+             "            or True)",
+             ("tests/test_models.py::test_fusion_gathers_stay_out_of_deterministic_cuda_training",)),
 ]
 
 

@@ -900,3 +900,17 @@ def test_fast_path_keeps_gradients_of_a_frozen_block_s_time_embedding():
     1e-5 (the inference kernels, which have no backward, must not run while autograd is on)."""
     native, fast, err = _in_triton_interpreter(GRAD_FLOW_CHECK)
     assert native and fast and err < 1e-5, (fast, err)
+
+
+def test_one_layout_rule_for_the_fast_paths():
+    """is_channels_last: 4-D channels-last tensors only; a tensor contiguous in both layouts
+    (one channel, or 1 x 1 spatial) counts as NCHW, and so does anything strided otherwise;
+    memory_format_of names the layout the fast kernels keep."""
+    from dsrdmpd.models.layout import is_channels_last, memory_format_of
+    cl = torch.channels_last
+    assert is_channels_last(torch.rand(2, 3, 4, 5).contiguous(memory_format=cl))
+    assert memory_format_of(torch.rand(2, 3, 4, 5).contiguous(memory_format=cl)) == cl
+    for t in (torch.rand(2, 3, 4, 5), torch.rand(2, 1, 4, 5).contiguous(memory_format=cl),
+              torch.rand(2, 3, 1, 1).contiguous(memory_format=cl), torch.rand(2, 3, 4, 5)[..., ::2],
+              torch.rand(3, 4, 5)):
+        assert not is_channels_last(t) and memory_format_of(t) == torch.contiguous_format, t.shape

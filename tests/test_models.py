@@ -336,3 +336,23 @@ def test_bilinear_taps_reproduce_pytorchs_resize(n_in, n_out):
         ours = weight[:n_out] * s[index[:n_out]] + weight[n_out:] * s[index[n_out:]]
         assert index.min() >= 0 and index.max() < n_in
         assert (ours - ref).abs().max() <= ulps * torch.finfo(dtype).eps * s.abs().max()
+
+
+def test_fusion_gathers_stay_out_of_deterministic_cuda_training():
+    """gathers_allowed: the read-position form runs with autograd off, on the CPU, and on
+    CUDA while recording only without deterministic algorithms (its deterministic backward
+    sorts indices, which the captured deterministic training step must not meet)."""
+    from types import SimpleNamespace
+    from dsrdmpd.models.perceptual import gathers_allowed
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic, warn_only=True)
+            for cuda in (False, True):
+                image = SimpleNamespace(is_cuda=cuda)
+                with torch.no_grad():
+                    assert gathers_allowed(image)
+                with torch.enable_grad():
+                    assert gathers_allowed(image) == (not (cuda and deterministic)), (cuda, deterministic)
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])

@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from .layout import is_channels_last
+
 try:                                  # Triton ships with CUDA builds of torch
     import triton
     import triton.language as tl
@@ -154,7 +156,7 @@ def linear_attention_core(qkv: torch.Tensor, heads: int, dim_head: int, scale: f
     hd = heads * dim_head
     if c3 != 3 * hd:
         raise ValueError(f"qkv must have 3 * {hd} channels, got {c3}")
-    cl = qkv.is_contiguous(memory_format=torch.channels_last) and not qkv.is_contiguous()
+    cl = is_channels_last(qkv)
     if not cl:
         qkv = qkv.contiguous()
     n = h * w

@@ -55,6 +55,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
+from .layout import is_channels_last, memory_format_of
+
 try:                                  # Triton ships with CUDA builds of torch
     import triton
     import triton.language as tl
@@ -86,7 +88,7 @@ def group_stats_torch(x: torch.Tensor, groups: int, chunk: int = CHUNK) -> Tuple
     """(B*G,) mean and biased variance of each (image, group) of x (B, C, H, W), any memory
     format, float32, by the chunked split reduction (plain torch)."""
     b, c, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         rows = x.permute(0, 2, 3, 1).reshape(b, h * w, groups, c // groups).transpose(1, 2)
         rows = rows.reshape(b * groups, -1)      # one copy, channels-last order within a group
     else:
@@ -390,7 +392,7 @@ def channel_layer_norm_triton(x: torch.Tensor, gain: torch.Tensor, eps: float,
     promoted with the residual's)."""
     b, c, h, w = x.shape
     _check_residual(residual, x)
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    cl = is_channels_last(x)
     if not cl:
         x = x.contiguous()
     pb = _channel_vector(pre_bias, c, "pre_bias")
@@ -409,7 +411,7 @@ def _group_stats_triton(x: torch.Tensor, groups: int, eps: float, pb: Optional[t
     """(x in a layout the kernels read, channels-last?, mean (B*G,), rstd (B*G,)) of x (+ pb),
     by the split reduction (partials, merge)."""
     b, c, h, w = x.shape
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    cl = is_channels_last(x)
     if not cl:
         x = x.contiguous()
     cg, hw = c // groups, h * w
@@ -482,8 +484,8 @@ class GroupNormActFunction(torch.autograd.Function):
         groups, act = ctx.groups, ctx.act
         b, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        fmt = torch.channels_last if cl else torch.contiguous_format
+        cl = is_channels_last(x)
+        fmt = memory_format_of(x)
         x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
         has_ss = scale is not None
         sc, sh = _flat_scale_shift(scale, shift, b, c)
@@ -612,7 +614,7 @@ class GroupNormAct(FastNorm, nn.GroupNorm):
             return _group_norm_act_triton(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, act,
                                           out_dtype, pre_bias, residual, residual_bias)
         c = x.shape[1]
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        fmt = memory_format_of(x)
         if pre_bias is not None:
             x = (x.float() + _channel_vector(pre_bias, c, "pre_bias")[:, None, None]).contiguous(memory_format=fmt)
         mean, var = group_stats_torch(x, self.num_groups)

@@ -12,9 +12,10 @@ column and nothing else. Where those are at most half of the image's rows and co
 evaluated at those (2h x 2w) positions only (:func:`encode_where_read`) and the resize
 is done on them (:func:`resize_from_taps`): the same dot products and the same
 interpolation arithmetic, at 1/16 (level at 1/8) or 1/4 (at 1/4) of the convolution's
-work and memory. At the paper's widths that is a quarter of a training step's FLOPs and
-7 % of an inference call's, and the (B, 512, H, W) level-0 encoder outputs (2 GiB per
-image at 1024 x 1024) are never formed.
+work and memory. At the paper's widths that is 7 % of an inference call's FLOPs and 23 %
+of a training forward's, and the (B, 512, H, W) level-0 encoder outputs (2 GiB per image
+at 1024 x 1024) are never formed. Deterministic training on CUDA keeps the authors' form
+(:func:`gathers_allowed`).
 """
 from __future__ import annotations
 
@@ -82,6 +83,19 @@ def resize_from_taps(grid: torch.Tensor, row_weight: torch.Tensor, col_weight: t
     return (wr[:h] * along[..., :h, :] + wr[h:] * along[..., h:, :]).to(grid.dtype)
 
 
+def gathers_allowed(image: torch.Tensor) -> bool:
+    """Whether the fusion layers may evaluate their encoders at the read positions for
+    ``image``: always with autograd off (inference, validation sampling) or on the CPU, and
+    on CUDA while autograd records unless deterministic algorithms are on. The gather's
+    backward accumulates into repeated rows (index_add); on CUDA, PyTorch's deterministic
+    form of it sorts the indices (an index_put_ with accumulate), which CUDA graph capture
+    has rejected (pytorch/pytorch#105439) and which the trainer's captured deterministic
+    step must not meet, so deterministic CUDA training keeps the authors' form (full-size
+    encoders, F.interpolate)."""
+    return (not torch.is_grad_enabled() or not image.is_cuda
+            or not torch.are_deterministic_algorithms_enabled())
+
+
 class ConditionalFeatureFusion(nn.Module):
     """Returns the additive term f * m + a of shape (B, width, *size) for one decoder level.
 
@@ -102,11 +116,13 @@ class ConditionalFeatureFusion(nn.Module):
     def encode(self, encoder: nn.Sequential, image: torch.Tensor, size) -> torch.Tensor:
         """encoder(image) bilinear-resized (align_corners=True) to ``size`` (h, w): on the
         read positions only where the resize reads at most half of the rows and of the
-        columns (see the module's docstring); unchanged where ``size`` is the image's."""
+        columns (see the module's docstring) and :func:`gathers_allowed`; unchanged where
+        ``size`` is the image's."""
         (h, w), (H, W) = tuple(size), image.shape[-2:]
         if (h, w) == (H, W):        # align_corners=True to the same size: every value as it is
             return encoder(image)
-        if 4 * h > H or 4 * w > W:  # the taps (2h rows, 2w columns) would cover most of the image
+        # the full form where the taps (2h rows, 2w columns) would cover most of the image
+        if 4 * h > H or 4 * w > W or not gathers_allowed(image):
             return F.interpolate(encoder(image), size=(h, w), mode="bilinear", align_corners=True)
         dtype = opmath_dtype(image.dtype)       # = the encoder output's (autocast leaves float64 alone)
         rows, row_weight = bilinear_taps(H, h, image.device, dtype)

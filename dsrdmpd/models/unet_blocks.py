@@ -12,6 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .linear_attention_triton import linear_attention_core, supported as attention_kernels_support
+from .layout import is_channels_last
 from .norm import FastNorm, GroupNormAct, autocast_dtype, channel_layer_norm_triton, triton_available
 
 
@@ -196,7 +197,7 @@ class LinearAttention(FastNorm, nn.Module):
         b, _, h, w = x.shape
         if self.uses_fast_path(x):
             out = linear_attention_core(self.to_qkv(x), self.heads, self.dim_head, self.scale)
-        elif x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        elif is_channels_last(x):
             out = self._attend_channels_last(x)
         else:
             q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
