@@ -485,8 +485,7 @@ class GroupNormActFunction(torch.autograd.Function):
         b, c, h, w = x.shape
         hw, cg = h * w, c // groups
         cl = is_channels_last(x)
-        fmt = memory_format_of(x)
-        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+        x, dy = _in_format(x, cl), _in_format(dy, cl)
         has_ss = scale is not None
         sc, sh = _flat_scale_shift(scale, shift, b, c)
         wf, bf = weight.float().contiguous(), bias.float().contiguous()
